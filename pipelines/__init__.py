@@ -1,0 +1,1 @@
+"""pipelines: the Ray stages, the workflow and the `cdm` command line."""
