@@ -1,0 +1,116 @@
+"""MLflow tracking shared by every stage: where the store is, and one run per stage.
+
+MLflow 3.x deprecates the file store, so the default is a SQLite database in the
+work directory with artifacts in `mlartifacts/` beside it (the same layout
+`mlflow server` uses). `MLFLOW_TRACKING_URI` or an explicit URI points the
+stages at a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+# MLflow rejects longer parameter values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+_MAX_PARAM_LENGTH = 6000
+# and more than this many params/tags in one log_batch call.
+_BATCH = 100
+
+
+def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `sqlite:///<absolute workdir>/mlflow.db`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """`<dir of the db>/mlartifacts` for a local SQLite store; None (server default) otherwise."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        db = Path(tracking_uri[len(prefix):])
+        if db.is_absolute():  # sqlite:////abs/path → "/abs/path"; sqlite:///rel → "rel"
+            return (db.parent / "mlartifacts").as_uri()
+        return (Path.cwd() / db).parent.joinpath("mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts become dotted keys (`model.channels`); values become strings MLflow accepts."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        text = "None" if value is None else str(value)
+        if len(text) > _MAX_PARAM_LENGTH:
+            text = text[: _MAX_PARAM_LENGTH - 3] + "..."
+        flat[name] = text
+    return flat
+
+
+def _ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(tracking_uri))
+    except Exception:
+        # Another process created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    experiment: str,
+    run_name: str,
+    tracking_uri: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> Iterator[Any]:
+    """Start an MLflow run, log `params` (flattened), yield the active run.
+
+    The run is nested under `parent_run_id` when given (or under a run already
+    active in this process). It always ends: FAILED if an exception escapes the
+    block, FINISHED otherwise — never left RUNNING.
+    """
+    import mlflow
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = _ensure_experiment(client, experiment, tracking_uri)
+    nested = parent_run_id is not None or mlflow.active_run() is not None
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        nested=nested,
+        parent_run_id=parent_run_id,
+        tags={str(k): str(v) for k, v in (tags or {}).items()},
+    )
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        flat = [Param(k, v) for k, v in flatten_params(params or {}).items()]
+        for start in range(0, len(flat), _BATCH):
+            client.log_batch(run_id, params=flat[start : start + _BATCH])
+        yield run
+        status = "FINISHED"
+    finally:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status=status)
+        else:  # the block ended our run itself, or left a child run active on top of it
+            client.set_terminated(run_id, status=status)

@@ -1,0 +1,95 @@
+"""pipelines.tracking against a real MLflow SQLite store in a temp dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines.tracking import default_tracking_uri, flatten_params, mlflow_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mlflow")
+    return workdir, f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert default_tracking_uri("sub") == f"sqlite:///{tmp_path.resolve()}/sub/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_flatten_params():
+    flat = flatten_params({"a": 1, "model": {"ch": 32, "mult": [1, 2]}, "none": None, "long": "x" * 7000})
+    assert flat["a"] == "1" and flat["model.ch"] == "32" and flat["model.mult"] == "[1, 2]"
+    assert flat["none"] == "None" and len(flat["long"]) == 6000
+
+
+def test_run_finished_with_params_tags_and_artifact_location(store):
+    workdir, uri = store
+    with mlflow_run("exp-a", "ok", uri, params={"lr": 2e-4, "net": {"ch": 8}}, tags={"cdm.stage": "t"}) as run:
+        mlflow.log_metric("train/loss", 1.5, step=0)
+        run_id = run.info.run_id
+    got = _client(uri).get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params == {"lr": "0.0002", "net.ch": "8"}
+    assert got.data.tags["cdm.stage"] == "t" and got.info.run_name == "ok"
+    assert got.data.metrics["train/loss"] == 1.5
+    experiment = _client(uri).get_experiment_by_name("exp-a")
+    assert experiment.artifact_location == (Path(workdir) / "mlartifacts").as_uri()
+    assert mlflow.active_run() is None
+
+
+def test_run_failed_when_exception_escapes(store):
+    _, uri = store
+    with pytest.raises(RuntimeError, match="boom"):
+        with mlflow_run("exp-a", "bad", uri) as run:
+            run_id = run.info.run_id
+            raise RuntimeError("boom")
+    assert _client(uri).get_run(run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+    # The next run starts cleanly (nothing left active).
+    with mlflow_run("exp-a", "after", uri) as run:
+        pass
+    assert _client(uri).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_keyboard_interrupt_also_ends_run(store):
+    _, uri = store
+    with pytest.raises(KeyboardInterrupt):
+        with mlflow_run("exp-a", "interrupted", uri) as run:
+            run_id = run.info.run_id
+            raise KeyboardInterrupt
+    assert _client(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_nested_under_parent(store):
+    _, uri = store
+    with mlflow_run("exp-b", "parent", uri) as parent:
+        parent_id = parent.info.run_id
+    # A child started later (e.g. by a workflow step in another process) with an explicit parent id.
+    with mlflow_run("exp-b", "child", uri, parent_run_id=parent_id) as child:
+        child_id = child.info.run_id
+    got = _client(uri).get_run(child_id)
+    assert got.data.tags["mlflow.parentRunId"] == parent_id
+    assert got.info.status == "FINISHED"
+    # Also nested while the parent is active in this process.
+    with mlflow_run("exp-b", "outer", uri) as outer:
+        with mlflow_run("exp-b", "inner", uri, parent_run_id=outer.info.run_id) as inner:
+            inner_id = inner.info.run_id
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    assert _client(uri).get_run(inner_id).data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert _client(uri).get_run(outer.info.run_id).info.status == "FINISHED"
