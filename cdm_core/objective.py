@@ -214,3 +214,15 @@ def cdm_loss(
         mse = torch.zeros((), device=x0.device)
     ce = F.cross_entropy(logits.float(), t)
     return LossParts(w_ce * ce + w_mse * mse, ce, mse)
+
+
+def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null label with probability p (classifier-free guidance training).
+
+    The paper trains conditional CDMs with p = 0.1; the official code forgot
+    to apply it in its training loop, so its unconditional branch is untrained.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"label dropout must be in [0, 1), got {p}")
+    u = torch.rand(y.shape, generator=generator, device=generator.device if generator else y.device).to(y.device)
+    return torch.where(u < p, torch.full_like(y, null_label), y)
