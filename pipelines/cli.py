@@ -69,6 +69,14 @@ def demo(
     run_toy_demo(out_dir=out, steps=steps, seed=seed)
 
 
+# The data stage (prepare, verify): command functions live in their own modules.
+from pipelines.prepare import prepare_command  # noqa: E402
+from pipelines.shards import verify_command  # noqa: E402
+
+app.command("prepare")(prepare_command)
+app.command("verify")(verify_command)
+
+
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
     try:
