@@ -1,0 +1,90 @@
+"""Shared test fixtures: small real-format inputs (CIFAR-10 pickles, image folders) and quick prepared datasets."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: Path, per_batch: int = 12, test: int = 10, seed: int = 0) -> tuple[Path, dict]:
+    """A small CIFAR-10 in the exact official python layout; returns (cifar-10-batches-py dir, arrays).
+
+    Like the real files: Python-2-style pickles (protocol 2, bytes keys), 'data' uint8
+    (N, 3072) channel-major rows, 'labels' a list of ints, 'filenames' a list of bytes,
+    batches.meta with 'label_names'.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    arrays = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        n = test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n)]
+        batch = {
+            b"batch_label": f"{name} of test".encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        arrays[name] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CIFAR_CLASSES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    (folder / "readme.html").write_text("<html>CIFAR-10</html>")
+    return folder, arrays
+
+
+def tar_gz_folder(folder: Path, out: Path) -> Path:
+    """Pack a folder like the official cifar-10-python.tar.gz (members under the folder's name)."""
+    with tarfile.open(out, "w:gz") as tar:
+        for p in sorted(folder.iterdir()):
+            tar.add(p, arcname=f"{folder.name}/{p.name}")
+    return out
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size=(10, 12), mode: str = "RGB", seed: int = 0) -> dict[str, np.ndarray]:
+    """root/<class>/<i>.png with random pixels; returns relative path → uint8 array (H, W, C)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            c = 1 if mode == "L" else 3
+            arr = rng.integers(0, 256, size=(size[1], size[0], c), dtype=np.uint8)
+            Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode=mode).save(root / cls / f"{i:03d}.png")
+            out[f"{cls}/{i:03d}.png"] = arr
+    return out
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare_quick(source: str, out, **kw):
+    """Run the prepare stage without MLflow (tests of tracking pass track=True themselves)."""
+    from pipelines.prepare import PrepareConfig, run
+
+    kw.setdefault("track", False)
+    return run(PrepareConfig(source=source, out=str(out), **kw))
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(tmp_path_factory):
+    """sklearn digits prepared once per session: 1618 train / 179 test, 8×8×1, 500 per shard."""
+    out = tmp_path_factory.mktemp("digits") / "ds"
+    prepare_quick("digits", out, samples_per_shard=500)
+    return out
