@@ -1,0 +1,531 @@
+"""Networks: the DDPM U-Net as a noise-level classifier (CDM) and as a denoiser (DDM).
+
+The U-Net follows Ho et al. (2020) as written in openai/improved-diffusion:
+ResBlocks with GroupNorm/SiLU, single- or multi-head self-attention at chosen
+resolutions, stride-2 conv downsampling, nearest + conv upsampling, skip
+connections between encoder and decoder.
+
+* ``UNetClassifier`` is the CDM network of Yadin, Elata & Michaeli (2024): the
+  U-Net with its time embedding removed, then GroupNorm → SiLU → 3×3 conv →
+  global average pool → Linear to T+2 outputs, then a fixed cumulative sum over
+  the class axis. The outputs are the logits ℓ_t(x), t = 0..T+1.
+* ``UNetDenoiser`` is the DDM baseline on the same backbone: ε̂(x, t).
+* ``MLPClassifier`` / ``MLPDenoiser`` are the same two ideas for vectors (2-D toy data).
+
+The networks know nothing about schedules or losses. Every network can describe
+itself as a plain-JSON spec (``model_spec``) and be rebuilt from it
+(``build_model``), which is what checkpoints store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "UNetConfig",
+    "unet_preset",
+    "UNET_PRESETS",
+    "UNetBackbone",
+    "UNetClassifier",
+    "UNetDenoiser",
+    "MLPClassifier",
+    "MLPDenoiser",
+    "timestep_embedding",
+    "model_spec",
+    "build_model",
+    "unwrap_model",
+    "count_parameters",
+]
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the U-Net backbone (shared by classifier and denoiser).
+
+    ``attn_resolutions`` are feature-map sizes (height) at which self-attention
+    is applied; every listed size must occur in the U-Net, so a typo or a preset
+    used at the wrong image size fails loudly instead of silently dropping
+    attention. ``num_labels`` is None for an unconditional model; otherwise the
+    model takes labels 0..num_labels, where ``num_labels`` itself is the null
+    label used for classifier-free guidance.
+    """
+
+    in_channels: int
+    image_size: int
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_labels: int | None = None
+    num_heads: int = 1
+
+    def __post_init__(self) -> None:
+        # Specs come back from JSON/torch.load as lists; the config is hashable
+        # and comparable only with tuples.
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        if self.in_channels < 1 or self.image_size < 1 or self.base_channels < 1:
+            raise ValueError(f"in_channels, image_size and base_channels must be positive: {self}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ValueError(f"num_labels must be None (unconditional) or >= 1, got {self.num_labels}")
+        resolutions = self.resolutions()
+        missing = [r for r in self.attn_resolutions if r not in resolutions]
+        if missing:
+            raise ValueError(
+                f"attn_resolutions {missing} do not occur in this U-Net: with image_size="
+                f"{self.image_size} and {len(self.channel_mult)} levels the feature maps are "
+                f"{resolutions}"
+            )
+        for level, r in enumerate(resolutions):
+            channels = self.base_channels * self.channel_mult[level]
+            if r in self.attn_resolutions and channels % self.num_heads:
+                raise ValueError(f"num_heads={self.num_heads} does not divide {channels} channels at resolution {r}")
+
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map height at each level (a stride-2 conv maps n to ceil(n/2))."""
+        sizes = [self.image_size]
+        for _ in self.channel_mult[1:]:
+            sizes.append((sizes[-1] + 1) // 2)
+        return tuple(sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+def _lowest_resolution(image_size: int, num_levels: int) -> int:
+    size = image_size
+    for _ in range(num_levels - 1):
+        size = (size + 1) // 2
+    return size
+
+
+UNET_PRESETS = ("tiny", "mnist", "cifar10", "celeba64")
+
+
+def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | None = None) -> UNetConfig:
+    """A named U-Net configuration.
+
+    ``tiny`` (fast CPU tests) and ``mnist`` adapt their attention resolution to
+    ``image_size``; ``cifar10`` and ``celeba64`` are the paper's architectures
+    (attention at 16×16) and so expect 32×32 and 64×64 inputs.
+    """
+    if name == "tiny":
+        mult = (1, 2)
+        return UNetConfig(in_channels, image_size, 32, mult, 1, (_lowest_resolution(image_size, len(mult)),), 0.0, num_labels)
+    if name == "mnist":
+        return UNetConfig(in_channels, image_size, 64, (1, 2, 2), 2, ((image_size + 1) // 2,), 0.1, num_labels)
+    if name == "cifar10":
+        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2), 2, (16,), 0.1, num_labels)
+    if name == "celeba64":
+        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2, 4), 2, (16,), 0.1, num_labels)
+    raise ValueError(f"unknown U-Net preset {name!r}; choose one of {', '.join(UNET_PRESETS)}")
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels``."""
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so a residual branch starts as the identity (Ho et al. 2020)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (integer) time indices, shape (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv3x3 → [+ embedding] → GroupNorm → SiLU → dropout → conv3x3, plus skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None:
+            h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over spatial positions, residual.
+
+    Written with explicit matmuls rather than F.scaled_dot_product_attention:
+    the CDM loss differentiates the input gradient again (double backward),
+    which the fused flash / memory-efficient kernels do not support.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        head_dim = c // self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(b * self.num_heads, 3, head_dim, h * w)
+        q, k, v = qkv.unbind(1)
+        # Scale q and k separately (not the product) to keep half-precision logits in range.
+        scale = head_dim**-0.25
+        weights = torch.softmax(torch.einsum("bci,bcj->bij", q * scale, k * scale), dim=-1)
+        out = torch.einsum("bij,bcj->bci", weights, v).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 conv: n -> ceil(n/2), so odd sizes (7×7) work."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to the size of the matching skip, then a 3×3 conv.
+
+    Upsampling to an explicit size rather than ×2 makes 7 -> 4 -> 7 round trips work.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class ResAttnBlock(nn.Module):
+    """A ResBlock optionally followed by self-attention (one step of the encoder or decoder)."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None) -> None:
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+# ----------------------------------------------------------------------------
+# The U-Net
+
+
+class UNetBackbone(nn.Module):
+    """The DDPM U-Net body: input conv, encoder, middle, decoder.
+
+    Returns the decoder's final feature map (``base_channels`` channels, input
+    resolution); the heads that turn it into logits or ε̂ live in the model
+    classes. With ``emb_dim=None`` no ResBlock has an embedding input at all.
+    """
+
+    def __init__(self, config: UNetConfig, emb_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        ch = c.base_channels
+        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+
+        def step(in_ch: int, out_ch: int, resolution: int) -> ResAttnBlock:
+            attn = AttentionBlock(out_ch, c.num_heads) if resolution in c.attn_resolutions else None
+            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, c.dropout), attn)
+
+        resolutions = c.resolutions()
+        last = len(c.channel_mult) - 1
+        # Every encoder output is kept as a skip for the decoder.
+        self.encoder = nn.ModuleList()
+        skip_channels = [ch]
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.encoder.append(step(ch, c.base_channels * mult, resolutions[level]))
+                ch = c.base_channels * mult
+                skip_channels.append(ch)
+            if level != last:
+                self.encoder.append(Downsample(ch))
+                skip_channels.append(ch)
+
+        self.middle_res1 = ResBlock(ch, ch, emb_dim, c.dropout)
+        self.middle_attn = AttentionBlock(ch, c.num_heads)
+        self.middle_res2 = ResBlock(ch, ch, emb_dim, c.dropout)
+
+        self.decoder = nn.ModuleList()
+        for level in reversed(range(len(c.channel_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                out_ch = c.base_channels * c.channel_mult[level]
+                self.decoder.append(step(ch + skip_channels.pop(), out_ch, resolutions[level]))
+                ch = out_ch
+            if level != 0:
+                self.decoder.append(Upsample(ch))
+        assert not skip_channels
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.input_conv(x)
+        skips = [h]
+        for layer in self.encoder:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb)
+            skips.append(h)
+        h = self.middle_res2(self.middle_attn(self.middle_res1(h, emb)), emb)
+        for layer in self.decoder:
+            if isinstance(layer, Upsample):
+                h = layer(h, skips[-1].shape[-2:])
+            else:
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+        return h
+
+
+def _labels_or_null(y: torch.Tensor | None, num_labels: int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    """Labels for a conditional model (None -> the null label); None for an unconditional one."""
+    if num_labels is None:
+        if y is not None:
+            raise ValueError("this model is unconditional (num_labels=None) but labels y were passed")
+        return None
+    if y is None:
+        return torch.full((batch,), num_labels, dtype=torch.long, device=device)
+    y = torch.as_tensor(y, device=device).long()
+    return y.expand(batch) if y.ndim == 0 else y
+
+
+class UNetClassifier(nn.Module):
+    """CDM network: U-Net without time input → logits over noise levels t = 0..T+1.
+
+    ``forward(x, y=None)`` returns (B, T+2) logits ℓ(x) = cumsum(f_θ(x)). The
+    cumulative sum is the paper's parametrisation of the logits; it is fixed,
+    not learned. Conditional models feed a label embedding to every ResBlock
+    where a DDPM feeds its time embedding.
+    """
+
+    def __init__(self, config: UNetConfig, num_timesteps: int) -> None:
+        super().__init__()
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        self.config = config
+        self.num_timesteps = num_timesteps
+        self.num_labels = config.num_labels
+        self.data_shape = (config.in_channels, config.image_size, config.image_size)
+        emb_dim = 4 * config.base_channels if config.num_labels is not None else None
+        # num_labels + 1 rows: the last one is the null label for classifier-free guidance.
+        self.label_embed = nn.Embedding(config.num_labels + 1, emb_dim) if emb_dim else None
+        self.backbone = UNetBackbone(config, emb_dim)
+        ch = self.backbone.out_channels
+        self.head_norm = group_norm(ch)
+        self.head_conv = nn.Conv2d(ch, ch, 3, padding=1)
+        # Outputs f_θ(x), the per-class increments whose cumulative sum is the logits.
+        self.logit_increments = nn.Linear(ch, num_timesteps + 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        labels = _labels_or_null(y, self.num_labels, x.shape[0], x.device)
+        emb = self.label_embed(labels) if labels is not None else None
+        h = self.backbone(x, emb)
+        h = self.head_conv(F.silu(self.head_norm(h))).mean(dim=(2, 3))
+        return torch.cumsum(self.logit_increments(h), dim=1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "num_timesteps": self.num_timesteps, "config": self.config.to_dict()}
+
+
+class UNetDenoiser(nn.Module):
+    """DDM baseline: the same U-Net with a sinusoidal time embedding → ε̂(x, t).
+
+    ``t`` is the integer noise-level class in 0..T+1 (the same indexing the CDM uses).
+    """
+
+    def __init__(self, config: UNetConfig, num_timesteps: int) -> None:
+        super().__init__()
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        self.config = config
+        self.num_timesteps = num_timesteps
+        self.num_labels = config.num_labels
+        self.data_shape = (config.in_channels, config.image_size, config.image_size)
+        ch = config.base_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(config.num_labels + 1, emb_dim) if config.num_labels is not None else None
+        self.backbone = UNetBackbone(config, emb_dim)
+        out = self.backbone.out_channels
+        self.head_norm = group_norm(out)
+        self.head_conv = zero_init(nn.Conv2d(out, config.in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        labels = _labels_or_null(y, self.num_labels, x.shape[0], x.device)
+        if labels is not None:
+            emb = emb + self.label_embed(labels)
+        h = self.backbone(x, emb)
+        return self.head_conv(F.silu(self.head_norm(h)))
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "num_timesteps": self.num_timesteps, "config": self.config.to_dict()}
+
+
+# ----------------------------------------------------------------------------
+# MLPs for vector data
+
+
+class MLPClassifier(nn.Module):
+    """CDM network for vectors: SiLU MLP → Linear to T+2 → cumsum.
+
+    SiLU rather than ReLU because the CDM denoiser is the input gradient of the
+    logits and the loss differentiates it again: a piecewise-linear network has
+    a piecewise-constant gradient and a zero second derivative.
+    ``depth`` is the number of hidden layers of width ``hidden``.
+    """
+
+    def __init__(self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None) -> None:
+        super().__init__()
+        if dim < 1 or num_timesteps < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}")
+        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = dim, num_timesteps, hidden, depth, num_labels
+        self.data_shape = (dim,)
+        self.input = nn.Linear(dim, hidden)
+        self.label_embed = nn.Embedding(num_labels + 1, hidden) if num_labels is not None else None
+        self.hidden_layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.logit_increments = nn.Linear(hidden, num_timesteps + 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.input(x)
+        labels = _labels_or_null(y, self.num_labels, x.shape[0], x.device)
+        if labels is not None:
+            h = h + self.label_embed(labels)
+        for layer in self.hidden_layers:
+            h = layer(F.silu(h))
+        return torch.cumsum(self.logit_increments(F.silu(h)), dim=1)
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "dim": self.dim, "num_timesteps": self.num_timesteps,
+                "hidden": self.hidden, "depth": self.depth, "num_labels": self.num_labels}
+
+
+class MLPDenoiser(nn.Module):
+    """DDM baseline for vectors: ε̂(x, t) from a SiLU MLP with a sinusoidal time embedding added to its first layer."""
+
+    def __init__(self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None) -> None:
+        super().__init__()
+        if dim < 1 or num_timesteps < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}")
+        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = dim, num_timesteps, hidden, depth, num_labels
+        self.data_shape = (dim,)
+        self.input = nn.Linear(dim, hidden)
+        self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label_embed = nn.Embedding(num_labels + 1, hidden) if num_labels is not None else None
+        self.hidden_layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
+        self.output = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        h = self.input(x) + self.time_mlp(timestep_embedding(t, self.hidden))
+        labels = _labels_or_null(y, self.num_labels, x.shape[0], x.device)
+        if labels is not None:
+            h = h + self.label_embed(labels)
+        for layer in self.hidden_layers:
+            h = layer(F.silu(h))
+        return self.output(F.silu(h))
+
+    def spec(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "dim": self.dim, "num_timesteps": self.num_timesteps,
+                "hidden": self.hidden, "depth": self.depth, "num_labels": self.num_labels}
+
+
+# ----------------------------------------------------------------------------
+# Specs, rebuilding, counting
+
+_MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (UNetClassifier, UNetDenoiser, MLPClassifier, MLPDenoiser)
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying network of a DistributedDataParallel / DataParallel / torch.compile wrapper."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """A plain-JSON description of the architecture, enough for ``build_model`` to rebuild it."""
+    model = unwrap_model(model)
+    if type(model).__name__ not in _MODEL_CLASSES or not hasattr(model, "spec"):
+        raise TypeError(f"{type(model).__name__} is not a cdm network; known classes: {sorted(_MODEL_CLASSES)}")
+    return model.spec()
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a network (fresh weights) from a ``model_spec`` dict."""
+    spec = dict(spec)
+    name = spec.pop("class", None)
+    if name not in _MODEL_CLASSES:
+        raise ValueError(f"model spec has class {name!r}; known classes: {sorted(_MODEL_CLASSES)}")
+    if "config" in spec:
+        spec["config"] = UNetConfig.from_dict(spec["config"])
+    return _MODEL_CLASSES[name](**spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (trainable or not)."""
+    return sum(p.numel() for p in unwrap_model(model).parameters())
