@@ -510,6 +510,7 @@ def iter_tar_samples(loc: Location, name: str) -> Iterator[tuple[str, dict[str, 
         stream = loc.open(name)
     except FileNotFoundError:
         raise UserError(f"{where}: missing; re-run `cdm prepare`") from None
+    size = loc.info(name).size
     key: str | None = None
     members: dict[str, bytes] = {}
     seen: set[str] = set()
@@ -533,6 +534,10 @@ def iter_tar_samples(loc: Location, name: str) -> Iterator[tuple[str, dict[str, 
                 if suffix in members:
                     raise UserError(f"{where}: sample {k!r} has two .{suffix} members")
                 members[suffix] = data
+            # Python's tarfile silently stops at a cut-off header; a complete tar
+            # ends with two zero blocks after the last member.
+            if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"ends at byte {size} without the end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError) as err:
         raise UserError(f"{where}: corrupt or truncated tar ({err}); re-run `cdm prepare --force` or restore the file") from None
     if key is not None:

@@ -1,0 +1,355 @@
+"""Bad input: every case is a clear error naming the file and the problem (or, with --skip-bad, a counted warning).
+
+Covers bad *sources* (missing paths, wrong formats, unreadable or mismatched images)
+and bad *prepared datasets* (truncated/corrupt tars, samples without an image,
+wrong shape or mode, SHA-256 mismatches), through `verify`, the plain reader and
+the real `cdm` console script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import png_bytes, prepare_quick, write_cifar10, write_image_folder
+
+from pipelines import shards as sh
+from pipelines.errors import UserError
+from pipelines.readers import LocalReader
+
+CDM = str(Path(sys.executable).with_name("cdm"))
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A small labeled image dataset (3×6×5 RGB, 10 train in shards of 4/4/2, 3 test)."""
+    root = tmp_path_factory.mktemp("clean")
+    write_image_folder(root / "src" / "train", {"a": 5, "b": 5}, size=(5, 6))
+    write_image_folder(root / "src" / "test", {"a": 2, "b": 1}, size=(5, 6), seed=1)
+    prepare_quick("imagefolder", root / "ds", path=str(root / "src"), samples_per_shard=4)
+    return root / "ds"
+
+
+@pytest.fixture
+def ds(clean, tmp_path):
+    """A fresh copy of the clean dataset to damage."""
+    shutil.copytree(clean, tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+def _rewrite_shard(ds: Path, name: str, edit) -> None:
+    """Rewrite shard `name` with edit(list of (key, members)) and record its new SHA-256 in dataset.json.
+
+    This is the "valid checksum, bad content" case: a shard produced by another
+    tool (or a buggy one) that only sample-level checks can catch.
+    """
+    import webdataset as wds
+
+    samples = []
+    with tarfile.open(ds / name) as tar:
+        for info in tar:
+            key, suffix = info.name.split(".", 1)
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][suffix] = tar.extractfile(info).read()
+    samples = edit(samples)
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0) as w:
+        for key, members in samples:
+            w.write({"__key__": key, **members})
+    data = buf.getvalue()
+    (ds / name).write_bytes(data)
+    meta = json.loads((ds / "dataset.json").read_text())
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            if shard["name"] == name:
+                shard.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (ds / "dataset.json").write_text(json.dumps(meta))
+
+
+def _problems(ds) -> str:
+    report = sh.verify(ds)
+    assert not report.ok
+    return "\n".join(report.problems)
+
+
+def _reader_error(ds, split="train") -> str:
+    with pytest.raises(UserError) as err:
+        LocalReader(ds, split)
+    return str(err.value)
+
+
+# --------------------------------------------------------------------------- damaged datasets
+
+
+def test_clean_dataset_verifies(clean):
+    report = sh.verify(clean)
+    assert report.ok and report.decoded == 13 and report.shards == 4
+    assert report.counts == {"test": 3, "train": 10} or report.counts == {"train": 10, "test": 3}
+
+
+def test_truncated_tar(ds):
+    data = (ds / "train-000001.tar").read_bytes()
+    (ds / "train-000001.tar").write_bytes(data[:1100])  # cut inside the second member
+    assert "train-000001.tar" in _problems(ds) and "truncated" in _problems(ds)
+    assert "train-000001.tar" in _reader_error(ds)
+    # Without the size/checksum check, the tar parser itself catches it.
+    with pytest.raises(UserError, match=r"train-000001\.tar: corrupt or truncated tar"):
+        LocalReader(ds, "train", verify=False)
+
+
+def test_truncated_cleanly_between_members(ds):
+    """Cut exactly after a member: Python's tarfile sees a clean end; the missing end-of-archive marker does not."""
+    with tarfile.open(ds / "train-000000.tar") as tar:
+        cut = next(m for m in tar if m.name.startswith("train-00000002")).offset
+    (ds / "train-000000.tar").write_bytes((ds / "train-000000.tar").read_bytes()[:cut])
+    assert "train-000000.tar" in _problems(ds)
+    with pytest.raises(UserError, match=r"train-000000\.tar: corrupt or truncated tar \(ends at byte \d+ without"):
+        LocalReader(ds, "train", verify=False)
+
+
+def test_short_shard_with_valid_tar(ds):
+    """A tar cut cleanly between samples parses fine; the per-shard sample count catches it."""
+    _rewrite_shard(ds, "train-000000.tar", lambda s: s[:3])
+    with pytest.raises(UserError, match=r"train-000000\.tar: has 3 samples, dataset.json says 4"):
+        LocalReader(ds, "train")
+    assert "has 3 samples" in _problems(ds)
+
+
+def test_corrupt_tar(ds):
+    (ds / "train-000002.tar").write_bytes(os.urandom((ds / "train-000002.tar").stat().st_size))
+    assert "train-000002.tar: SHA-256" in _problems(ds)
+    with pytest.raises(UserError, match=r"train-000002\.tar: corrupt or truncated tar"):
+        LocalReader(ds, "train", verify=False)
+
+
+def test_sample_without_image(ds):
+    def drop_png(samples):
+        samples[1][1].pop("png")
+        return samples
+
+    _rewrite_shard(ds, "train-000000.tar", drop_png)
+    msg = _problems(ds)
+    assert "train-000000.tar: sample train-00000001: sample has no .png member" in msg
+    assert "no .png member" in _reader_error(ds)
+
+
+@pytest.mark.parametrize(
+    "image, problem",
+    [
+        (np.zeros((6, 5), np.uint8), "mode L"),  # grayscale in an RGB dataset
+        (np.zeros((7, 5, 3), np.uint8), "5x7"),  # wrong size
+    ],
+)
+def test_wrong_shape_or_mode(ds, image, problem):
+    def replace(samples):
+        samples[2][1]["png"] = png_bytes(image)
+        return samples
+
+    _rewrite_shard(ds, "train-000001.tar", replace)
+    msg = _problems(ds)
+    assert "train-000001.tar: sample train-00000006" in msg and problem in msg and "declares 5x6 mode RGB" in msg
+    assert problem in _reader_error(ds)
+
+
+def test_undecodable_png_and_bad_label(ds):
+    def damage(samples):
+        samples[0][1]["png"] = b"\x89PNG not really"
+        samples[1][1]["cls"] = b"7"  # only classes 0..1 exist
+        return samples
+
+    _rewrite_shard(ds, "test-000000.tar", damage)
+    report = sh.verify(ds)
+    assert any("test-00000000: PNG does not decode" in p for p in report.problems)
+    assert "PNG does not decode" in _reader_error(ds, "test")
+
+
+def test_sha256_mismatch(ds):
+    """Same size, valid tar, different pixels: only the checksum can tell."""
+    path = ds / "train-000000.tar"
+    data = bytearray(path.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        member = next(m for m in tar if m.name.endswith(".png"))
+    offset = member.offset_data + member.size - 5  # inside the PNG's IEND chunk CRC: still a valid tar
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    msg = _problems(ds)
+    assert "train-000000.tar: SHA-256" in msg and "does not match dataset.json" in msg
+    assert "train-000000.tar: SHA-256" in _reader_error(ds)
+
+
+def test_missing_shard_and_manifest(ds):
+    (ds / "train-000002.tar").unlink()
+    (ds / "manifest.parquet").unlink()
+    msg = _problems(ds)
+    assert "train-000002.tar: missing" in msg and "manifest.parquet: missing" in msg
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(UserError, match=r"nope: no such directory; run `cdm prepare"):
+        sh.verify(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: not a prepared dataset \(no dataset.json"):
+        LocalReader(tmp_path / "empty", "train")
+    (tmp_path / "empty" / "dataset.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"dataset.json: not valid JSON"):
+        sh.verify(tmp_path / "empty")
+    (tmp_path / "empty" / "dataset.json").write_text('{"format": "cdm-webdataset/1"}')
+    with pytest.raises(UserError, match=r"dataset.json: missing field\(s\) \['source', 'sample', 'splits'\]"):
+        sh.verify(tmp_path / "empty")
+
+
+def test_unknown_split(clean):
+    with pytest.raises(UserError, match=r"no split 'valid'"):
+        LocalReader(clean, "valid")
+
+
+# --------------------------------------------------------------------------- bad sources
+
+
+def test_source_path_missing_or_wrong_format(tmp_path):
+    with pytest.raises(UserError, match=r"nowhere.*does not exist"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"nowhere.*does not exist"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="needs --path"):
+        prepare_quick("cifar10", tmp_path / "o")
+    # A folder of images is not CIFAR-10.
+    write_image_folder(tmp_path / "imgs", {"a": 2})
+    with pytest.raises(UserError, match=r"imgs: missing data_batch_1.*official python-format CIFAR-10"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(tmp_path / "imgs"))
+    # A text file is not the tarball.
+    (tmp_path / "cifar.tar.gz").write_text("hello")
+    with pytest.raises(UserError, match=r"cifar.tar.gz: not a readable tar.gz"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(tmp_path / "cifar.tar.gz"))
+    # A folder with no images.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match=r"docs: no images found"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "docs"))
+    # A file where a folder is expected.
+    with pytest.raises(UserError, match=r"a.txt: is a file, not a folder"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "docs" / "a.txt"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cifar_bad_batch_contents(tmp_path):
+    folder, _ = write_cifar10(tmp_path / "src", per_batch=4, test=2)
+    d = pickle.loads((folder / "data_batch_3").read_bytes())
+    d[b"data"] = d[b"data"][:, :100]
+    (folder / "data_batch_3").write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(UserError, match=r"data_batch_3: 'data' is uint8 \(4, 100\), expected uint8 \(N, 3072\)"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(folder))
+
+
+def test_cifar_refuses_code_in_pickles(tmp_path):
+    folder, _ = write_cifar10(tmp_path / "src", per_batch=4, test=2)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": Evil()}, protocol=2))
+    with pytest.raises(UserError, match=r"batches.meta: not a CIFAR-10 python pickle \(refusing to load"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(folder))
+
+
+def test_cifar_bad_label_skip(tmp_path):
+    folder, _ = write_cifar10(tmp_path / "src", per_batch=4, test=2)
+    d = pickle.loads((folder / "test_batch").read_bytes())
+    d[b"labels"][1] = 12
+    (folder / "test_batch").write_bytes(pickle.dumps(d, protocol=2))
+    with pytest.raises(UserError, match=r"test_batch row 1: label 12 is not in 0..9.*--skip-bad"):
+        prepare_quick("cifar10", tmp_path / "o", path=str(folder))
+    with pytest.warns(UserWarning, match="test_batch row 1"):
+        result = prepare_quick("cifar10", tmp_path / "o2", path=str(folder), skip_bad=True)
+    assert result.counts == {"train": 20, "test": 1}
+    assert result.meta["skipped"]["count"] == 1
+
+
+def _bad_folder(root: Path) -> Path:
+    from PIL import Image
+
+    write_image_folder(root, {"a": 3, "b": 3}, size=(6, 6))
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(np.zeros((9, 6, 3), np.uint8)).save(root / "b" / "tall.png")
+    Image.fromarray(np.zeros((6, 6), np.uint16)).save(root / "b" / "deep.png")
+    return root
+
+
+def test_imagefolder_bad_images(tmp_path):
+    src = _bad_folder(tmp_path / "src")
+    with pytest.raises(UserError, match=r"a/broken.png: not a readable image.*--skip-bad"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(src))
+    (src / "a" / "broken.png").unlink()
+    with pytest.raises(UserError) as err:
+        prepare_quick("imagefolder", tmp_path / "o", path=str(src))
+    assert "deep.png: image mode I;16" in str(err.value) or "tall.png: image is 6x9" in str(err.value)
+    (src / "b" / "deep.png").unlink()
+    with pytest.raises(UserError, match=r"tall.png: image is 6x9, earlier images are 6x6; pass --size"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(src))
+    # --size makes the odd one fine.
+    assert prepare_quick("imagefolder", tmp_path / "o", path=str(src), size=6).counts == {"train": 7}
+
+
+def test_imagefolder_skip_bad_counts(tmp_path):
+    src = _bad_folder(tmp_path / "src")
+    with pytest.warns(UserWarning) as caught:
+        result = prepare_quick("imagefolder", tmp_path / "o", path=str(src), skip_bad=True)
+    assert result.counts == {"train": 6}
+    skipped = result.meta["skipped"]
+    assert skipped["count"] == 3 and skipped["skip_bad"] is True
+    assert sorted(Path(e["where"]).name for e in skipped["examples"]) == ["broken.png", "deep.png", "tall.png"]
+    assert sum("skipping" in str(w.message) for w in caught) == 3
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["skipped"]["count"] == 3
+    assert sh.verify(tmp_path / "o").ok
+
+
+def test_imagefolder_mixed_layout(tmp_path):
+    write_image_folder(tmp_path / "src", {"a": 2}, size=(4, 4))
+    shutil.copy(tmp_path / "src" / "a" / "000.png", tmp_path / "src" / "loose.png")
+    with pytest.raises(UserError, match=r"src: has images directly inside \(loose.png"):
+        prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "src"))
+    assert prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "src"), labels="none").counts == {"train": 3}
+
+
+# --------------------------------------------------------------------------- the real console script
+
+
+def _cdm(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
+    return subprocess.run([CDM, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_errors_have_no_traceback(ds, tmp_path):
+    r = _cdm("verify", str(tmp_path / "missing"), cwd=tmp_path)
+    assert r.returncode == 2 and "error:" in r.stderr and "no such directory" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+    r = _cdm("prepare", "cifar10", "--path", str(tmp_path / "nope.tar.gz"), "--out", "o", "--no-track", cwd=tmp_path)
+    assert r.returncode == 2 and "nope.tar.gz: does not exist" in r.stderr and "Traceback" not in r.stderr
+
+    data = (ds / "train-000001.tar").read_bytes()
+    (ds / "train-000001.tar").write_bytes(data[:-2000])
+    r = _cdm("verify", str(ds), cwd=tmp_path)
+    assert r.returncode == 2 and "train-000001.tar" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_prepare_and_verify_ok(tmp_path):
+    r = _cdm("prepare", "toy2d", "--name", "gmm8", "--num-train", "50", "--num-test", "10", "--out", "d", "--no-track", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote:" in r.stdout and "train 50, test 10" in r.stdout
+    r = _cdm("verify", "d", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("ok:") and "60 samples decoded" in r.stdout
+    r = _cdm("prepare", "toy2d", "--name", "gmm8", "--num-train", "50", "--num-test", "10", "--out", "d", "--no-track", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("up to date:")
