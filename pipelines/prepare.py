@@ -98,13 +98,18 @@ def _write(source: Source, config: PrepareConfig, loc: sh.Location, fingerprint:
     written: set[str] = set()
     for split, generate in source.splits.items():
         writer: sh.SplitWriter | None = None
-        for record in generate(bad):
-            if spec is None:
-                shape = source.shape or tuple(record.data.shape)
-                spec = sh.SampleSpec(source.kind, tuple(shape), source.labeled, source.num_classes)
-            if writer is None:
-                writer = sh.SplitWriter(loc, split, spec, config.samples_per_shard)
-            writer.add(record.data, record.label, record.source_id)
+        try:
+            for record in generate(bad):
+                if spec is None:
+                    shape = source.shape or tuple(record.data.shape)
+                    spec = sh.SampleSpec(source.kind, tuple(shape), source.labeled, source.num_classes)
+                if writer is None:
+                    writer = sh.SplitWriter(loc, split, spec, config.samples_per_shard)
+                writer.add(record.data, record.label, record.source_id)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # close the half-built shard's tar stream; it is never written
+            raise
         if writer is None or writer.count == 0:
             raise UserError(
                 f"{config.path or config.source}: split {split!r} has no usable samples"

@@ -360,6 +360,13 @@ class SplitWriter:
         self._writer = None
         self._buf = None
 
+    def abort(self) -> None:
+        """Drop the shard being built (after an error), closing its tar stream cleanly."""
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._buf = None
+
     def close(self) -> dict[str, Any]:
         self._finish_shard()
         mean, std = self._stats.result()
