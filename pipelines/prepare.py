@@ -58,6 +58,54 @@ class PrepareConfig:
         return SourceOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
 
 
+def _check_type(name: str, value: Any, where: str) -> Any:
+    """Coerce/validate one config value against PrepareConfig's field type (int, float, str, bool, Optional)."""
+    hint = {f.name: f.type for f in dataclasses.fields(PrepareConfig)}[name]
+    optional = "Optional" in str(hint)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: '{name}' must not be empty")
+    kind = next(t for t in ("bool", "int", "float", "str") if t in str(hint))
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise UserError(f"{where}: '{name}' must be {kind}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PrepareConfig:
+    """A PrepareConfig from a TOML file (top level or a [prepare] table), then `overrides` on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file does not exist")
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid TOML ({err})") from None
+    table = data.get("prepare", data)
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: [prepare] must be a table")
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise UserError(f"{path}: unknown prepare option(s) {unknown}; valid: {sorted(names)}")
+    values = {k: _check_type(k, v, str(path)) for k, v in table.items()}
+    values.update(overrides or {})
+    missing = [k for k in ("source", "out") if k not in values]
+    if missing:
+        raise UserError(f"{path}: needs {' and '.join(missing)} (in the file or on the command line)")
+    return PrepareConfig(**values)
+
+
 @dataclass
 class PrepareResult:
     uri: str
@@ -270,8 +318,10 @@ def _take(ds: sh.Dataset, split: str, n: int) -> list[tuple[str, int, Any, int]]
 
 
 def prepare_command(
-    source: str = typer.Argument(..., help=f"One of: {', '.join(SOURCES)}."),
-    out: str = typer.Option(..., "--out", help="Output directory or URI (file://, s3://, gs://, …)."),
+    ctx: typer.Context,
+    source: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(SOURCES)} (or set it in --config)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory or URI (file://, s3://, gs://, …)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options (top level or [prepare]); flags override it."),
     path: Optional[str] = typer.Option(None, help="Input for cifar10 (tar.gz or folder) and imagefolder (folder)."),
     name: Optional[str] = typer.Option(None, help="toy2d distribution: gmm, gmm8, gmm25, checkerboard, two_moons."),
     test_fraction: Optional[float] = typer.Option(
@@ -301,9 +351,19 @@ def prepare_command(
       cdm prepare cifar10 --path ~/cifar-10-python.tar.gz --out data/cifar10
       cdm prepare imagefolder --path ~/celeba/img_align_celeba --preset celeba --out data/celeba64
       cdm prepare toy2d --name gmm8 --out data/gmm8
+      cdm prepare --config configs/mnist.toml --seed 1
     """
-    config = PrepareConfig(**{k: v for k, v in locals().items()})
-    result = run(config)
+    values = {k: v for k, v in locals().items() if k not in ("ctx", "config")}
+    if config is not None:
+        # Only what was typed on the command line overrides the file.
+        # (compared by name: typer may ship its own copy of click's ParameterSource enum)
+        given = {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+        cfg = load_config(config, given)
+    else:
+        if source is None or out is None:
+            raise UserError("cdm prepare needs SOURCE and --out (or --config FILE); see `cdm prepare --help`")
+        cfg = PrepareConfig(**values)
+    result = run(cfg)
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())
     shards = sum(len(v["shards"]) for v in result.meta["splits"].values())
     verb = "up to date" if result.up_to_date else "wrote"

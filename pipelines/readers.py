@@ -206,20 +206,23 @@ def ray_dataset(
     flip: bool = False,
     pad_to_multiple_of: int = 1,
     verify: bool = True,
-    shuffle_files: bool = False,
+    shuffle: str | None = None,
 ) -> Any:
     """A `ray.data.Dataset` of one split with columns x, label, index, pad (see module docstring).
 
     Pass `pad_to_multiple_of=num_workers` when Ray Train splits it across workers.
     verify=True checks every shard's size and SHA-256 against dataset.json first,
     so a corrupt or swapped shard is a clear error here rather than inside a Ray task.
-    For a different order each epoch use `ds.random_shuffle()` or
-    `iter_torch_batches(local_shuffle_buffer_size=...)`; `shuffle_files` shuffles shard order.
+    shuffle: None keeps index order; "files" shuffles the shard order; "rows" is a
+    full `random_shuffle` (an all-to-all, new order every epoch). A cheaper middle
+    ground is `iter_torch_batches(local_shuffle_buffer_size=...)` in the worker.
     """
     import ray
 
     if pad_to_multiple_of < 1:
         raise ValueError("pad_to_multiple_of must be ≥ 1")
+    if shuffle not in (None, "files", "rows"):
+        raise ValueError(f"shuffle must be None, 'files' or 'rows', got {shuffle!r}")
     ds_meta = sh.open_dataset(uri)
     spec = ds_meta.spec
     shard_list = ds_meta.shards(split)
@@ -243,11 +246,11 @@ def ray_dataset(
         fn = functools.partial(_decode_batch, spec=spec, flip=flip, pad=pad, keep_below=keep_below)
         return raw.map_batches(fn, batch_format="numpy")
 
-    ds = read(shard_list, pad=False, keep_below=None, shuffle=shuffle_files)
+    ds = read(shard_list, pad=False, keep_below=None, shuffle=shuffle == "files")
     remaining = (-n) % pad_to_multiple_of
     while remaining > 0:  # more than one round only when there are more workers than samples
         take = min(n, remaining)
         needed = [s for s in shard_list if int(s["first_index"]) < take]
         ds = ds.union(read(needed, pad=True, keep_below=take, shuffle=False))
         remaining -= take
-    return ds
+    return ds.random_shuffle() if shuffle == "rows" else ds

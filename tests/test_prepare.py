@@ -315,3 +315,35 @@ def test_prepare_logs_mlflow_run(tmp_path):
         prepare_quick("imagefolder", tmp_path / "out", path=str(src), track=True, tracking_uri=uri, experiment="t")
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FAILED"
+
+
+# --------------------------------------------------------------------------- config files and the CLI
+
+
+def test_config_file_with_cli_overrides(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.prepare import load_config
+
+    cfg = tmp_path / "toy.toml"
+    cfg.write_text('[prepare]\nsource = "toy2d"\nname = "gmm8"\nnum_train = 30\nnum_test = 5\ntrack = false\n')
+    config = load_config(cfg, {"out": str(tmp_path / "a"), "seed": 4})
+    assert (config.source, config.name, config.num_train, config.seed, config.track) == ("toy2d", "gmm8", 30, 4, False)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["prepare", "--config", str(cfg), "--out", str(tmp_path / "b"), "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert _meta(tmp_path / "b")["options"]["seed"] == 4 and _meta(tmp_path / "b")["counts"] == {"train": 30, "test": 5}
+
+    cfg.write_text('source = "toy2d"\nnmae = "gmm8"\n')
+    with pytest.raises(UserError, match=r"toy.toml: unknown prepare option\(s\) \['nmae'\]"):
+        load_config(cfg, {"out": "x"})
+    cfg.write_text('source = "toy2d"\nseed = "one"\n')
+    with pytest.raises(UserError, match=r"toy.toml: 'seed' must be int"):
+        load_config(cfg, {"out": "x"})
+    cfg.write_text('source = "toy2d"\n')
+    with pytest.raises(UserError, match=r"toy.toml: needs out"):
+        load_config(cfg)
+    with pytest.raises(UserError, match="config file does not exist"):
+        load_config(tmp_path / "nope.toml")

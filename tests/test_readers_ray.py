@@ -91,10 +91,10 @@ def test_flip(ray_session, uneven):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_streaming_split_equal_disjoint_complete(ray_session, uneven, one_shard, world):
+@pytest.mark.parametrize("world, shuffle", [(1, None), (2, "files"), (3, None), (3, "rows")])
+def test_streaming_split_equal_disjoint_complete(ray_session, uneven, one_shard, world, shuffle):
     for path, n in ((uneven, 17), (one_shard, 5)):
-        ds = ray_dataset(path, "train", pad_to_multiple_of=world)
+        ds = ray_dataset(path, "train", pad_to_multiple_of=world, shuffle=shuffle)
         its = ds.streaming_split(world, equal=True)
         for _epoch in range(2):
             shares: list = [None] * world
