@@ -228,6 +228,9 @@ def run(config: PrepareConfig) -> PrepareResult:
         loc.makedirs()
         if loc.exists(sh.DATASET_JSON):
             loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset
+        for name in loc.list_names():
+            if name.startswith(".") and _OUR_FILES.match(name):
+                loc.delete(name)  # temp files of an interrupted earlier run
         return _write(source, config, loc, fingerprint)
 
     if not config.track:

@@ -254,6 +254,14 @@ def test_refuses_foreign_output_dir(tmp_path):
     (out / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match=r"not empty and not a prepared dataset.*thesis\.tex"):
         prepare_quick("toy2d", out, name="gmm8", num_train=10, num_test=0)
+    # What an interrupted run leaves (shards, a temp file, no dataset.json) is ours to replace.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "train-000000.tar").write_bytes(b"half")
+    (crashed / ".train-000001.tar.tmp-123").write_bytes(b"half")
+    prepare_quick("toy2d", crashed, name="gmm8", num_train=10, num_test=0)
+    assert sorted(os.listdir(crashed)) == ["dataset.json", "manifest.parquet", "train-000000.tar"]
+    assert sh.verify(crashed).ok
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         prepare_quick("toy2d", tmp_path / "afile", name="gmm8", num_train=10, num_test=0)
