@@ -142,6 +142,7 @@ def test_sample_without_image(ds):
     msg = _problems(ds)
     assert "train-000000.tar: sample train-00000001: sample has no .png member" in msg
     assert "no .png member" in _reader_error(ds)
+    assert sh.verify(ds, decode=False).ok  # --quick checks files and checksums only
 
 
 @pytest.mark.parametrize(
