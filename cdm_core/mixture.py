@@ -80,7 +80,9 @@ class GaussianMixture:
         """E[ε | x_t = x] in closed form, without autograd: Σ_k r_k(x) · s C_k⁻¹ (x − a μ_k)."""
         t = torch.as_tensor(t).long().expand(x.shape[0])
         means, covs = self._noisy_components(schedule)
-        means, covs = means[t], covs[t]  # (B, K, d), (B, K, d, d)
+        if bool((t == t[0]).all()):  # a sampler step: one t for the whole batch, factorise once
+            t = t[:1]
+        means, covs = means[t], covs[t]  # (B or 1, K, d), (B or 1, K, d, d)
         x = x.to(torch.float64)
         diff = x[:, None, :] - means
         r = torch.softmax(self._gaussian_log_prob(diff, covs) + self.weights.log(), dim=-1)
