@@ -72,9 +72,11 @@ def demo(
 # The data stage (prepare, verify): command functions live in their own modules.
 from pipelines.prepare import prepare_command  # noqa: E402
 from pipelines.shards import verify_command  # noqa: E402
+from pipelines.train import train_command  # noqa: E402
 
 app.command("prepare")(prepare_command)
 app.command("verify")(verify_command)
+app.command("train")(train_command)
 
 
 def main() -> None:

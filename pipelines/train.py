@@ -1,0 +1,412 @@
+"""The training stage: `cdm train CONFIG [--set key=value …]` and `cdm train --resume RUN`.
+
+The driver resolves and checks the config against the dataset (so user mistakes
+fail here, before Ray starts anything), opens the MLflow run, and runs Ray
+Train's `TorchTrainer` with `train_loop.train_worker` on every worker. It owns
+the run folder `<run.storage_path>/<run.name>`:
+
+    cdm_run.json            the resolved config, the data shape and the MLflow run
+    checkpoint_00005000/    Ray Train checkpoints, each holding checkpoint.pt
+    …                       (the cdm_core format; see pipelines.models)
+    checkpoint_manager_snapshot.json   Ray's list of checkpoints (used to resume)
+
+Resuming relies on Ray Train V2: a trainer started with the same run name and
+storage path finds the snapshot and gives the workers its latest checkpoint.
+A worker failure is retried the same way within one `fit()` (run.max_failures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import typer
+
+from pipelines import config as cfg
+from pipelines.errors import UserError
+from pipelines.train_config import TrainConfig, resumable
+
+RUN_FILE = "cdm_run.json"
+RUN_FORMAT = "cdm-train-run/1"
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf; training stopped, the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str
+    step: int
+    checkpoint: Optional[str]  # the latest checkpoint folder (holds checkpoint.pt)
+    best_checkpoint: Optional[str]  # the best by the score metric
+    metrics: dict[str, float] = field(default_factory=dict)  # the final validation
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- config → checked, resolved config
+
+
+def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
+    """Check the config against its dataset and the code; fill data.num_labels. Returns (config, (C, H, W))."""
+    from pipelines.shards import open_dataset
+    from pipelines.train_step import build_network, build_prior, build_schedule
+
+    ds = open_dataset(config.data.uri)
+    spec = ds.spec
+    if spec.kind != "image":
+        raise UserError(f"data.uri: {ds.loc.uri} holds {spec.kind} data; cdm train trains U-Nets on images "
+                        "(for 2-D toy data use `cdm demo`)")
+    height, width, channels = spec.shape
+    if height != width:
+        raise UserError(f"data.uri: {ds.loc.uri} has {height}×{width} images; the U-Net needs square images "
+                        "(prepare with --size)")
+    for key in ("train_split", "val_split"):
+        split = getattr(config.data, key)
+        if split not in ds.splits:
+            raise UserError(f"data.{key}: {split!r} is not a split of {ds.loc.uri}; it has {', '.join(ds.splits)}")
+
+    num_labels = None
+    if config.model.conditional:
+        if not spec.labeled or not spec.num_classes:
+            raise UserError(f"model.conditional: true needs labels, but {ds.loc.uri} is unlabeled")
+        if config.data.num_labels not in (None, spec.num_classes):
+            raise UserError(f"data.num_labels: {config.data.num_labels} but {ds.loc.uri} has {spec.num_classes} classes")
+        num_labels = int(spec.num_classes)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_labels=num_labels))
+
+    workers = config.scaling.num_workers
+    per_worker = config.train.batch_size // workers
+    share = -(-ds.count(config.data.train_split) // workers)
+    if share < per_worker:
+        raise UserError(f"train.batch_size: {config.train.batch_size} over {workers} worker(s) is {per_worker} per worker, "
+                        f"but each worker's share of split {config.data.train_split!r} has only {share} samples")
+    try:
+        build_network(config, channels, height)
+    except ValueError as err:
+        raise cfg.ConfigError(f"model: {err}") from None
+    try:
+        build_schedule(config)
+    except ValueError as err:
+        raise cfg.ConfigError(f"schedule: {err}") from None
+    try:
+        build_prior(config)
+    except ValueError as err:
+        raise cfg.ConfigError(f"loss.prior: {err}") from None
+    return config, (channels, height, width)
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(_absolute(uri))
+
+
+def _join(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _read_run_file(run_dir: str) -> dict[str, Any] | None:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(_join(run_dir, RUN_FILE))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _write_run_file(run_dir: str, info: dict[str, Any]) -> None:
+    fs, path = _fs(_join(run_dir, RUN_FILE))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(info, indent=2) + "\n").encode())
+
+
+def _exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _fault_injection(run_name: str) -> dict[str, Any]:
+    """Test hooks from the environment (see pipelines.train_loop); empty normally."""
+    env = os.environ
+    spec: dict[str, Any] = {}
+    for var, key in (("CDM_FAIL_AT_STEP", "fail_at_step"), ("CDM_NAN_AT_STEP", "nan_at_step"), ("CDM_FAIL_RANK", "rank")):
+        if env.get(var):
+            spec[key] = int(env[var])
+    if "fail_at_step" in spec:
+        spec["marker"] = env.get("CDM_FAIL_MARKER") or os.path.join(tempfile.gettempdir(), f"cdm-fail-{run_name}")
+    return spec
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@contextlib.contextmanager
+def _reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
+    """Continue an existing MLflow run; it ends FAILED if an exception escapes, FINISHED otherwise."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    run = mlflow.start_run(run_id=run_id)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)
+
+
+def _log_final_model(checkpoint_dir: str, data_uri: str, split: str, tracking_uri: str, run_id: str) -> None:
+    """The EMA network as an MLflow model (torch.export format, dynamic batch), with an input example."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipelines.models import load_trained_model
+    from pipelines.readers import LocalReader
+
+    trained = load_trained_model(checkpoint_dir)
+    reader = LocalReader(data_uri, split, verify=False)
+    x = reader.inputs(np.arange(min(4, len(reader))))
+    example: Any = x
+    if trained.num_labels is not None:
+        example = [x, np.clip(reader.labels[: len(x)], 0, None)]
+    with torch.no_grad():
+        mlflow.pytorch.log_model(trained.model, name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _check_ray_train_v2() -> None:
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise UserError("cdm train needs Ray Train V2 (the default since Ray 2.51); unset RAY_TRAIN_V2_ENABLED=0")
+
+
+def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_uri: str, run_id: str):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.readers import ray_dataset
+    from pipelines.train_loop import train_worker
+
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    shuffle = None if config.data.shuffle == "none" else config.data.shuffle
+    if not ray.is_initialized():
+        ray.init(address=config.run.ray_address)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.to_dict(config),
+            "data_shape": list(data_shape),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            "faults": _fault_injection(run_name),
+        },
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_best,
+                                               checkpoint_score_attribute=config.score_metric,
+                                               checkpoint_score_order="min"),
+        ),
+        datasets={
+            "train": ray_dataset(config.data.uri, config.data.train_split, flip=config.data.flip,
+                                 pad_to_multiple_of=s.num_workers, shuffle=shuffle),
+            "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=s.num_workers, verify=False),
+        },
+    )
+    return trainer.fit()
+
+
+def _finish(result, config: TrainConfig, run_name: str, run_dir: str, run_id: str, tracking_uri: str, started: float) -> TrainResult:
+    import mlflow
+
+    outcome = result.return_value or {}
+    latest = _join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
+    if outcome.get("status") == "nonfinite":
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"training stopped at step {outcome['step']}: the loss is {outcome.get('loss')} (gradient norm "
+            f"{outcome.get('grad_norm')}); {where}. Lower optim.lr or set optim.grad_clip, then "
+            f"`cdm train --resume {run_dir} --set optim.lr=…`")
+    best = None
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if config.score_metric in m]
+    if scored:
+        best_ckpt = min(scored, key=lambda cm: cm[1][config.score_metric])[0]
+        best = _join(run_dir, Path(best_ckpt.path).name)
+    tags = {"cdm.final_step": outcome.get("step"), "cdm.last_checkpoint": latest, "cdm.best_checkpoint": best}
+    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+    if config.run.log_model and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            _log_final_model(folder, config.data.uri, config.data.val_split, tracking_uri, run_id)
+    return TrainResult(run_name, run_dir, run_id, int(outcome.get("step", 0)), latest, best,
+                       dict(outcome.get("metrics", {})), time.perf_counter() - started)
+
+
+def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
+    from pipelines.train_validation import BPD_CONVENTION
+
+    return {
+        "cdm.stage": "train",
+        "cdm.dataset": config.data.uri,
+        "cdm.run_name": run_name,
+        "cdm.checkpoint_dir": run_dir,
+        "cdm.model_kind": config.model.kind,
+        "cdm.bpd_convention": BPD_CONVENTION,
+    }
+
+
+def run(config: TrainConfig, *, config_name: str = "train") -> TrainResult:
+    """Train a new run; returns where its checkpoints are and its final validation metrics."""
+    from pipelines.tracking import default_tracking_uri, mlflow_run
+
+    _check_ray_train_v2()
+    started = time.perf_counter()
+    config, data_shape = resolve(config)
+    run_name = config.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name):
+        raise UserError(f"run.name: {run_name!r} may contain only letters, digits, '.', '_' and '-'")
+    storage = _absolute(config.run.storage_path)
+    run_dir = _join(storage, run_name)
+    if _exists(run_dir):
+        raise UserError(f"run.name: {run_dir} already exists; continue it with `cdm train --resume {run_dir}` "
+                        "or choose another run.name")
+    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.tracking.workdir)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=run_name))
+    params = cfg.to_dict(config)
+    with mlflow_run(config.tracking.experiment, run_name, tracking_uri, params, _tags(config, run_name, run_dir),
+                    config.tracking.parent_run_id) as active:
+        run_id = active.info.run_id
+        typer.echo(f"cdm train: run {run_name}, folder {run_dir}, MLflow run {run_id} ({tracking_uri})", err=True)
+        _write_run_file(run_dir, {"format": RUN_FORMAT, "config": params, "data_shape": list(data_shape),
+                                  "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id,
+                                             "experiment": config.tracking.experiment}})
+        result = _fit(config, data_shape, run_name, storage, tracking_uri, run_id)
+        return _finish(result, config, run_name, run_dir, run_id, tracking_uri, started)
+
+
+def find_run_dir(run: str, tracking_uri: str | None = None) -> str:
+    """RUN as given to --resume: a run folder (path or URI) or an MLflow run id of a train run."""
+    if _exists(run) and _read_run_file(_absolute(run)) is not None:
+        return _absolute(run)
+    if re.fullmatch(r"[0-9a-f]{32}", run):
+        from mlflow.tracking import MlflowClient
+
+        from pipelines.tracking import default_tracking_uri
+
+        try:
+            tags = MlflowClient(tracking_uri or default_tracking_uri()).get_run(run).data.tags
+        except Exception as err:
+            raise UserError(f"--resume {run}: no such MLflow run ({type(err).__name__})") from None
+        if "cdm.checkpoint_dir" in tags:
+            return tags["cdm.checkpoint_dir"]
+        raise UserError(f"--resume {run}: that MLflow run is not a cdm train run (no cdm.checkpoint_dir tag)")
+    raise UserError(f"--resume {run}: not a run folder with {RUN_FILE} (give the folder printed at the start of the run, "
+                    "or its MLflow run id)")
+
+
+def resume(run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri: str | None = None) -> TrainResult:
+    """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps."""
+    _check_ray_train_v2()
+    started = time.perf_counter()
+    run_dir = find_run_dir(run, tracking_uri)
+    info = _read_run_file(run_dir)
+    if info is None or info.get("format") != RUN_FORMAT:
+        raise UserError(f"--resume {run}: {_join(run_dir, RUN_FILE)} is missing or not a {RUN_FORMAT} file")
+    original = cfg.from_dict(TrainConfig, info["config"])
+    config = cfg.apply_overrides(original, overrides)
+    before, after = cfg.flatten(cfg.to_dict(original)), cfg.flatten(cfg.to_dict(config))
+    changed = {k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    fixed = sorted(k for k in changed if not resumable(k))
+    if fixed:
+        raise UserError(f"--resume: {', '.join(fixed)} cannot change in a resumed run (it would be a different experiment); "
+                        "start a new run instead")
+    config, data_shape = resolve(config)
+    mlflow_info = info["mlflow"]
+    uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
+    storage, run_name = run_dir.rstrip("/").rsplit("/", 1)
+    with _reopened_run(uri, run_id):
+        import mlflow
+
+        if changed:
+            # MLflow params are immutable: record what this continuation changed as a tag.
+            mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))
+            info["config"] = cfg.to_dict(config)
+            _write_run_file(run_dir, info)
+        result = _fit(config, data_shape, run_name, storage, uri, run_id)
+        return _finish(result, config, run_name, run_dir, run_id, uri, started)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def train_command(
+    config: Optional[Path] = typer.Argument(None, help="Training config, TOML or YAML (see configs/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=1e-4 (repeatable)."),
+    resume_run: Optional[str] = typer.Option(None, "--resume", help="Continue RUN (its folder, or its MLflow run id) from its latest checkpoint."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the config with overrides applied, as JSON, and exit."),
+    list_settings: bool = typer.Option(False, "--list-settings", help="List every setting with its type, default and meaning."),
+) -> None:
+    """Train a CDM (or the DDM baseline) with Ray Train, tracked in MLflow.
+
+    Examples:
+      cdm train configs/mnist.toml
+      cdm train configs/cifar10.toml --set scaling.num_workers=4 --set scaling.use_gpu=true
+      cdm train configs/train_tiny.toml --set optim.lr=1e-3 --set train.steps=200
+      cdm train --resume outputs/runs/mnist-20250101-120000 --set train.steps=20000
+    """
+    if list_settings:
+        for key, kind, default, doc in cfg.describe(TrainConfig):
+            typer.echo(f"{key:28} {kind:32} {default!s:12} {doc}")
+        return
+    if resume_run is not None:
+        if config is not None:
+            raise UserError("give either CONFIG or --resume RUN, not both (a resumed run keeps its own config; change it with --set)")
+        result = resume(resume_run, set_)
+    else:
+        if config is None:
+            raise UserError("cdm train needs a CONFIG file (e.g. configs/mnist.toml) or --resume RUN; see `cdm train --help`")
+        train_config = cfg.load(TrainConfig, config, set_)
+        if print_config:
+            typer.echo(json.dumps(cfg.to_dict(train_config), indent=2))
+            return
+        result = run(train_config, config_name=config.stem)
+    typer.echo(f"run: {result.run_name}  folder: {result.run_dir}  mlflow run: {result.mlflow_run_id}")
+    typer.echo(f"finished at step {result.step} in {result.seconds:.0f} s")
+    for key, value in sorted(result.metrics.items()):
+        typer.echo(f"  {key} = {value:.4f}")
+    typer.echo(f"latest checkpoint: {result.checkpoint}")
+    if result.best_checkpoint:
+        typer.echo(f"best checkpoint:   {result.best_checkpoint}")

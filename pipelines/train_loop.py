@@ -1,0 +1,247 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Every worker builds the same network (same seed), restores the latest checkpoint
+if Ray hands it one (a restart after a failure, or `cdm train --resume`), wraps
+the model in DDP through `ray.train.torch.prepare_model`, and trains on its
+share of the training split. Rank 0 alone writes to MLflow and writes the
+checkpoint; all workers call `ray.train.report` together at checkpoint steps
+(it is a barrier).
+
+Fault injection for tests (read by the driver from the environment, handed over
+in the loop config):
+  CDM_FAIL_AT_STEP=k, CDM_FAIL_RANK=r   worker r dies (os._exit) at step k, once per marker file
+  CDM_FAIL_MARKER=path                  the marker (default: in the temp dir, named after the run)
+  CDM_NAN_AT_STEP=k                     the loss becomes NaN at step k (on rank CDM_FAIL_RANK, default 0)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdm_core.checkpoint import load_checkpoint, restore, save_checkpoint
+from cdm_core.ema import EMA
+from pipelines.config import from_dict, to_dict
+from pipelines.models import CHECKPOINT_FILENAME
+from pipelines.train_config import TrainConfig
+from pipelines.train_step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
+
+
+def _seed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
+    # Distinct streams per rank (different t and noise on each worker), and a fresh
+    # one after a restart whose RNG state could not be restored.
+    generator.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+    torch.manual_seed(generator.initial_seed() + 1)  # dropout
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values
+
+
+def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, step: int) -> None:
+    """Make a restored optimiser follow the current config (a resumed run may change optim.*)."""
+    optim = config.optim
+    scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(lr=optim.lr * lr_factor(optim, step + 1), betas=tuple(optim.betas), eps=optim.eps,
+                     weight_decay=optim.weight_decay)
+
+
+class _Faults:
+    def __init__(self, spec: dict[str, Any], rank: int):
+        self.spec = spec or {}
+        self.rank = rank
+
+    def before_step(self, step: int, train_step: TrainStep) -> None:
+        s = self.spec
+        if s.get("nan_at_step") == step and self.rank == s.get("rank", 0):
+            train_step.poison_loss = True
+        if s.get("fail_at_step") == step and self.rank == s.get("rank", 0):
+            marker = Path(s["marker"])
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"injected failure at step {step} on rank {self.rank}\n")
+                os._exit(1)  # the worker process dies, as on a lost node or an OOM kill
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.train_logging import RunLogger
+    from pipelines.train_validation import Validator, plot_curve, sample_grid, save_png, t_grid
+
+    config = from_dict(TrainConfig, loop_config["config"])
+    channels, size = loop_config["data_shape"][0], loop_config["data_shape"][1]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every worker
+    model = build_network(config, channels, size).to(device)
+    ema = EMA(model, config.ema.decay, config.ema.start_step)
+    optimizer, scheduler = build_optimizer(model, config.optim)
+    generator = torch.Generator(device=device)
+    schedule, prior = build_schedule(config), build_prior(config)
+
+    step, epoch, resumed_from = 0, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    rng_restored = False
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location=device)
+        step = restore(state, model, ema, optimizer, scheduler)
+        _apply_hyperparameters(optimizer, scheduler, config, step)
+        extra = state["extra"]
+        epoch, resumed_from = int(extra.get("epoch", 0)), step
+        if extra.get("world_size") == world and "rng" in extra:
+            _set_rng_state(generator, extra["rng"][rank])
+            rng_restored = True
+        del state
+    if not rng_restored:
+        _seed(generator, config.train.seed, rank, step)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+
+    train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
+    validator = Validator(config, schedule, prior, device)
+    faults = _Faults(loop_config.get("faults", {}), rank)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+
+    nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
+    if logger:
+        logger.tags({"cdm.world_size": world, "cdm.worker_nodes": ",".join(nodes), "cdm.num_nodes": len(set(nodes))})
+        if resumed_from is not None:
+            logger.tags({f"cdm.restarted_from_step.{resumed_from}": f"rng {'restored' if rng_restored else 'reseeded'}"})
+
+    # The validation share is small: read it once and keep it (all workers read together).
+    validator.load(ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=config.validation.batch_size, device="cpu"))
+    train_data = ray.train.get_dataset_shard("train")
+    per_worker = config.train.batch_size // world
+    shape = (channels, size, size)
+
+    def log(metrics: dict[str, float], at: int) -> None:
+        if logger and metrics:
+            logger.metrics(metrics, at)
+
+    def finish(status: str, **info: Any) -> dict[str, Any]:
+        return {"status": status, "step": step, "epoch": epoch, "resumed_from": resumed_from, **info}
+
+    last_val: dict[str, float] = {}
+    window = torch.zeros(4, dtype=torch.float64)  # loss, ce, mse, grad_norm sums
+    window_steps, window_time = 0, 0.0
+    steps = config.train.steps
+    with tempfile.TemporaryDirectory() as scratch:
+        while step < steps:
+            batches = 0
+            tick = time.perf_counter()
+            for batch in train_data.iter_torch_batches(
+                batch_size=per_worker, drop_last=True, device="cpu",
+                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            ):
+                batches += 1
+                step += 1
+                faults.before_step(step, train_step)
+                x = batch["x"].to(device, non_blocking=True)
+                labels = batch["label"].to(device) if config.model.conditional else None
+                result = train_step(x, labels)
+                if not result.finite:
+                    loss = _all_mean(result.loss.detach().double().cpu().reshape(1), world).item()
+                    if logger:
+                        logger.tags({"cdm.nonfinite_step": step})
+                    return finish("nonfinite", loss=loss, grad_norm=result.grad_norm)
+                parts = torch.stack([result.loss, result.ce, result.mse]).double().cpu()  # one device sync
+                window += torch.cat([parts, torch.tensor([result.grad_norm], dtype=torch.float64)])
+                window_steps += 1
+                window_time += time.perf_counter() - tick
+
+                if step % config.train.log_every == 0 or step == steps:
+                    means = _all_mean(window / window_steps, world).tolist()
+                    log({"train/loss": means[0], "train/ce": means[1], "train/mse": means[2], "train/grad_norm": means[3],
+                         "train/lr": optimizer.param_groups[0]["lr"], "train/epoch": float(epoch),
+                         "train/images_per_s": window_steps * config.train.batch_size / max(window_time, 1e-9)}, step)
+                    window.zero_()
+                    window_steps, window_time = 0, 0.0
+
+                checkpoint_due = step % config.checkpoint.every == 0 or step == steps
+                if checkpoint_due or step % config.validation.every == 0:
+                    started = time.perf_counter()
+                    last_val = validator(ema.model)
+                    last_val["val/seconds"] = time.perf_counter() - started
+                    log(last_val, step)
+
+                s = config.sampling
+                if logger and s.every and (step % s.every == 0 or step == steps):
+                    path = os.path.join(scratch, f"step_{step:08d}.png")
+                    save_png(sample_grid(ema.model, config, schedule, shape, device), path)
+                    logger.artifact(path, "samples")
+
+                if checkpoint_due:
+                    rng = _all_gather(_rng_state(generator), world)
+                    extra = {"rng": rng, "world_size": world, "epoch": epoch}
+                    report = {"step": step, "epoch": epoch, **last_val}
+                    name = f"checkpoint_{step:08d}"
+                    if rank == 0:
+                        with tempfile.TemporaryDirectory() as folder:
+                            save_checkpoint(Path(folder) / CHECKPOINT_FILENAME, model=model, step=step, config=to_dict(config),
+                                            ema=ema, optimizer=optimizer, scheduler=scheduler, extra=extra)
+                            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+                    else:
+                        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+
+                if step >= steps:
+                    break
+                tick = time.perf_counter()
+            if batches == 0:
+                raise RuntimeError(f"worker {rank} got no full batch of {per_worker} in epoch {epoch}; the split is too small")
+            if step < steps:
+                epoch += 1
+
+        if logger and validator.curve:
+            grid = t_grid(config.schedule.T, config.validation.t_points)
+            png, js = os.path.join(scratch, "val_mse_per_t.png"), os.path.join(scratch, "val_mse_per_t.json")
+            plot_curve(grid, validator.curve, png, f"{config.model.kind} {config.schedule.name} T={config.schedule.T}, step {step}")
+            import json
+
+            Path(js).write_text(json.dumps({"t": grid.tolist(), "mse": validator.curve, "step": step}))
+            logger.artifact(png)
+            logger.artifact(js)
+    return finish("done", metrics={k: v for k, v in last_val.items() if math.isfinite(v)})
