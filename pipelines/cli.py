@@ -78,6 +78,19 @@ app.command("prepare")(prepare_command)
 app.command("verify")(verify_command)
 app.command("train")(train_command)
 
+# The batch stages (sample, nll, ood, fid, train-features).
+from pipelines.features import train_features_command  # noqa: E402
+from pipelines.fid import fid_command  # noqa: E402
+from pipelines.nll import nll_command  # noqa: E402
+from pipelines.ood import ood_command  # noqa: E402
+from pipelines.sample import sample_command  # noqa: E402
+
+app.command("sample")(sample_command)
+app.command("nll")(nll_command)
+app.command("ood")(ood_command)
+app.command("fid")(fid_command)
+app.command("train-features")(train_features_command)
+
 
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""

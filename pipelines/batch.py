@@ -1,0 +1,108 @@
+"""Plumbing shared by the batch stages (sample, nll, ood, fid): Ray workers and the link to the training run.
+
+Each batch stage runs a pool of Ray actors that load a model once and then
+process many batches. `plan_workers` decides how many and what each gets:
+one GPU per worker where the cluster has GPUs, else one CPU per worker (and
+one torch thread, so workers do not fight over cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import UserError
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray: `address` / RAY_ADDRESS if given, else a local instance; reuse one already started."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+    def actor_options(self) -> dict[str, float]:
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
+
+
+def plan_workers(workers: int | None, *, gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
+                 max_useful: int | None = None) -> WorkerPlan:
+    """How many workers and what each reserves, from the cluster's resources unless given."""
+    import ray
+
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: must be ≥ 1")
+    if cpus_per_worker <= 0:
+        raise UserError(f"cpus per worker {cpus_per_worker}: must be > 0")
+    resources = ray.cluster_resources()
+    total_gpus = float(resources.get("GPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
+    if gpus_per_worker > 0 and total_gpus < gpus_per_worker:
+        raise UserError(f"each worker asks for {gpus_per_worker} GPU but the Ray cluster has {total_gpus:g}")
+    if workers is None:
+        if gpus_per_worker > 0:
+            workers = int(total_gpus // gpus_per_worker)
+        else:
+            workers = int(float(resources.get("CPU", 1)) // cpus_per_worker)
+        workers = max(1, workers)
+    if max_useful is not None:
+        workers = max(1, min(workers, max_useful))
+    return WorkerPlan(workers, cpus_per_worker, gpus_per_worker)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def training_run_id(checkpoint_file: str | os.PathLike) -> str | None:
+    """The MLflow run that trained this checkpoint, if the checkpoint records it.
+
+    Looked up in `extra["mlflow_run_id"]`, then `config["tracking"]["run_id"]`;
+    mmap'd, so the weights are not read.
+    """
+    import torch
+
+    try:
+        ckpt: dict[str, Any] = torch.load(Path(checkpoint_file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    run_id = (ckpt.get("extra") or {}).get("mlflow_run_id")
+    if run_id is None:
+        run_id = ((ckpt.get("config") or {}).get("tracking") or {}).get("run_id")
+    return str(run_id) if run_id else None
+
+
+def tracking_tags(stage: str, checkpoint_file: str | os.PathLike | None = None,
+                  train_run_id: str | None = None) -> dict[str, str]:
+    """Tags that link a batch stage's MLflow run to its inputs and to the run that trained the model."""
+    tags = {"cdm.stage": stage}
+    if checkpoint_file is not None:
+        tags["cdm.checkpoint"] = str(checkpoint_file)
+        train_run_id = train_run_id or training_run_id(checkpoint_file)
+    if train_run_id:
+        tags["cdm.train_run_id"] = train_run_id
+    return tags
