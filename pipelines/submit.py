@@ -1,0 +1,196 @@
+"""`cdm submit`: run any command (usually `cdm run CONFIG`) as a Ray job on a cluster.
+
+The job goes through the Ray Jobs API with a runtime_env: the working
+directory (uploaded; .gitignore'd files and the usual heavy folders are left
+out), pip requirements, this checkout's packages if asked, and environment
+variables. MLFLOW_TRACKING_URI travels with the job so its runs land in the
+same tracking store as local ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipelines.errors import UserError
+from pipelines.jobs_api import Cluster, connect, is_loopback, job_info, outcome_line, stream_logs, wait_until_done
+
+# Never worth uploading: environments, VCS data, local tracking stores, run outputs.
+DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".pytest_cache", "outputs", "mlruns", "mlartifacts", "mlflow.db"]
+# Forwarded when set locally (no secrets: runtime_env values are visible in the dashboard).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+# The token authenticates us to the cluster; copying it into the job would publish it.
+_NEVER_FORWARD = ("RAY_AUTH_TOKEN",)
+
+EXIT_JOB_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def entrypoint_command(words: list[str]) -> str:
+    """The shell command the cluster runs: words re-quoted, or one pre-quoted string as is."""
+    if not words:
+        raise UserError("give the command to run after `--`, e.g. cdm submit -- cdm run configs/demo.toml")
+    return words[0] if len(words) == 1 else shlex.join(words)
+
+
+def parse_env(pairs: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """KEY=VALUE pairs; a bare KEY takes this machine's value (like `docker run -e KEY`)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise UserError(f"--env {pair!r}: expected KEY=VALUE with KEY a variable name (letters, digits, _)")
+        if key in _NEVER_FORWARD:
+            raise UserError(f"--env {key}: the cluster token must not travel in the job's environment (anyone who can list jobs would see it)")
+        if not sep:
+            if key not in env:
+                raise UserError(f"--env {key}: {key} is not set here; give a value with --env {key}=VALUE")
+            value = env[key]
+        out[key] = value
+    return out
+
+
+def build_runtime_env(
+    working_dir: str | None,
+    pip: list[str],
+    env_vars: dict[str, str],
+    with_package: bool = False,
+    excludes: list[str] | None = None,
+) -> dict[str, Any]:
+    """The runtime_env dict Ray receives (paths resolved and checked here, where the user can fix them)."""
+    runtime_env: dict[str, Any] = {}
+    if working_dir:
+        if "://" in working_dir:  # already packaged (s3://…/pkg.zip, https://…): Ray fetches it
+            runtime_env["working_dir"] = working_dir
+        else:
+            path = Path(working_dir).expanduser().resolve()
+            if not path.is_dir():
+                raise UserError(f"--working-dir {working_dir}: no such directory")
+            runtime_env["working_dir"] = str(path)
+            runtime_env["excludes"] = list(DEFAULT_EXCLUDES if excludes is None else excludes)
+    if pip:
+        # One existing requirements file is passed as a path (Ray reads it here); anything else is a list of specs.
+        if len(pip) == 1 and pip[0].endswith(".txt") and Path(pip[0]).is_file():
+            runtime_env["pip"] = str(Path(pip[0]).resolve())
+        else:
+            runtime_env["pip"] = list(pip)
+    if with_package:
+        import cdm_core
+        import pipelines
+
+        # Ships this checkout's source, ahead of any cdm installed in the cluster's image.
+        runtime_env["py_modules"] = [str(Path(m.__file__).parent) for m in (cdm_core, pipelines)]
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    return runtime_env
+
+
+def job_env_vars(address: str, explicit: dict[str, str], workdir: Path, environ: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Explicit --env values, plus forwarded ones; returns (vars, notes for the user).
+
+    On a cluster on this machine with no MLFLOW_TRACKING_URI, the job gets this
+    directory's SQLite store, so `cdm ui` here shows the job's runs (the job
+    itself runs in an uploaded copy of the working directory, whose own
+    mlflow.db would vanish with it).
+    """
+    env = os.environ if environ is None else environ
+    out = dict(explicit)
+    notes = []
+    for key in FORWARDED_ENV:
+        if key in env and key not in out:
+            out[key] = env[key]
+            notes.append(f"forwarding {key} from this shell")
+    if "MLFLOW_TRACKING_URI" not in out and is_loopback(address):
+        from pipelines.tracking import default_tracking_uri
+
+        out["MLFLOW_TRACKING_URI"] = default_tracking_uri(workdir)
+        notes.append(f"MLflow runs go to {out['MLFLOW_TRACKING_URI']} (`cdm ui` shows them)")
+    return out, notes
+
+
+def submit_job(
+    cluster: Cluster,
+    entrypoint: str,
+    runtime_env: dict[str, Any],
+    submission_id: str | None = None,
+) -> str:
+    from importlib.metadata import version
+
+    metadata = {"job_name": entrypoint[:100], "submitted_by": "cdm submit", "cdm_version": version("cdm")}
+    with cluster.errors():
+        try:
+            return cluster.client.submit_job(
+                entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, metadata=metadata
+            )
+        except (ValueError, FileNotFoundError) as err:
+            # Ray validates the runtime_env here: an oversized working dir, a bad pip spec, a missing file.
+            raise UserError(f"the job's runtime_env was refused: {err}") from None
+        except RuntimeError as err:
+            if "status code 400" in str(err) or "already exists" in str(err):
+                raise UserError(f"the cluster refused the job: {err}") from None
+            raise
+
+
+def follow_to_end(cluster: Cluster, job_id: str) -> int:
+    """Stream the logs until the job ends; print the outcome; return the exit code for it."""
+    try:
+        stream_logs(cluster, job_id, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        wait_until_done(cluster, job_id)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\nstopped following; job {job_id} keeps running. "
+            f"Follow: cdm jobs logs --follow {job_id}   Stop: cdm jobs stop {job_id}",
+            err=True,
+        )
+        return EXIT_INTERRUPTED
+    info = job_info(cluster, job_id)
+    typer.echo(outcome_line(info), err=True)
+    return 0 if str(info.status.value) == "SUCCEEDED" else EXIT_JOB_FAILED
+
+
+def submit_command(
+    entrypoint: list[str] = typer.Argument(None, metavar="COMMAND", help="The command the job runs, after `--`."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
+    ),
+    working_dir: str = typer.Option(".", "--working-dir", help="Folder uploaded as the job's working directory ('' for none)."),
+    pip: list[str] = typer.Option([], "--pip", help="Pip requirement for the job (repeatable), or one requirements.txt."),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable; bare KEY copies it from here)."),
+    with_package: bool = typer.Option(
+        False, "--with-package", help="Ship this checkout's cdm_core and pipelines source with the job (py_modules)."
+    ),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="Job id to use instead of a generated one."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return; don't stream the logs."),
+) -> None:
+    """Submit a command as a Ray job, stream its logs, exit non-zero if it fails.
+
+    Exit codes: 0 the job succeeded; 1 it failed or was stopped; 2 a usage or
+    connection problem (cluster unreachable, token missing or wrong); 130 you
+    stopped following (the job keeps running).
+
+    Examples:
+      cdm submit -- cdm run configs/cifar10.toml
+      cdm submit --address http://10.0.0.5:8265 --env WANDB_MODE=offline -- cdm run configs/celeba64.toml
+      cdm submit --no-wait --pip requirements.txt -- python scripts/probe.py
+    """
+    command = entrypoint_command(entrypoint or [])
+    cluster = connect(address)
+    env_vars, notes = job_env_vars(cluster.address, parse_env(env), Path.cwd())
+    runtime_env = build_runtime_env(working_dir or None, pip, env_vars, with_package=with_package)
+    for note in notes:
+        typer.echo(note, err=True)
+    job_id = submit_job(cluster, command, runtime_env, submission_id)
+    typer.echo(job_id)
+    typer.echo(f"submitted to {cluster.address} (Ray {cluster.ray_version}); dashboard: {cluster.address}/#/jobs/{job_id}", err=True)
+    if no_wait:
+        typer.echo(f"follow with: cdm jobs logs --follow {job_id}", err=True)
+        return
+    code = follow_to_end(cluster, job_id)
+    if code:
+        raise typer.Exit(code)
