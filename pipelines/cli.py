@@ -91,6 +91,16 @@ app.command("ood")(ood_command)
 app.command("fid")(fid_command)
 app.command("train-features")(train_features_command)
 
+# Clusters and the UI (submit, jobs, ui).
+from pipelines.jobs import jobs_app  # noqa: E402
+from pipelines.submit import submit_command  # noqa: E402
+from pipelines.ui import ui_command  # noqa: E402
+
+# Everything after the first word of the job's command belongs to that command, not to `cdm submit`.
+app.command("submit", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})(submit_command)
+app.add_typer(jobs_app, name="jobs")
+app.command("ui")(ui_command)
+
 
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
