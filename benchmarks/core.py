@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,15 +113,22 @@ def time_interleaved(ops: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(vals) for name, vals in samples.items()}
 
 
+def _vm_hwm_mib() -> float:
+    """This process's peak resident set size (VmHWM). Unlike ru_maxrss it is reset by exec,
+    so a child does not inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def peak_memory_mib(preset: str, batch: int, op: str) -> float:
     """Peak RSS growth of a fresh process running one operation twice, over its state after set-up."""
     code = (
-        "import resource, sys, torch; sys.path.insert(0, %r); import core;"
+        "import sys, torch; sys.path.insert(0, %r); import core; torch.set_num_threads(1);"
         "cdm, ddm, s, x = core.build(%r, %d); ops = core.operations(cdm, ddm, s, x);"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "ops[%r](); ops[%r]();"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
-    ) % (str(Path(__file__).parent), preset, batch, op, op)
+        "base = core._vm_hwm_mib(); ops[%r](); ops[%r](); print(core._vm_hwm_mib() - base)"
+    ) % (str(Path(__file__).resolve().parent), preset, batch, op, op)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -142,12 +149,17 @@ def main() -> None:
     parser.add_argument("--preset", default="mnist")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps ratios stable on a shared 2-core machine")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
+    load_at_start = os.getloadavg()[0]
     cdm, ddm, schedule, x = build(args.preset, args.batch)
-    secs = time_interleaved(operations(cdm, ddm, schedule, x), args.reps)
-    memory = {op: peak_memory_mib(args.preset, args.batch, op) for op in secs}
+    ops = operations(cdm, ddm, schedule, x)
+    memory = {op: peak_memory_mib(args.preset, args.batch, op) for op in ops}
+    secs = time_interleaved(ops, args.reps)
     compile_status = torch_compile_double_backward()
 
     b = args.batch
@@ -163,6 +175,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "load_average_1min_at_start": load_at_start,
         **{f"{op}_seconds": v for op, v in secs.items()},
         **{f"{op}_peak_rss_mib": v for op, v in memory.items()},
         "cdm_train_images_per_s": b / secs["cdm_train_step"],
