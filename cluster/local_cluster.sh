@@ -18,6 +18,8 @@
 #   DASHBOARD_PORT [8265]   the dashboard and Jobs API (what `cdm submit` talks to)
 #   PORT_BASE [20000]       node i uses ports PORT_BASE+100*i .. +99 for its raylet,
 #                           object manager, agents and workers
+#   OBJECT_STORE_MB [512]   object store per node (Ray's default, 30% of RAM per node, adds up fast)
+#   STOP_GRACE_S [15]       how long `stop` waits after SIGTERM before SIGKILL
 #   CLUSTER_DIR [${TMPDIR:-/tmp}/cdm-local-cluster]  Ray's temp dir, logs, session id
 #   RAY [ray next to this repo's .venv, else ray on PATH]
 #   RAY_AUTH_MODE [token]   `disabled` turns token authentication off
@@ -36,6 +38,8 @@ GPUS_PER_WORKER="${GPUS_PER_WORKER:-0}"
 GCS_PORT="${GCS_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 PORT_BASE="${PORT_BASE:-20000}"
+OBJECT_STORE_MB="${OBJECT_STORE_MB:-512}"
+STOP_GRACE_S="${STOP_GRACE_S:-15}"
 CLUSTER_DIR="${CLUSTER_DIR:-${TMPDIR:-/tmp}/cdm-local-cluster}"
 # Token authentication on by default, as `ray start --head` does when a token exists.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
@@ -79,7 +83,8 @@ ensure_token() {
 node_ports() {
     # Ports of node $1 (0 = head): each node owns a block of 100.
     local base=$((PORT_BASE + 100 * $1))
-    echo "--node-manager-port=$base --object-manager-port=$((base + 1))" \
+    echo "--object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024))" \
+         "--node-manager-port=$base --object-manager-port=$((base + 1))" \
          "--dashboard-agent-listen-port=$((base + 2)) --dashboard-agent-grpc-port=$((base + 3))" \
          "--runtime-env-agent-port=$((base + 4)) --metrics-export-port=$((base + 5))" \
          "--min-worker-port=$((base + 10)) --max-worker-port=$((base + 99))"
@@ -140,7 +145,7 @@ cmd_stop() {
     fi
     # SIGTERM first so raylets flush logs; GCS and raylets can take a few seconds.
     kill -TERM $pids 2>/dev/null || true
-    for _ in $(seq 1 30); do
+    for _ in $(seq 1 $((STOP_GRACE_S * 2))); do
         sleep 0.5
         pids="$(session_pids)"
         [[ -z "$pids" ]] && break

@@ -10,6 +10,7 @@ same tracking store as local ones.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import typer
 
 from pipelines.errors import UserError
-from pipelines.jobs_api import Cluster, connect, is_loopback, job_info, outcome_line, stream_logs, wait_until_done
+from pipelines.jobs_api import Cluster, connect, is_loopback, job_info, outcome_line, resolve_address, stream_logs, wait_until_done
 
 # Never worth uploading: environments, VCS data, local tracking stores, run outputs.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".pytest_cache", "outputs", "mlruns", "mlartifacts", "mlflow.db"]
@@ -26,6 +27,8 @@ DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".pytest_cache", "ou
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 # The token authenticates us to the cluster; copying it into the job would publish it.
 _NEVER_FORWARD = ("RAY_AUTH_TOKEN",)
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -44,10 +47,8 @@ def parse_env(pairs: list[str], environ: dict[str, str] | None = None) -> dict[s
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+        if not _ENV_NAME.fullmatch(key):
             raise UserError(f"--env {pair!r}: expected KEY=VALUE with KEY a variable name (letters, digits, _)")
-        if key in _NEVER_FORWARD:
-            raise UserError(f"--env {key}: the cluster token must not travel in the job's environment (anyone who can list jobs would see it)")
         if not sep:
             if key not in env:
                 raise UserError(f"--env {key}: {key} is not set here; give a value with --env {key}=VALUE")
@@ -56,39 +57,89 @@ def parse_env(pairs: list[str], environ: dict[str, str] | None = None) -> dict[s
     return out
 
 
+def load_runtime_env_file(path: str | None) -> dict[str, Any]:
+    """A runtime_env YAML (e.g. cluster/runtime_env.yaml), or {} when no file is given."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"--runtime-env {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--runtime-env {path}: not valid YAML ({err})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"--runtime-env {path}: expected a mapping of runtime_env fields (working_dir, pip, env_vars, …)")
+    from ray.runtime_env import RuntimeEnv
+
+    unknown = sorted(set(loaded) - RuntimeEnv.known_fields)
+    if unknown:
+        raise UserError(f"--runtime-env {path}: unknown field(s) {', '.join(unknown)}; Ray knows {', '.join(sorted(k for k in RuntimeEnv.known_fields if not k.startswith('_')))}")
+    return loaded
+
+
 def build_runtime_env(
     working_dir: str | None,
     pip: list[str],
     env_vars: dict[str, str],
     with_package: bool = False,
-    excludes: list[str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The runtime_env dict Ray receives (paths resolved and checked here, where the user can fix them)."""
-    runtime_env: dict[str, Any] = {}
-    if working_dir:
-        if "://" in working_dir:  # already packaged (s3://…/pkg.zip, https://…): Ray fetches it
-            runtime_env["working_dir"] = working_dir
+    """The runtime_env Ray receives: `base` (a template file) with the command-line options on top.
+
+    Paths are resolved and checked here, where the user can still fix them.
+    `working_dir=None` keeps the template's (else "."); "" means none.
+    """
+    runtime_env: dict[str, Any] = dict(base or {})
+    chosen_dir = runtime_env.pop("working_dir", ".") if working_dir is None else working_dir
+    runtime_env.pop("working_dir", None)
+    if chosen_dir:
+        if "://" in chosen_dir:  # already packaged (s3://…/pkg.zip, https://…): Ray fetches it
+            runtime_env["working_dir"] = chosen_dir
         else:
-            path = Path(working_dir).expanduser().resolve()
+            path = Path(chosen_dir).expanduser().resolve()
             if not path.is_dir():
-                raise UserError(f"--working-dir {working_dir}: no such directory")
+                raise UserError(f"working dir {chosen_dir}: no such directory")
             runtime_env["working_dir"] = str(path)
-            runtime_env["excludes"] = list(DEFAULT_EXCLUDES if excludes is None else excludes)
+            runtime_env["excludes"] = list(dict.fromkeys(list(runtime_env.get("excludes") or []) + DEFAULT_EXCLUDES))
     if pip:
+        template_pip = runtime_env.get("pip")
+        if template_pip and not isinstance(template_pip, list):
+            raise UserError("--pip adds to a list of requirements, but the runtime_env file's `pip` is not a list; put them in one place")
         # One existing requirements file is passed as a path (Ray reads it here); anything else is a list of specs.
-        if len(pip) == 1 and pip[0].endswith(".txt") and Path(pip[0]).is_file():
+        if not template_pip and len(pip) == 1 and pip[0].endswith(".txt") and Path(pip[0]).is_file():
             runtime_env["pip"] = str(Path(pip[0]).resolve())
         else:
-            runtime_env["pip"] = list(pip)
+            runtime_env["pip"] = list(template_pip or []) + list(pip)
     if with_package:
         import cdm_core
         import pipelines
 
         # Ships this checkout's source, ahead of any cdm installed in the cluster's image.
-        runtime_env["py_modules"] = [str(Path(m.__file__).parent) for m in (cdm_core, pipelines)]
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
+        shipped = [str(Path(m.__file__).parent) for m in (cdm_core, pipelines)]
+        runtime_env["py_modules"] = list(runtime_env.get("py_modules") or []) + shipped
+    merged_env = {str(k): v for k, v in (runtime_env.get("env_vars") or {}).items()}
+    merged_env.update(env_vars)
+    for key in _NEVER_FORWARD:
+        if key in merged_env:
+            raise UserError(f"the job's env_vars hold {key}: the cluster token must not travel with a job (anyone who can list jobs would see it)")
+    if merged_env:
+        runtime_env["env_vars"] = merged_env
+    _validate(runtime_env)
     return runtime_env
+
+
+def _validate(runtime_env: dict[str, Any]) -> None:
+    """Ray's own type checks, run before anything is uploaded."""
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**runtime_env)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"invalid runtime_env: {err}") from None
 
 
 def job_env_vars(address: str, explicit: dict[str, str], workdir: Path, environ: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
@@ -159,7 +210,12 @@ def submit_command(
     address: Optional[str] = typer.Option(
         None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
     ),
-    working_dir: str = typer.Option(".", "--working-dir", help="Folder uploaded as the job's working directory ('' for none)."),
+    working_dir: Optional[str] = typer.Option(
+        None, "--working-dir", help="Folder uploaded as the job's working directory (default: the --runtime-env file's, else '.'; '' for none)."
+    ),
+    runtime_env_file: Optional[str] = typer.Option(
+        None, "--runtime-env", help="runtime_env YAML to start from (see cluster/runtime_env.yaml); the other options add to it."
+    ),
     pip: list[str] = typer.Option([], "--pip", help="Pip requirement for the job (repeatable), or one requirements.txt."),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable; bare KEY copies it from here)."),
     with_package: bool = typer.Option(
@@ -177,12 +233,14 @@ def submit_command(
     Examples:
       cdm submit -- cdm run configs/cifar10.toml
       cdm submit --address http://10.0.0.5:8265 --env WANDB_MODE=offline -- cdm run configs/celeba64.toml
-      cdm submit --no-wait --pip requirements.txt -- python scripts/probe.py
+      cdm submit --runtime-env cluster/runtime_env.yaml --no-wait -- cdm run configs/cifar10.toml
     """
     command = entrypoint_command(entrypoint or [])
-    cluster = connect(address)
-    env_vars, notes = job_env_vars(cluster.address, parse_env(env), Path.cwd())
-    runtime_env = build_runtime_env(working_dir or None, pip, env_vars, with_package=with_package)
+    url = resolve_address(address)
+    # Everything checkable here is checked before the cluster is contacted.
+    env_vars, notes = job_env_vars(url, parse_env(env), Path.cwd())
+    runtime_env = build_runtime_env(working_dir, pip, env_vars, with_package=with_package, base=load_runtime_env_file(runtime_env_file))
+    cluster = connect(url)
     for note in notes:
         typer.echo(note, err=True)
     job_id = submit_job(cluster, command, runtime_env, submission_id)

@@ -97,11 +97,20 @@ def ui_command(
         raise UserError(f"--workdir {workdir}: no such directory")
     _check_port_free(host, port)
     if host not in _LOOPBACK:
-        typer.secho(f"warning: serving on {host}: anyone who can reach it can read and change your runs", err=True, fg=typer.colors.YELLOW)
+        typer.secho(
+            f"warning: serving on {host}: anyone who can reach it can read and change your runs. MLflow answers only "
+            "requests addressed to localhost unless MLFLOW_SERVER_ALLOWED_HOSTS lists the name you browse to (e.g. myhost:5000).",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
     shown_host = f"[{host}]" if ":" in host else host
     typer.echo(f"MLflow UI: http://{shown_host}:{port}   store: {uri}   artifacts: {artifacts}   (Ctrl-C stops it)", err=True)
     # Its own process group, so stopping reaches the web workers mlflow spawns too.
-    process = subprocess.Popen(server_command(uri, artifacts, host, port), start_new_session=True)
+    env = dict(os.environ)
+    # MLflow's background job executor (GenAI scorers, prompt optimisation) is unused here and
+    # adds consumer processes and start-up time; a user who wants it sets the variable to true.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    process = subprocess.Popen(server_command(uri, artifacts, host, port), start_new_session=True, env=env)
 
     def on_terminate(signum: int, frame: Optional[object]) -> None:
         raise KeyboardInterrupt
