@@ -1,0 +1,282 @@
+"""The training stage on a real local Ray (one session for the module) and a real MLflow SQLite store.
+
+Two training runs serve several tests each, because a Ray Train start costs
+~20 s on 2 cores:
+
+* `two_workers`: 2 workers, rank 1 dies at step 25 (CDM_FAIL_AT_STEP) and Ray
+  restarts the group from the step-20 checkpoint (run.max_failures=1).
+* `one_worker`: 1 worker, the loss turns NaN at step 25 (CDM_NAN_AT_STEP), the
+  run stops with an error; then `resume` continues it from step 20 to the end.
+
+Both use the same global batch and seed on sklearn's 8×8 digits.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines import config as cfg  # noqa: E402
+from pipelines.train import NonFiniteLossError, resume, run  # noqa: E402
+from pipelines.train_config import TrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+def tiny_config(dataset, store, name: str, *overrides: str) -> TrainConfig:
+    root, uri = store
+    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", [
+        f"data.uri={dataset}", f"run.storage_path={root / 'runs'}", f"run.name={name}",
+        f"tracking.tracking_uri={uri}", f"train.steps={STEPS}", *overrides,
+    ])
+
+
+def client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store[1])
+
+
+def steps_of(store, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client(store).get_metric_history(run_id, key)]
+
+
+def loss_curve(store, run_id: str) -> np.ndarray:
+    history = sorted(client(store).get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    return np.array([m.value for m in history])
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_session, digits_dataset, store, tmp_path_factory):
+    marker = tmp_path_factory.mktemp("fault") / "failed-once"
+    config = tiny_config(digits_dataset, store, "two-workers", "scaling.num_workers=2", "run.max_failures=1",
+                         "run.log_model=true", f"sampling.every={STEPS}")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CDM_FAIL_AT_STEP", "25")
+        env.setenv("CDM_FAIL_RANK", "1")
+        env.setenv("CDM_FAIL_MARKER", str(marker))
+        result = run(config)
+    return result, marker
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_session, digits_dataset, store):
+    config = tiny_config(digits_dataset, store, "one-worker")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CDM_NAN_AT_STEP", "25")
+        with pytest.raises(NonFiniteLossError) as failure:
+            run(config)
+    run_dir = Path(store[0] / "runs" / "one-worker")
+    run_id = client(store).search_runs([client(store).get_experiment_by_name("cdm").experiment_id],
+                                       filter_string="tags.`cdm.run_name` = 'one-worker'")[0].info.run_id
+    after_failure = {
+        "status": client(store).get_run(run_id).info.status,
+        "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint_0*")),
+    }
+    resumed = resume(str(run_dir))
+    return str(failure.value), after_failure, resumed
+
+
+# --------------------------------------------------------------------------- failures and restarts
+
+
+def test_two_workers_survive_a_worker_death_without_duplicate_steps(two_workers, store):
+    result, marker = two_workers
+    assert marker.exists(), "the injected failure never happened"
+    info = client(store).get_run(result.mlflow_run_id)
+    assert info.info.status == "FINISHED"
+    assert info.data.tags["cdm.world_size"] == "2"
+    # Ray restarted from its latest *registered* checkpoint: step 20, or 10 if the controller had not
+    # yet processed the step-20 report when the worker died (reports are polled asynchronously).
+    restarts = [k for k in info.data.tags if k.startswith("cdm.restarted_from_step.")]
+    assert restarts in (["cdm.restarted_from_step.20"], ["cdm.restarted_from_step.10"]), restarts
+    assert info.data.tags[restarts[0]] == "rng restored"
+    assert result.step == STEPS
+    # Steps 21-24 ran twice (before the failure and after the restart) but are logged once.
+    assert steps_of(store, result.mlflow_run_id, "train/loss") == list(range(1, STEPS + 1))
+    assert steps_of(store, result.mlflow_run_id, "val/nll_bpd") == [10, 20, 30, 40]
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(one_worker):
+    message, after_failure, _ = one_worker
+    assert "step 25" in message and "nan" in message.lower()
+    assert "checkpoint_00000020" in message and "--resume" in message
+    assert after_failure["status"] == "FAILED"
+    assert after_failure["checkpoints"] == ["checkpoint_00000010", "checkpoint_00000020"]
+
+
+def test_resume_continues_at_the_right_step_with_the_optimizer_state(one_worker, store):
+    from cdm_core.checkpoint import load_checkpoint
+    from pipelines.train_step import lr_factor
+
+    _, _, resumed = one_worker
+    assert resumed.step == STEPS
+    info = client(store).get_run(resumed.mlflow_run_id)
+    assert info.info.status == "FINISHED"
+    assert "cdm.restarted_from_step.20" in info.data.tags and info.data.tags["cdm.restarted_from_step.20"] == "rng restored"
+    assert steps_of(store, resumed.mlflow_run_id, "train/loss") == list(range(1, STEPS + 1))
+
+    final = load_checkpoint(Path(resumed.checkpoint) / "checkpoint.pt")
+    assert final["step"] == STEPS
+    # Adam's per-parameter step counters, the LR scheduler and the EMA all went on from 20:
+    # a fresh optimizer after the restart would count 20, not 40.
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {STEPS}
+    assert final["scheduler"]["last_epoch"] == STEPS
+    assert final["ema"]["num_updates"] == STEPS
+    lrs = {m.step: m.value for m in client(store).get_metric_history(resumed.mlflow_run_id, "train/lr")}
+    tiny = tiny_config("x", store, "x").optim
+    for step in (20, 21, 40):
+        assert lrs[step] == pytest.approx(tiny.lr * lr_factor(tiny, step + 1))
+
+
+def test_one_and_two_workers_give_close_loss_curves(one_worker, two_workers, store):
+    """Same global batch and seed: the curves differ only by sampling noise, and both learn."""
+    one = loss_curve(store, one_worker[2].mlflow_run_id)
+    two = loss_curve(store, two_workers[0].mlflow_run_id)
+    assert len(one) == len(two) == STEPS
+    for curve in (one, two):
+        assert curve[-10:].mean() < curve[:10].mean() - 0.1, curve
+    assert abs(one[-10:].mean() - two[-10:].mean()) < 0.06, (one[-10:].mean(), two[-10:].mean())
+    assert abs(one[10:30].mean() - two[10:30].mean()) < 0.06
+
+
+# --------------------------------------------------------------------------- what the run leaves behind
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_model(two_workers, store, digits_dataset):
+    from cdm_core.objective import bits_per_dim
+    from pipelines.models import load_trained_model
+    from pipelines.readers import LocalReader
+
+    result, _ = two_workers
+    c = client(store)
+    info = c.get_run(result.mlflow_run_id)
+    params, tags, metrics = info.data.params, info.data.tags, info.data.metrics
+    assert params["model.kind"] == "cdm" and params["schedule.name"] == "linear" and params["schedule.T"] == "20"
+    assert params["scaling.num_workers"] == "2" and params["train.batch_size"] == "32" and params["loss.w_ce"] == "0.001"
+    assert params["data.uri"] == str(digits_dataset)
+    assert tags["cdm.dataset"] == str(digits_dataset) and tags["cdm.checkpoint_dir"] == result.run_dir
+    assert "log2(127.5)" in tags["cdm.bpd_convention"]
+    assert {"train/loss", "train/ce", "train/mse", "train/lr", "train/grad_norm", "train/images_per_s",
+            "val/nll_bpd", "val/ce", "val/mse"} <= set(metrics)
+    artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
+    assert {"val_mse_per_t.png", "val_mse_per_t.json"} <= artifacts
+    assert [a.path for a in c.list_artifacts(result.mlflow_run_id, "samples")] == ["samples/step_00000040.png"]
+
+    # The logged validation NLL is the EMA model's, recomputed here from the final checkpoint.
+    trained = load_trained_model(result.checkpoint)
+    assert trained.step == STEPS and trained.kind == "cdm" and trained.num_labels is None
+    x = torch.from_numpy(LocalReader(digits_dataset, "test").inputs(np.arange(179)))
+    bpd = bits_per_dim(trained.model, x).mean().item()
+    assert bpd == pytest.approx(metrics["val/nll_bpd"], abs=1e-4)
+
+    # The MLflow model (the final EMA network) loads back and scores data the same way.
+    models = mlflow.search_logged_models(experiment_ids=[info.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{result.mlflow_run_id}'")
+    assert len(models) == 1
+    mlflow.set_tracking_uri(store[1])
+    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert bits_per_dim(loaded, x[:50]).mean().item() == pytest.approx(bits_per_dim(trained.model, x[:50]).mean().item(), abs=1e-4)
+
+
+def test_checkpoints_follow_the_contract_and_keep_the_best(two_workers):
+    from cdm_core.checkpoint import load_checkpoint
+    from pipelines.models import load_trained_model
+
+    result, _ = two_workers
+    run_dir = Path(result.run_dir)
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    assert len(kept) <= 3 and "checkpoint_00000040" in kept  # best 2 by val/nll_bpd, plus the latest
+    assert Path(result.best_checkpoint).name in kept
+    ckpt = load_checkpoint(run_dir / "checkpoint_00000040" / "checkpoint.pt")
+    config = ckpt["config"]
+    assert config["model"]["kind"] == "cdm" and config["schedule"] == {"name": "linear", "T": 20, "params": {}}
+    assert config["loss"]["prior"] is None and config["data"]["num_labels"] is None
+    assert ckpt["optimizer"] is not None and ckpt["scheduler"] is not None and len(ckpt["extra"]["rng"]) == 2
+    assert cfg.from_dict(TrainConfig, config).scaling.num_workers == 2  # the whole config round-trips
+    model = load_trained_model(result.best_checkpoint)
+    assert model.schedule.T == 20 and model.eps_fn() is not None
+
+
+# --------------------------------------------------------------------------- DDP and the double backward
+
+
+def _make_grad_worker():
+    # A closure, so cloudpickle ships it by value (Ray workers cannot import test modules).
+    def grad_worker(loop_config):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from cdm_core.networks import unwrap_model
+        from cdm_core.objective import cdm_loss
+        from pipelines.config import from_dict
+        from pipelines.train_config import TrainConfig
+        from pipelines.train_step import build_network, build_schedule
+
+        torch.set_num_threads(1)
+        config = from_dict(TrainConfig, loop_config["config"])
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        torch.manual_seed(0)
+        model = ray.train.torch.prepare_model(build_network(config, 1, 8))
+        x, t, noise = loop_config["x"], loop_config["t"], loop_config["noise"]
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        schedule = build_schedule(config).to(dtype=torch.float32)
+        parts = cdm_loss(model, x[share], schedule, t=t[share], noise=noise[share])
+        parts.total.backward()
+        return {name: p.grad.numpy().copy() for name, p in unwrap_model(model).named_parameters()}  # no tensors through Ray
+
+    return grad_worker
+
+
+def test_ddp_gradients_of_the_double_backward_match_one_process(ray_session, digits_dataset, store, tmp_path):
+    """DDP's reducer with autograd.grad(create_graph=True) inside the loss: 2 workers = 1 process on the global batch."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cdm_core.objective import cdm_loss
+    from pipelines.train_step import build_network, build_schedule
+
+    config = tiny_config(digits_dataset, store, "grads")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
+    t = torch.randint(0, config.schedule.T + 2, (8,), generator=g)
+    noise = torch.randn(8, 1, 8, 8, generator=g)
+    trainer = TorchTrainer(
+        _make_grad_worker(),
+        train_loop_config={"config": cfg.to_dict(config), "x": x, "t": t, "noise": noise},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="grads", storage_path=str(tmp_path)),
+    )
+    ddp_grads = trainer.fit().return_value
+
+    torch.manual_seed(0)
+    model = build_network(config, 1, 8)
+    cdm_loss(model, x, build_schedule(config).to(dtype=torch.float32), t=t, noise=noise).total.backward()
+    assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(ddp_grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(float(p.grad.abs().max()) > 0 for p in model.parameters())
+    assert math.isfinite(sum(float(abs(g).sum()) for g in ddp_grads.values()))

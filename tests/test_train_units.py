@@ -1,0 +1,105 @@
+"""The pieces of a training step and of validation, in one process (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdm_core.ema import EMA
+from cdm_core.objective import bits_per_dim
+from pipelines import config as cfg
+from pipelines.train_config import TrainConfig
+from pipelines.train_step import TrainStep, build_network, build_optimizer, build_schedule, lr_factor
+from pipelines.train_validation import Validator, t_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(*overrides: str) -> TrainConfig:
+    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])
+
+
+def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
+    torch.manual_seed(seed)
+    model = build_network(config, 1, 8)
+    opt, sched = build_optimizer(model, config.optim)
+    return TrainStep(config, model, EMA(model, config.ema.decay), opt, sched, build_schedule(config), None,
+                     torch.device("cpu"), torch.Generator().manual_seed(seed))
+
+
+def test_learning_rate_warms_up_then_decays():
+    optim = tiny("optim.warmup_steps=10", "optim.decay_every=100", "optim.decay_factor=0.5").optim
+    assert [lr_factor(optim, s) for s in (1, 5, 10, 99, 100, 250)] == [0.1, 0.5, 1.0, 1.0, 0.5, 0.25]
+    step = make_step(tiny("optim.warmup_steps=4", "optim.lr=1e-2"))
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    used = []
+    for _ in range(5):
+        used.append(step.optimizer.param_groups[0]["lr"])
+        step(x)
+    assert used == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])  # the lr each step actually ran with
+
+
+def test_a_nonfinite_loss_skips_the_update():
+    step = make_step(tiny())
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    assert step(x).finite
+    before = [p.detach().clone() for p in step.model.parameters()]
+    ema_updates = step.ema.num_updates
+    step.poison_loss = True
+    result = step(x)
+    assert not result.finite and torch.isnan(result.loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+    assert step.ema.num_updates == ema_updates and step.scheduler.last_epoch == 1
+    assert step(x).finite  # poisoning lasts one step
+
+
+@pytest.mark.parametrize("overrides", [("model.kind=ddm",), ("model.conditional=true", "data.num_labels=10")])
+def test_ddm_and_conditional_steps_train(overrides):
+    config = tiny(*overrides)
+    step = make_step(config)
+    x, y = torch.rand(16, 1, 8, 8) * 2 - 1, torch.randint(0, 10, (16,))
+    first = step(x, y if config.model.conditional else None)
+    assert first.finite and first.loss > 0 and step.ema.num_updates == 1
+
+
+def _batches(x, labels, batch, pad_every=None):
+    out = []
+    for start in range(0, len(x), batch):
+        idx = torch.arange(start, min(start + batch, len(x)))
+        pad = torch.zeros(len(idx), dtype=torch.bool)
+        out.append({"x": x[idx], "label": labels[idx], "index": idx, "pad": pad})
+    if pad_every:  # reader padding: repeated samples flagged pad=True must not count
+        out.append({"x": x[:pad_every], "label": labels[:pad_every], "index": torch.arange(pad_every),
+                    "pad": torch.ones(pad_every, dtype=torch.bool)})
+    return out
+
+
+def test_validation_does_not_depend_on_batching_and_matches_the_core_formulas():
+    config = tiny("validation.t_points=4")
+    model = make_step(config).model.eval()
+    x = torch.rand(30, 1, 8, 8) * 2 - 1
+    labels = torch.zeros(30, dtype=torch.long)
+    results = []
+    for batch, pad in ((7, None), (30, 3)):
+        v = Validator(config, build_schedule(config), None, torch.device("cpu"))
+        v.load(_batches(x, labels, batch, pad))
+        results.append(v(model))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    m = results[0]
+    assert m["val/samples"] == 30
+    assert m["val/nll_bpd"] == pytest.approx(bits_per_dim(model, x).mean().item(), rel=1e-5)
+    assert len(v.curve) == len(t_grid(config.schedule.T, 4)) == 4 and m["val/mse"] == pytest.approx(sum(v.curve) / 4)
+
+    v = Validator(tiny("validation.max_samples=10"), build_schedule(config), None, torch.device("cpu"))
+    v.load(_batches(x, labels, 7))
+    assert v(model)["val/samples"] == 10
+
+
+def test_ddm_validation_reports_only_the_mse():
+    config = tiny("model.kind=ddm")
+    v = Validator(config, build_schedule(config), None, torch.device("cpu"))
+    v.load(_batches(torch.rand(12, 1, 8, 8) * 2 - 1, torch.zeros(12, dtype=torch.long), 5))
+    metrics = v(make_step(config).model.eval())
+    assert set(metrics) == {"val/mse", "val/samples"} and metrics["val/mse"] > 0
