@@ -58,14 +58,23 @@ export PATH="$(dirname "$RAY"):$PATH"
 session_file="$CLUSTER_DIR/session_id"
 log_file="$CLUSTER_DIR/start.log"
 
-session_pids() {
-    # Every process still in the recorded session (daemons, raylets, workers).
+session_id() {
+    # The recorded session id, if that session still runs Ray from our temp dir
+    # (a stale file after a reboot could name a reused id of someone else's session).
     [[ -f "$session_file" ]] || return 0
     local sid
     sid="$(cat "$session_file")"
     [[ "$sid" =~ ^[0-9]+$ ]] || return 0
+    local members
+    members="$(ps -o args= -s "$sid" 2>/dev/null || true)"
+    if grep -qF -- "$CLUSTER_DIR/ray" <<<"$members"; then echo "$sid"; fi
+}
+
+session_pids() {
+    # Every live process of session $1: daemons, raylets, agents, workers.
     # (zombies are already dead and cannot be signalled: leave them out)
-    ps -o pid=,stat= -s "$sid" 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' || true
+    [[ -n "$1" ]] || return 0
+    ps -o pid=,stat= -s "$1" 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' || true
 }
 
 ensure_token() {
@@ -116,7 +125,7 @@ start_nodes() {
 }
 
 cmd_start() {
-    if [[ -n "$(session_pids)" ]]; then
+    if [[ -n "$(session_id)" ]]; then
         echo "a local cluster from $CLUSTER_DIR is already running; '$0 stop' first" >&2
         exit 1
     fi
@@ -136,8 +145,9 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local pids
-    pids="$(session_pids)"
+    local sid pids
+    sid="$(session_id)"
+    pids="$(session_pids "$sid")"
     if [[ -z "$pids" ]]; then
         echo "no local cluster running from $CLUSTER_DIR"
         rm -f "$session_file"
@@ -147,7 +157,7 @@ cmd_stop() {
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 1 $((STOP_GRACE_S * 2))); do
         sleep 0.5
-        pids="$(session_pids)"
+        pids="$(session_pids "$sid")"
         [[ -z "$pids" ]] && break
     done
     if [[ -n "$pids" ]]; then kill -KILL $pids 2>/dev/null || true; fi
@@ -156,7 +166,7 @@ cmd_stop() {
 }
 
 cmd_status() {
-    if [[ -z "$(session_pids)" ]]; then
+    if [[ -z "$(session_id)" ]]; then
         echo "no local cluster running from $CLUSTER_DIR"
         return 3
     fi
