@@ -70,6 +70,13 @@ def _ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
         return experiment.experiment_id
 
 
+def experiment_id(name: str, tracking_uri: str) -> str:
+    """The id of MLflow experiment `name` in the store, created (artifacts as `artifact_location_for` says) if missing."""
+    from mlflow.tracking import MlflowClient
+
+    return _ensure_experiment(MlflowClient(tracking_uri=tracking_uri), name, tracking_uri)
+
+
 @contextlib.contextmanager
 def mlflow_run(
     experiment: str,
