@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install --quiet -e ".[test]"
+	# torch-fidelity's Inception-v3 FID extractor: --no-deps because the package
+	# declares torchvision (for extractors we don't use), and PyPI's torchvision
+	# does not import beside the pinned CPU torch. pipelines/features.py loads
+	# the Inception module without torchvision.
+	$(PY) -m pip install --quiet --no-deps "torch-fidelity==0.4.0"
 	touch $@
 
 install: $(VENV)/.installed
