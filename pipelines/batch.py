@@ -45,8 +45,13 @@ class WorkerPlan:
 
 
 def plan_workers(workers: int | None, *, gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                 max_useful: int | None = None) -> WorkerPlan:
-    """How many workers and what each reserves, from the cluster's resources unless given."""
+                 max_useful: int | None = None, reserve_cpus: float = 0.0) -> WorkerPlan:
+    """How many workers and what each reserves, from the cluster's resources unless given.
+
+    `reserve_cpus` stay free for other tasks of the same pipeline: a Ray Data
+    stage's read tasks need a CPU of their own, and actors holding every CPU
+    would leave them unscheduled forever.
+    """
     import ray
 
     if workers is not None and workers < 1:
@@ -55,16 +60,20 @@ def plan_workers(workers: int | None, *, gpus_per_worker: float | None = None, c
         raise UserError(f"cpus per worker {cpus_per_worker}: must be > 0")
     resources = ray.cluster_resources()
     total_gpus = float(resources.get("GPU", 0))
+    total_cpus = float(resources.get("CPU", 1))
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_worker > 0 and total_gpus < gpus_per_worker:
         raise UserError(f"each worker asks for {gpus_per_worker} GPU but the Ray cluster has {total_gpus:g}")
+    fit = int((total_cpus - reserve_cpus) // cpus_per_worker)
+    if fit < 1:
+        raise UserError(f"the Ray cluster has {total_cpus:g} CPUs: too few for one worker ({cpus_per_worker:g} CPU) "
+                        f"plus {reserve_cpus:g} for reading data")
     if workers is None:
-        if gpus_per_worker > 0:
-            workers = int(total_gpus // gpus_per_worker)
-        else:
-            workers = int(float(resources.get("CPU", 1)) // cpus_per_worker)
-        workers = max(1, workers)
+        workers = max(1, min(fit, int(total_gpus // gpus_per_worker))) if gpus_per_worker > 0 else fit
+    elif workers > fit:
+        raise UserError(f"--workers {workers}: the Ray cluster has {total_cpus:g} CPUs, room for {fit} workers of "
+                        f"{cpus_per_worker:g} CPU" + (f" next to {reserve_cpus:g} for reading data" if reserve_cpus else ""))
     if max_useful is not None:
         workers = max(1, min(workers, max_useful))
     return WorkerPlan(workers, cpus_per_worker, gpus_per_worker)

@@ -269,7 +269,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringOptio
     ensure_ray(options.address)
     start = time.perf_counter()
     n_blocks = len(ds.shards(split))
-    plan = plan_workers(options.workers, gpus_per_worker=options.gpus_per_worker,
+    plan = plan_workers(options.workers, gpus_per_worker=options.gpus_per_worker, reserve_cpus=1,
                         max_useful=max(n_blocks, -(-len(expected) // options.batch_size)))
     scored = ray_dataset(dataset, split).map_batches(
         LikelihoodScorer,
