@@ -220,8 +220,17 @@ def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     shuffle = None if config.data.shuffle == "none" else config.data.shuffle
+    reserved = s.num_workers * s.cpus_per_worker
     if not ray.is_initialized():
-        ray.init(address=config.run.ray_address)
+        address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+        # A local Ray gets at least one logical CPU more than the workers reserve: Ray Data's
+        # read tasks need one, and with none left they wait forever (training never starts).
+        ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - reserved < 1:
+        typer.secho(f"warning: the {s.num_workers} worker(s) reserve {reserved:g} of the cluster's {total:g} CPUs; Ray Data "
+                    "needs at least one more to read the dataset, so training waits until the cluster grows. Lower "
+                    "scaling.cpus_per_worker or scaling.num_workers on a fixed-size cluster.", err=True, fg=typer.colors.YELLOW)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={

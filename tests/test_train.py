@@ -277,6 +277,6 @@ def test_ddp_gradients_of_the_double_backward_match_one_process(ray_session, dig
     cdm_loss(model, x, build_schedule(config).to(dtype=torch.float32), t=t, noise=noise).total.backward()
     assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
-        torch.testing.assert_close(torch.from_numpy(ddp_grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(torch.tensor(ddp_grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert any(float(p.grad.abs().max()) > 0 for p in model.parameters())
     assert math.isfinite(sum(float(abs(g).sum()) for g in ddp_grads.values()))
