@@ -396,6 +396,7 @@ def nll_command(
     workers: Optional[int] = typer.Option(None, help="Ray workers (default: one per GPU, else one per CPU)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    train_run_id: Optional[str] = typer.Option(None, help="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
 ) -> None:
     """Negative log-likelihood of every sample of a split in one forward pass each; mean bits/dim with a 95% CI.
@@ -405,7 +406,7 @@ def nll_command(
     result = run(NllConfig(
         checkpoint=checkpoint, dataset=dataset, split=split, out=out, dequantize=dequantize,
         bpd_convention=bpd_convention, conditional=conditional, seed=seed, batch_size=batch_size,
-        use_ema=not raw_weights, workers=workers, address=address, tracking_uri=tracking_uri, track=not no_track,
+        use_ema=not raw_weights, workers=workers, address=address, tracking_uri=tracking_uri, track=not no_track, train_run_id=train_run_id,
     ))
     s = result.summary
     deq = "dequantized" if s["dequantize"] else "no dequantization"

@@ -390,6 +390,7 @@ def sample_command(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
     force: bool = typer.Option(False, help="Sample again even if --out holds an identical, intact run."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    train_run_id: Optional[str] = typer.Option(None, help="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow."),
 ) -> None:
     """Draw samples from a trained model on Ray workers; write them as shards plus grid.png.
@@ -399,7 +400,7 @@ def sample_command(
     result = run(SampleConfig(
         checkpoint=checkpoint, out=out, n=n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, cfg=cfg,
         label=label, use_ema=not raw_weights, clip_x0=clip_x0, workers=workers, address=address, force=force,
-        tracking_uri=tracking_uri, track=not no_track,
+        tracking_uri=tracking_uri, track=not no_track, train_run_id=train_run_id,
     ))
     if result.up_to_date:
         typer.echo(f"up to date: {result.uri} already holds these {result.count} samples")
