@@ -189,11 +189,24 @@ def _log_final_model(checkpoint_dir: str, data_uri: str, split: str, tracking_ur
     trained = load_trained_model(checkpoint_dir)
     reader = LocalReader(data_uri, split, verify=False)
     x = reader.inputs(np.arange(min(4, len(reader))))
-    example: Any = x
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # The signature is the exported program's: CDM model(x[, y]) -> logits over t = 0..T+1;
+    # DDM model(x, t[, y]) -> ε̂. The batch dimension (-1) stays dynamic.
+    example = [x]
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), "x")]
+    if trained.kind == "ddm":
+        example.append(np.full(len(x), trained.schedule.T // 2, dtype=np.int64))
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "t"))
     if trained.num_labels is not None:
-        example = [x, np.clip(reader.labels[: len(x)], 0, None)]
+        example.append(np.clip(reader.labels[: len(x)], 0, None).astype(np.int64))
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
+    out_shape = (-1, trained.schedule.T + 2) if trained.kind == "cdm" else (-1, *x.shape[1:])
+    signature = ModelSignature(inputs=Schema(inputs), outputs=Schema([TensorSpec(np.dtype(np.float32), out_shape)]))
     with torch.no_grad():
-        mlflow.pytorch.log_model(trained.model, name="model", input_example=example,
+        mlflow.pytorch.log_model(trained.model, name="model", input_example=example if len(example) > 1 else x,
+                                 signature=signature, serialization_format="pt2",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
@@ -226,6 +239,11 @@ def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_
         # A local Ray gets at least one logical CPU more than the workers reserve: Ray Data's
         # read tasks need one, and with none left they wait forever (training never starts).
         ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
+    if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        typer.secho(f"warning: MLflow tracks to a local SQLite file ({tracking_uri}) on a multi-node cluster; the "
+                    "rank-0 worker may run on another node and write elsewhere. Use an MLflow server "
+                    "(tracking.tracking_uri or MLFLOW_TRACKING_URI) unless all nodes share that path.",
+                    err=True, fg=typer.colors.YELLOW)
     total = ray.cluster_resources().get("CPU", 0)
     if total - reserved < 1:
         typer.secho(f"warning: the {s.num_workers} worker(s) reserve {reserved:g} of the cluster's {total:g} CPUs; Ray Data "

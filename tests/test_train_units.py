@@ -103,3 +103,34 @@ def test_ddm_validation_reports_only_the_mse():
     v.load(_batches(torch.rand(12, 1, 8, 8) * 2 - 1, torch.zeros(12, dtype=torch.long), 5))
     metrics = v(make_step(config).model.eval())
     assert set(metrics) == {"val/mse", "val/samples"} and metrics["val/mse"] > 0
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"  # created once: schema set-up takes seconds
+
+
+@pytest.mark.parametrize("overrides", [("model.conditional=true", "data.num_labels=10"), ("model.kind=ddm",)])
+def test_final_model_is_logged_to_mlflow_for_every_kind(overrides, digits_dataset, mlflow_store, tmp_path):
+    """The MLflow model (torch.export, dynamic batch) computes what the checkpoint's EMA network computes.
+
+    The unconditional CDM is covered end to end by tests/test_train.py."""
+    mlflow = pytest.importorskip("mlflow")
+    from cdm_core.checkpoint import save_checkpoint
+    from pipelines.train import _log_final_model
+
+    config = tiny(f"data.uri={digits_dataset}", *overrides)
+    model = build_network(config, 1, 8)
+    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", model=model, step=1, config=cfg.to_dict(config), ema=EMA(model))
+    mlflow.set_tracking_uri(mlflow_store)
+    with mlflow.start_run() as active:
+        _log_final_model(str(tmp_path / "ckpt"), str(digits_dataset), "test", "", active.info.run_id)
+    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{active.info.run_id}'", output_format="list")
+    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    x = torch.rand(7, 1, 8, 8) * 2 - 1
+    args = [x]
+    if config.model.kind == "ddm":
+        args.append(torch.full((7,), 3))
+    if config.model.conditional:
+        args.append(torch.arange(7))
+    torch.testing.assert_close(loaded(*args), model.eval()(*args), rtol=1e-5, atol=1e-5)
