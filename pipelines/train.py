@@ -220,7 +220,7 @@ def _check_ray_train_v2() -> None:
         raise UserError("cdm train needs Ray Train V2 (the default since Ray 2.51); unset RAY_TRAIN_V2_ENABLED=0")
 
 
-def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_uri: str, run_id: str):
+def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_uri: str, run_id: str, callbacks=()):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -267,6 +267,7 @@ def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep_best,
                                                checkpoint_score_attribute=config.score_metric,
                                                checkpoint_score_order="min"),
+            callbacks=list(callbacks),
         ),
         datasets={
             "train": ray_dataset(config.data.uri, config.data.train_split, flip=config.data.flip,
@@ -315,8 +316,12 @@ def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
     }
 
 
-def run(config: TrainConfig, *, config_name: str = "train") -> TrainResult:
-    """Train a new run; returns where its checkpoints are and its final validation metrics."""
+def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> TrainResult:
+    """Train a new run; returns where its checkpoints are and its final validation metrics.
+
+    `callbacks` are Ray Train callbacks for the TorchTrainer's RunConfig (`cdm tune` passes
+    one that reports each checkpoint's validation metrics to the Ray Tune trial).
+    """
     from pipelines.tracking import default_tracking_uri, mlflow_run
 
     _check_ray_train_v2()
@@ -340,7 +345,7 @@ def run(config: TrainConfig, *, config_name: str = "train") -> TrainResult:
         _write_run_file(run_dir, {"format": RUN_FORMAT, "config": params, "data_shape": list(data_shape),
                                   "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id,
                                              "experiment": config.tracking.experiment}})
-        result = _fit(config, data_shape, run_name, storage, tracking_uri, run_id)
+        result = _fit(config, data_shape, run_name, storage, tracking_uri, run_id, callbacks)
         return _finish(result, config, run_name, run_dir, run_id, tracking_uri, started)
 
 
@@ -364,7 +369,8 @@ def find_run_dir(run: str, tracking_uri: str | None = None) -> str:
                     "or its MLflow run id)")
 
 
-def resume(run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri: str | None = None) -> TrainResult:
+def resume(run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri: str | None = None,
+           callbacks=()) -> TrainResult:
     """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps."""
     _check_ray_train_v2()
     started = time.perf_counter()
@@ -392,7 +398,7 @@ def resume(run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri
             mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))
             info["config"] = cfg.to_dict(config)
             _write_run_file(run_dir, info)
-        result = _fit(config, data_shape, run_name, storage, uri, run_id)
+        result = _fit(config, data_shape, run_name, storage, uri, run_id, callbacks)
         return _finish(result, config, run_name, run_dir, run_id, uri, started)
 
 
