@@ -296,7 +296,8 @@ def _finish(result, config: TrainConfig, run_name: str, run_dir: str, run_id: st
         best = _join(run_dir, Path(best_ckpt.path).name)
     tags = {"cdm.final_step": outcome.get("step"), "cdm.last_checkpoint": latest, "cdm.best_checkpoint": best}
     mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
-    if config.run.log_model and result.checkpoint is not None:
+    trained_now = outcome.get("resumed_from") != outcome.get("step")  # False: resumed a run that was already complete
+    if config.run.log_model and result.checkpoint is not None and trained_now:
         with result.checkpoint.as_directory() as folder:
             _log_final_model(folder, config.data.uri, config.data.val_split, tracking_uri, run_id)
     return TrainResult(run_name, run_dir, run_id, int(outcome.get("step", 0)), latest, best,

@@ -99,6 +99,51 @@ class _Faults:
                 os._exit(1)  # the worker process dies, as on a lost node or an OOM kill
 
 
+def _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config: TrainConfig, rank: int,
+                    world: int, device) -> tuple[int, int, bool]:
+    """Load Ray's latest checkpoint into the live objects; returns (step, epoch, rng_restored)."""
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location=device)
+    step = restore(state, model, ema, optimizer, scheduler)
+    _apply_hyperparameters(optimizer, scheduler, config, step)
+    extra = state["extra"]
+    # Each worker's RNG streams come back only if the worker count is unchanged.
+    same_world = extra.get("world_size") == world and "rng" in extra
+    if same_world:
+        _set_rng_state(generator, extra["rng"][rank])
+    return step, int(extra.get("epoch", 0)), same_world
+
+
+def _report_checkpoint(step: int, epoch: int, metrics: dict[str, float], *, rank: int, world: int, model, ema,
+                       optimizer, scheduler, generator, config: TrainConfig) -> None:
+    """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt."""
+    import ray.train
+
+    extra = {"rng": _all_gather(_rng_state(generator), world), "world_size": world, "epoch": epoch}
+    report = {"step": step, "epoch": epoch, **metrics}
+    name = f"checkpoint_{step:08d}"
+    if rank != 0:
+        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(Path(folder) / CHECKPOINT_FILENAME, model=model, step=step, config=to_dict(config),
+                        ema=ema, optimizer=optimizer, scheduler=scheduler, extra=extra)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scratch: str) -> None:
+    import json
+
+    from pipelines.train_validation import plot_curve, t_grid
+
+    grid = t_grid(config.schedule.T, config.validation.t_points)
+    png, js = os.path.join(scratch, "val_mse_per_t.png"), os.path.join(scratch, "val_mse_per_t.json")
+    plot_curve(grid, validator.curve, png, f"{config.model.kind} {config.schedule.name} T={config.schedule.T}, step {step}")
+    Path(js).write_text(json.dumps({"t": grid.tolist(), "mse": validator.curve, "step": step}))
+    logger.artifact(png)
+    logger.artifact(js)
+
+
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended."""
     import ray
@@ -106,7 +151,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from pipelines.train_logging import RunLogger
-    from pipelines.train_validation import Validator, plot_curve, sample_grid, save_png, t_grid
+    from pipelines.train_validation import Validator, sample_grid, save_png
 
     config = from_dict(TrainConfig, loop_config["config"])
     channels, size = loop_config["data_shape"][0], loop_config["data_shape"][1]
@@ -122,23 +167,15 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device=device)
     schedule, prior = build_schedule(config), build_prior(config)
 
-    step, epoch, resumed_from = 0, 0, None
-    checkpoint = ray.train.get_checkpoint()
-    rng_restored = False
+    step, epoch, resumed_from, rng_restored = 0, 0, None, False
+    checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location=device)
-        step = restore(state, model, ema, optimizer, scheduler)
-        _apply_hyperparameters(optimizer, scheduler, config, step)
-        extra = state["extra"]
-        epoch, resumed_from = int(extra.get("epoch", 0)), step
-        if extra.get("world_size") == world and "rng" in extra:
-            _set_rng_state(generator, extra["rng"][rank])
-            rng_restored = True
-        del state
+        step, epoch, rng_restored = _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config,
+                                                    rank, world, device)
+        resumed_from = step
     if not rng_restored:
         _seed(generator, config.train.seed, rank, step)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
 
     train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
     validator = Validator(config, schedule, prior, device)
@@ -166,8 +203,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         return {"status": status, "step": step, "epoch": epoch, "resumed_from": resumed_from, **info}
 
     last_val: dict[str, float] = {}
-    window = torch.zeros(4, dtype=torch.float64)  # loss, ce, mse, grad_norm sums
-    window_steps, window_time = 0, 0.0
+    window = torch.zeros(4, dtype=torch.float64)  # sums of loss, ce, mse, grad_norm since the last log
+    window_steps, window_time = 0, 0.0  # time in data loading and steps only, not in logging/validation
     steps = config.train.steps
     with tempfile.TemporaryDirectory() as scratch:
         while step < steps:
@@ -183,7 +220,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 x = batch["x"].to(device, non_blocking=True)
                 labels = batch["label"].to(device) if config.model.conditional else None
                 result = train_step(x, labels)
-                if not result.finite:
+                if not result.finite:  # every worker sees the same all-reduced gradient norm
                     loss = _all_mean(result.loss.detach().double().cpu().reshape(1), world).item()
                     if logger:
                         logger.tags({"cdm.nonfinite_step": step})
@@ -208,25 +245,15 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     last_val["val/seconds"] = time.perf_counter() - started
                     log(last_val, step)
 
-                s = config.sampling
-                if logger and s.every and (step % s.every == 0 or step == steps):
+                every = config.sampling.every
+                if logger and every and (step % every == 0 or step == steps):
                     path = os.path.join(scratch, f"step_{step:08d}.png")
                     save_png(sample_grid(ema.model, config, schedule, shape, device), path)
                     logger.artifact(path, "samples")
 
                 if checkpoint_due:
-                    rng = _all_gather(_rng_state(generator), world)
-                    extra = {"rng": rng, "world_size": world, "epoch": epoch}
-                    report = {"step": step, "epoch": epoch, **last_val}
-                    name = f"checkpoint_{step:08d}"
-                    if rank == 0:
-                        with tempfile.TemporaryDirectory() as folder:
-                            save_checkpoint(Path(folder) / CHECKPOINT_FILENAME, model=model, step=step, config=to_dict(config),
-                                            ema=ema, optimizer=optimizer, scheduler=scheduler, extra=extra)
-                            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-                    else:
-                        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
-
+                    _report_checkpoint(step, epoch, last_val, rank=rank, world=world, model=model, ema=ema,
+                                       optimizer=optimizer, scheduler=scheduler, generator=generator, config=config)
                 if step >= steps:
                     break
                 tick = time.perf_counter()
@@ -234,14 +261,6 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError(f"worker {rank} got no full batch of {per_worker} in epoch {epoch}; the split is too small")
             if step < steps:
                 epoch += 1
-
         if logger and validator.curve:
-            grid = t_grid(config.schedule.T, config.validation.t_points)
-            png, js = os.path.join(scratch, "val_mse_per_t.png"), os.path.join(scratch, "val_mse_per_t.json")
-            plot_curve(grid, validator.curve, png, f"{config.model.kind} {config.schedule.name} T={config.schedule.T}, step {step}")
-            import json
-
-            Path(js).write_text(json.dumps({"t": grid.tolist(), "mse": validator.curve, "step": step}))
-            logger.artifact(png)
-            logger.artifact(js)
+            _log_validation_curve(logger, validator, config, step, scratch)
     return finish("done", metrics={k: v for k, v in last_val.items() if math.isfinite(v)})
