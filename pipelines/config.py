@@ -79,7 +79,8 @@ def _type_name(tp: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_type_name(a) for a in inner) + (" or none" if len(inner) < len(args) else "")
     if origin in (list, tuple, Sequence):
-        return f"a list of {_type_name(args[0]) if args else 'values'}"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], _type_name(args[0])) if args else 'values'}"
     if origin in (dict, Mapping) or tp is dict:
         return "a table"
     if dataclasses.is_dataclass(tp):

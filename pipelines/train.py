@@ -423,7 +423,7 @@ def train_command(
     """
     if list_settings:
         for key, kind, default, doc in cfg.describe(TrainConfig):
-            typer.echo(f"{key:28} {kind:32} {default!s:12} {doc}")
+            typer.echo(f"{key:28} {kind:44} {default!s:13} {doc}")
         return
     if resume_run is not None:
         if config is not None:

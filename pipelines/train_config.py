@@ -123,7 +123,7 @@ class CheckpointSection:
 class RunSection:
     name: Optional[str] = option(None, doc="run name = folder under storage_path; default <config name>-<time>")
     storage_path: str = option("outputs/runs", doc="checkpoints and Ray state: a folder or any pyarrow URI (s3://…); shared storage on a cluster")
-    max_failures: int = option(0, ge=-1, doc="restart from the latest checkpoint after this many worker failures; -1 = always")
+    max_failures: int = option(0, ge=-1, doc="worker failures survived by restarting from the latest checkpoint; -1 = any number")
     log_model: bool = option(True, doc="log the final EMA model with mlflow.pytorch.log_model")
     ray_address: Optional[str] = option(None, doc="Ray cluster address; default $RAY_ADDRESS or a local Ray")
 

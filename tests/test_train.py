@@ -157,7 +157,7 @@ def test_one_and_two_workers_give_close_loss_curves(one_worker, two_workers, sto
     two = loss_curve(store, two_workers[0].mlflow_run_id)
     assert len(one) == len(two) == STEPS
     for curve in (one, two):
-        assert curve[-10:].mean() < curve[:10].mean() - 0.1, curve
+        assert curve[-10:].mean() < curve[:10].mean() - 0.07, curve  # window means vary by ~0.015
     assert abs(one[-10:].mean() - two[-10:].mean()) < 0.06, (one[-10:].mean(), two[-10:].mean())
     assert abs(one[10:30].mean() - two[10:30].mean()) < 0.06
 
