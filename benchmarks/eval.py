@@ -145,7 +145,7 @@ def main() -> None:
     indices = range(args.sample_n)
     for kind in ("cdm", "ddm"):
         trained = load_trained_model(work / kind)
-        seconds = time_call(lambda: generate(trained, indices, sampler="ddim", steps=args.sample_steps, seed=0), reps=2)
+        seconds = time_call(lambda trained=trained: generate(trained, indices, sampler="ddim", steps=args.sample_steps, seed=0), reps=2)
         result[f"sample_{kind}_s_per_image_{args.sample_steps}steps"] = round(seconds / args.sample_n, 4)
     result["sample_cdm_vs_ddm_cost_ratio"] = round(
         result[f"sample_cdm_s_per_image_{args.sample_steps}steps"] / result[f"sample_ddm_s_per_image_{args.sample_steps}steps"], 2)
