@@ -226,6 +226,9 @@ def run(config: FidConfig) -> FidResult:
     s_split = _pick_split(samples, config.samples_split, "samples")
     r_split = _pick_split(reference, config.reference_split, "reference")
     _check_compatible(spec, samples, reference)
+    for ds, split in ((samples, s_split), (reference, r_split)):
+        if ds.count(split) < 2:
+            raise UserError(f"{ds.loc.uri}: split {split} has {ds.count(split)} sample(s); a Fréchet distance needs at least 2")
     # The cache key trusts dataset.json's hashes, so the files must match them.
     sh.require_valid_shards(samples, [s_split])
     sh.require_valid_shards(reference, [r_split])
