@@ -1,0 +1,285 @@
+"""`cdm run` end to end on a tiny workflow, with a real local Ray and a real MLflow SQLite store.
+
+One Ray session serves the module; the `cdm run` subprocesses join it through
+RAY_ADDRESS instead of starting their own. The tests build on each other in
+one work directory (module-scoped fixtures, in this order):
+
+1. `first_run`: every stage runs (sklearn's 8×8 digits, T=20, 30 steps).
+2. A rerun skips every stage and reuses the MLflow parent run.
+3. `killed_and_resumed`: a variant with another data seed and 60 training steps
+   runs as `cdm run` in a subprocess that is SIGKILLed once training has written
+   a checkpoint; the rerun skips the prepare stage it finished and continues the
+   training run from its checkpoint (same MLflow run), then runs the rest.
+4. `--dry-run` prints the plan: every stage, its key and output, run or skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines.workflow import prepare_plan, run_workflow  # noqa: E402
+from pipelines.workflow_progress import TrainingProgress  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CDM = str(Path(sys.executable).with_name("cdm"))
+ALL_STAGES = ["prepare", "nll_untrained", "train", "sample", "nll", "features", "fid"]
+
+# The killed variant: its own data (another split seed) so that it runs a stage before training,
+# 60 steps with a checkpoint every 10, and only the NLL after training (to keep the test short).
+KILLED = ["prepare.seed=1", "train.train.steps=60", "nll.untrained=false", "sample.enabled=false", "fid.enabled=false"]
+
+TINY = f"""
+name = "tiny"
+
+[prepare]
+source = "digits"
+samples_per_shard = 500
+
+[train]
+extends = "{ROOT / 'configs' / 'train_tiny.toml'}"
+
+[train.train]
+steps = 30
+log_every = 5
+
+[train.validation]
+every = 30
+max_samples = 64
+
+[train.checkpoint]
+every = 10
+
+[sample]
+n = 32
+steps = 5
+batch_size = 16
+workers = 1
+
+[nll]
+workers = 1
+
+[features]
+epochs = 1
+
+[fid]
+workers = 1
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    # The GCS port is chosen first so that this session's workers can be told its address: Ray Train's
+    # placement-group clean-up monitor asks the state API whether the controller lives, and without
+    # RAY_ADDRESS a worker asks whichever cluster `ray start` ran last on this machine.
+    port = free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_GCS_SERVER_PORT", str(port))
+        env.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    assert ray.get_runtime_context().gcs_address == address
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflow")
+    (root / "tiny.toml").write_text(TINY)
+    return root
+
+
+def uri_of(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def client(workdir: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri_of(workdir))
+
+
+def children(workdir: Path, parent_id: str) -> list:
+    c = client(workdir)
+    experiment = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def cli(workdir: Path, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args],
+                          capture_output=True, text=True, env=env or os.environ.copy(), timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_address, workdir):
+    lines: list[str] = []
+    result = run_workflow(workdir / "tiny.toml", workdir=workdir, echo=lines.append)
+    return result, lines
+
+
+def test_every_stage_runs_and_the_parent_run_holds_the_headline_figures(first_run, workdir):
+    result, lines = first_run
+    assert result.ran == ALL_STAGES
+    for name, record in result.records.items():
+        assert record["key"] in record["output"] and Path(record["output"]).is_absolute()
+        assert Path(f"{record['output']}.json").is_file(), name
+    assert (Path(result.records["sample"]["output"]) / "grid.png").is_file()
+
+    c = client(workdir)
+    parent = c.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
+    kids = children(workdir, result.parent_run_id)
+    assert sorted(r.data.tags["cdm.workflow_stage"] for r in kids) == sorted(ALL_STAGES)
+    assert all(r.info.status == "FINISHED" for r in kids)
+    by_stage = {r.data.tags["cdm.workflow_stage"]: r for r in kids}
+    assert by_stage["train"].info.run_id == result.records["train"]["mlflow_run_id"]
+    assert by_stage["nll_untrained"].info.run_name == "nll-untrained"
+
+    metrics = parent.data.metrics
+    assert metrics["eval/nll_bpd"] == pytest.approx(by_stage["nll"].data.metrics["eval/nll_bpd"])
+    assert metrics["eval/nll_bpd_untrained"] == pytest.approx(by_stage["nll_untrained"].data.metrics["eval/nll_bpd"])
+    assert metrics["eval/fd_digits"] == pytest.approx(by_stage["fid"].data.metrics["eval/fd_digits"])
+    assert "eval/fid" not in metrics  # a classifier's feature space is never reported as FID
+    # 30 steps already beat the untrained network.
+    assert metrics["eval/nll_bpd"] < metrics["eval/nll_bpd_untrained"]
+    artifacts = {a.path for a in c.list_artifacts(result.parent_run_id)}
+    assert {"grid.png", "summary.json"} <= artifacts
+    assert parent.data.params["train.train.steps"] == "30"
+
+    summary = json.loads((workdir / "outputs" / "workflows" / "tiny" / "summary.json").read_text())
+    assert summary["metrics"]["eval/nll_bpd"] == pytest.approx(metrics["eval/nll_bpd"])
+    assert Path(summary["grid"]).is_file()
+    # The console progress of training is read from the train stage's MLflow run.
+    progress = TrainingProgress(uri_of(workdir), "cdm", Path(result.records["train"]["output"]).name, 30)
+    assert "step 30/30 (100%)" in progress.poll()
+
+
+def test_a_rerun_skips_every_stage_and_reuses_the_parent(first_run, workdir):
+    result, _ = first_run
+    before = {n: Path(f"{r['output']}.json").stat().st_mtime_ns for n, r in result.records.items()}
+    lines: list[str] = []
+    started = time.perf_counter()
+    again = run_workflow(workdir / "tiny.toml", workdir=workdir, echo=lines.append)
+    assert again.ran == []
+    assert time.perf_counter() - started < 60  # nothing but bookkeeping
+    assert again.parent_run_id == result.parent_run_id
+    assert sum(line.startswith("[") and line.endswith("skipped") for line in lines) == len(ALL_STAGES)
+    assert {n: Path(f"{r['output']}.json").stat().st_mtime_ns for n, r in again.records.items()} == before
+    assert len(children(workdir, result.parent_run_id)) == len(ALL_STAGES)
+    assert again.summary["metrics"]["eval/nll_bpd"] == pytest.approx(result.summary["metrics"]["eval/nll_bpd"])
+
+
+def registered_checkpoints(train_dir: Path) -> list[str]:
+    """The checkpoints Ray Train has recorded for the run (what a resumed run can start from)."""
+    try:
+        return sorted(set(re.findall(r"checkpoint_\d{8}", (train_dir / "checkpoint_manager_snapshot.json").read_text())))
+    except OSError:
+        return []
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(first_run, ray_address, workdir):
+    overrides = [a for kv in KILLED for a in ("--set", kv)]
+    plan, _ = prepare_plan(workdir / "tiny.toml", KILLED, workdir=workdir)
+    train_dir = Path(plan.stage("train").output)
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    log = workdir / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *overrides],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + 420
+        try:
+            while not registered_checkpoints(train_dir):
+                assert proc.poll() is None, f"cdm run ended before it was killed:\n{log.read_text()[-3000:]}"
+                assert time.time() < deadline, f"no checkpoint in {train_dir}:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole `cdm run` process group, mid-training
+            proc.wait(timeout=60)
+    killed_checkpoints = registered_checkpoints(train_dir)
+    train_run_id = json.loads((train_dir / "cdm_run.json").read_text())["mlflow"]["run_id"]
+    prepare_record = Path(f"{plan.stage('prepare').output}.json")
+    assert prepare_record.is_file(), "the prepare stage finished before training started"
+    prepare_mtime = prepare_record.stat().st_mtime_ns
+    dry = cli(workdir, "--dry-run", *overrides)
+
+    lines: list[str] = []
+    result = run_workflow(workdir / "tiny.toml", KILLED, workdir=workdir, echo=lines.append)
+    return {"result": result, "lines": lines, "killed_checkpoints": killed_checkpoints, "train_run_id": train_run_id,
+            "prepare_record": prepare_record, "prepare_mtime": prepare_mtime, "dry": dry}
+
+
+def test_a_killed_run_resumes_training_from_its_checkpoint_without_redoing_earlier_stages(killed_and_resumed, workdir):
+    k = killed_and_resumed
+    result = k["result"]
+    assert k["killed_checkpoints"], "the run was killed after its first checkpoint"
+    assert "resume" in k["dry"].stdout  # the plan says the train stage will resume
+    assert result.ran == ["train", "nll"]
+    assert k["prepare_record"].stat().st_mtime_ns == k["prepare_mtime"]
+    assert any("resuming the interrupted training run" in line for line in k["lines"])
+
+    train = result.records["train"]
+    assert train["mlflow_run_id"] == k["train_run_id"]  # the interrupted MLflow run, continued
+    assert train["step"] == 60
+    run = client(workdir).get_run(k["train_run_id"])
+    assert run.info.status == "FINISHED"
+    restarts = [t for t in run.data.tags if t.startswith("cdm.restarted_from_step.")]
+    first_kept = int(k["killed_checkpoints"][0].rsplit("_", 1)[1])
+    assert restarts and int(restarts[0].rsplit(".", 1)[1]) >= first_kept
+    # No step was trained twice into MLflow: the loss history has each step once.
+    steps = [m.step for m in client(workdir).get_metric_history(k["train_run_id"], "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 60
+
+    parent = client(workdir).get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["cdm.workflow_stage"] for r in children(workdir, result.parent_run_id)) == ["nll", "prepare", "train"]
+
+
+def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run, workdir):
+    result, _ = first_run
+    done = cli(workdir, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    for name in ALL_STAGES:
+        record = result.records[name]
+        line = next(line for line in done.stdout.splitlines() if f" {name} " in f" {line} " and record["key"] in line)
+        assert "skip" in line
+        assert record["output"] in done.stdout
+    changed = cli(workdir, "--dry-run", "--set", "sample.steps=4")
+    assert changed.returncode == 0, changed.stderr
+    status = {line.split()[1]: line.split()[3] for line in changed.stdout.splitlines() if line.strip()[:2].rstrip(".").isdigit()}
+    assert status == {"prepare": "skip", "nll_untrained": "skip", "train": "skip", "sample": "run", "nll": "skip",
+                      "features": "skip", "fid": "run"}
+
+
+def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir):
+    bad = cli(workdir, "--dry-run", "--set", "train.optim.lrr=1e-3")
+    assert bad.returncode == 2 and "train.optim.lrr" in bad.stderr and "'lr'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bad = cli(workdir, "--dry-run", "--set", "prepare.source=cifar10")
+    assert bad.returncode == 2 and "prepare.path" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli(workdir, "--dry-run", "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
+    assert bad.returncode == 0 and "cannot run as it is: fid.features" in bad.stdout  # a dry run lists it
+    bad = cli(workdir, "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
+    assert bad.returncode == 2 and "fid.features" in bad.stderr and "Traceback" not in bad.stderr
