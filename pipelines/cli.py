@@ -78,6 +78,11 @@ app.command("prepare")(prepare_command)
 app.command("verify")(verify_command)
 app.command("train")(train_command)
 
+# The tune stage: a Ray Tune sweep of training runs.
+from pipelines.tune import tune_command  # noqa: E402
+
+app.command("tune")(tune_command)
+
 # The batch stages (sample, nll, ood, fid, train-features).
 from pipelines.features import train_features_command  # noqa: E402
 from pipelines.fid import fid_command  # noqa: E402
@@ -90,6 +95,11 @@ app.command("nll")(nll_command)
 app.command("ood")(ood_command)
 app.command("fid")(fid_command)
 app.command("train-features")(train_features_command)
+
+# The workflow that chains the stages (run).
+from pipelines.workflow import run_command  # noqa: E402
+
+app.command("run")(run_command)
 
 # Clusters and the UI (submit, jobs, ui).
 from pipelines.jobs import jobs_app  # noqa: E402
