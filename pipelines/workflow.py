@@ -181,7 +181,8 @@ def _ensure_ray(config: WorkflowConfig) -> None:
             # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
             runtime_env = {"env_vars": {"RAY_ADDRESS": address}}
         # With its dashboard (as `cdm train` starts Ray): that monitor needs the state API.
-        ray.init(address=address, runtime_env=runtime_env)
+        local = {"num_cpus": config.ray.num_cpus} if config.ray.num_cpus and not address else {}
+        ray.init(address=address, runtime_env=runtime_env, **local)
     # Ray Data's progress lines every few seconds would drown the workflow's own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

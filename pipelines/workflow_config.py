@@ -8,6 +8,7 @@
     [nll]       `cdm nll` options (split, …), plus `untrained` (also score the untrained network, for comparison)
     [fid]       `cdm fid` options (features = classifier | inception | raw | classifier:PATH, …)
     [tracking]  MLflow experiment and store
+    [ray]       the local Ray session (num_cpus); the cluster address is the training config's run.ray_address
 
 One source of truth per hyperparameter: each table's fields are *derived* from
 the stage's own config dataclass (minus what the workflow wires itself: input
@@ -99,6 +100,12 @@ class WorkflowTracking:
 
 
 @dataclass
+class RaySection:
+    num_cpus: Optional[int] = option(None, ge=1, doc="logical CPUs of the local Ray the workflow starts (default: the "
+                                     "machine's cores); not used when joining a cluster (RAY_ADDRESS, train.run.ray_address)")
+
+
+@dataclass
 class WorkflowConfig:
     train: TrainConfig
     name: Optional[str] = option(None, doc="the workflow's name (MLflow parent run, outputs/workflows/NAME); default: the config file's name")
@@ -109,6 +116,7 @@ class WorkflowConfig:
     nll: NllSection = field(default_factory=NllSection)  # type: ignore[valid-type]
     fid: FidSection = field(default_factory=FidSection)  # type: ignore[valid-type]
     tracking: WorkflowTracking = field(default_factory=WorkflowTracking)
+    ray: RaySection = field(default_factory=RaySection)
 
     def check(self) -> None:
         if self.fid.enabled and not self.sample.enabled:
