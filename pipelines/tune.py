@@ -1,0 +1,352 @@
+"""The tune stage: `cdm tune CONFIG --space SPACE.toml` searches the CDM design space with Ray Tune.
+
+Each trial is a `cdm train` run of CONFIG with the trial's sampled settings
+(pipelines.tune_trial); the sweep file says what to search and how
+(pipelines.tune_space). The driver checks the config, the dataset and the
+sweep file before Ray starts, opens one MLflow parent run for the sweep, runs
+`tune.Tuner` over the trials, and ends with a table of trials sorted by the
+metric and the best trial's config, metric and checkpoint on the parent run:
+
+    params   the base config (minus the searched settings), space.<key> = the sampler, tune.<setting>
+    metrics  <metric> = the best trial's value; tune/trials_<status> counts
+    tags     cdm.stage = tune, cdm.sweep_dir, cdm.metric, cdm.best_trial, cdm.best_run_id,
+             cdm.best_checkpoint, cdm.best.<key> = the best trial's value of each searched setting
+    artifacts  best_config.json (the best trial's whole TrainConfig), trials.txt, trials.json
+
+Trials that fail (e.g. NaN from an extreme learning rate) are recorded as failed
+and the sweep goes on. A sweep whose driver was killed continues with
+`--resume`: Tune restores its state, finished trials are not run again, and an
+interrupted trial continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from pipelines import config as cfg
+from pipelines import tune_space
+from pipelines.errors import UserError
+from pipelines.train_config import TrainConfig
+from pipelines.tune_results import TrialRow, best_row, counts, format_table, trial_rows
+from pipelines.tune_sweep import TRIALS_DIR, TUNE_DIR, absolute, check_name, join, read_sweep, write_sweep
+
+# What one trial's driver (the Tune trainable) reserves: it only waits on its TorchTrainer,
+# whose workers reserve their own CPUs/GPUs. Tune needs a non-empty resource request.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+@dataclass
+class TuneResult:
+    name: str
+    sweep_dir: str
+    mlflow_run_id: str
+    metric: str
+    searched: list[str]
+    rows: list[TrialRow]
+    best: Optional[TrialRow]
+    best_config: Optional[dict[str, Any]]  # the best trial's TrainConfig as plain dicts
+    seconds: float
+
+    def table(self) -> str:
+        return format_table(self.rows, self.metric, self.searched)
+
+
+# --------------------------------------------------------------------------- checks before Ray
+
+
+def _local_paths_absolute(config: TrainConfig, tracking_uri: str) -> tuple[TrainConfig, str]:
+    """Tune runs each trial in its own working directory: relative paths must not reach the trials."""
+    data_uri = config.data.uri if "://" in config.data.uri else absolute(config.data.uri)
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not tracking_uri.startswith(prefix + "/"):
+        tracking_uri = prefix + str(Path(tracking_uri[len(prefix):]).resolve())
+    return cfg.apply_overrides(config, {"data.uri": data_uri}), tracking_uri
+
+
+def _check_against_saved(saved: dict[str, Any], config: TrainConfig, sweep: tune_space.SweepFile) -> None:
+    before, after = cfg.flatten(saved["config"]), cfg.flatten(cfg.to_dict(config))
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if saved.get("sweep_file", {}).get("space") != sweep.raw.get("space"):
+        changed.insert(0, "the [space] of the sweep file")
+    if changed:
+        raise UserError(f"--resume: the sweep was started with different settings ({', '.join(changed[:6])}"
+                        f"{', …' if len(changed) > 6 else ''}); resume with the same CONFIG, --set and --space, "
+                        "or start a new sweep with another --name")
+
+
+def _max_concurrent(config: TrainConfig, wanted: int) -> int:
+    """`wanted`, or as many trials as the cluster's CPUs/GPUs fit (each trial's workers plus one CPU for Ray Data)."""
+    import ray
+
+    if wanted:
+        return wanted
+    s = config.scaling
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + 1))]
+    if s.use_gpu:
+        fits.append(int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+    return max(1, min(fits))
+
+
+def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig, sweep: tune_space.SweepFile):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    steps = config.train.steps
+    if settings.scheduler == "fifo":
+        return FIFOScheduler()
+    if settings.scheduler == "asha":
+        grace = settings.grace_period or min(config.checkpoint.every, steps)
+        if grace >= steps:
+            raise UserError(f"tune.grace_period: {grace} steps is not before the end of training (train.steps={steps}); "
+                            "ASHA could never stop a trial early. Lower it or use --scheduler fifo")
+        # Trials report at checkpoints (the step is ASHA's time). Rungs strictly before the last step, and no
+        # forced stop at max_t: a trial that reaches the end finishes its run (final tags, model) undisturbed.
+        return ASHAScheduler(time_attr="step", grace_period=grace, max_t=steps - 1,
+                             reduction_factor=settings.reduction_factor, stop_last_trials=False)
+    raise UserError("--scheduler pbt: population based training is not available yet in cdm tune "
+                    "(it needs trials restarted from another trial's checkpoint); use asha or fifo")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _init_ray(config: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    reserved = config.scaling.num_workers * config.scaling.cpus_per_worker
+    # Locally, at least one logical CPU more than a trial's workers reserve: Ray Data's read tasks need it.
+    ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
+
+
+def _parent_params(config: TrainConfig, sweep: tune_space.SweepFile) -> dict[str, Any]:
+    searched = {d.key for d in sweep.dimensions}
+    base = {k: v for k, v in cfg.flatten(cfg.to_dict(config)).items() if k not in searched}
+    return {**base, **{f"space.{d.key}": d.describe() for d in sweep.dimensions},
+            **{f"tune.{k}": v for k, v in cfg.flatten(cfg.to_dict(sweep.settings)).items()}}
+
+
+def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_dir: str, tracker, resume: bool):
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    settings = sweep.settings
+    if resume:
+        # Finished (and failed) trials stay as they were; unfinished ones run again and
+        # continue their runs from the latest checkpoint (pipelines.tune_trial).
+        return tune.Tuner.restore(join(sweep_dir, TUNE_DIR), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    concurrent = _max_concurrent(config, settings.max_concurrent)
+    typer.echo(f"cdm tune: up to {concurrent} trial(s) at once", err=True)
+    return tune.Tuner(
+        trainable,
+        param_space=sweep.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=settings.tune_metric, mode="min", num_samples=settings.num_samples,
+            scheduler=_scheduler(settings, config, sweep),
+            search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=sweep_dir, callbacks=[tracker],
+            # A failed trial is recorded and the sweep goes on; trial_retries restarts it first.
+            failure_config=tune.FailureConfig(max_failures=settings.trial_retries, fail_fast=False),
+            verbose=int(os.environ.get("CDM_TUNE_VERBOSE", "1")),
+        ),
+    )
+
+
+def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = "tune", resume: bool = False,
+        sweep_dir: Optional[str] = None) -> TuneResult:
+    """Run (or with `resume`, continue) a sweep; returns its trials sorted by the metric and the best one."""
+    import mlflow
+    from ray import tune
+
+    from pipelines import train
+    from pipelines.tracking import default_tracking_uri, mlflow_run
+    from pipelines.tune_resources import open_ledger
+    from pipelines.tune_tracking import SweepTracker, reopened_run
+    from pipelines.tune_trial import TrialSetup, cdm_trial
+
+    train._check_ray_train_v2()
+    started = time.perf_counter()
+    settings = sweep.settings
+    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.tracking.workdir)
+    config, tracking_uri = _local_paths_absolute(config, tracking_uri)
+    train.resolve(config)  # the dataset and the model exist (each trial resolves its own sample again)
+
+    if sweep_dir is None:
+        name = check_name(settings.name or f"{config_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+        sweep_dir = join(absolute(config.run.storage_path), name)
+    else:
+        sweep_dir = absolute(sweep_dir)
+        name = check_name(settings.name or sweep_dir.rstrip("/").rsplit("/", 1)[-1])
+    saved = read_sweep(sweep_dir)
+    if saved is not None and not resume:
+        raise UserError(f"tune.name: the sweep {sweep_dir} exists; continue it with --resume, or choose another --name")
+    if saved is None and resume:
+        raise UserError(f"--resume: there is no sweep at {sweep_dir} (no {join(sweep_dir, 'cdm_sweep.json')})")
+    if saved is not None:
+        _check_against_saved(saved, config, sweep)
+        tracking_uri = saved["mlflow"]["tracking_uri"]
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(join(sweep_dir, TUNE_DIR)):
+            raise UserError(f"--resume: {sweep_dir} has no Ray Tune state to restore (the sweep was stopped before "
+                            "its first trial started); start it again with another --name")
+
+    experiment = config.tracking.experiment
+    searched = [d.key for d in sweep.searched]
+    trials_dir = join(sweep_dir, TRIALS_DIR)
+    _init_ray(config)
+    ledger = open_ledger(name)  # noqa: F841 -- the handle keeps the (non-detached) ledger actor alive
+
+    if saved is None:
+        run_cm = mlflow_run(experiment, name, tracking_uri, _parent_params(config, sweep),
+                            {"cdm.stage": "tune", "cdm.sweep_dir": sweep_dir, "cdm.metric": settings.tune_metric,
+                             "cdm.dataset": config.data.uri}, config.tracking.parent_run_id)
+    else:
+        run_cm = reopened_run(tracking_uri, saved["mlflow"]["run_id"])
+    with run_cm as parent:
+        parent_id = parent.info.run_id
+        if saved is None:
+            write_sweep(sweep_dir, {"name": name, "config": cfg.to_dict(config), "config_name": config_name,
+                                    "sweep_file": sweep.raw, "settings": cfg.to_dict(settings),
+                                    "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_id": parent_id}})
+        typer.echo(f"cdm tune: sweep {name}, folder {sweep_dir}, MLflow parent run {parent_id} ({tracking_uri})", err=True)
+        setup = TrialSetup(sweep=name, trials_dir=trials_dir, base_config=cfg.to_dict(config), tracking_uri=tracking_uri,
+                           experiment=experiment, parent_run_id=parent_id, metric=settings.tune_metric,
+                           weights=dict(settings.weights))
+        trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+        tracker = SweepTracker(sweep=name, tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_id,
+                               steps=config.train.steps, metric=settings.tune_metric,
+                               weighted=settings.metric == "weighted", trials_dir=trials_dir)
+        _tuner(trainable, sweep, config, sweep_dir, tracker, resume and saved is not None).fit()
+        result = _summarise(name, sweep_dir, parent_id, settings.tune_metric, searched, tracking_uri, experiment, started)
+        _record_best(result, mlflow)
+        info = read_sweep(sweep_dir) or {}
+        info.pop("format", None)
+        info["best"] = None if result.best is None else {
+            "trial_id": result.best.trial_id, "mlflow_run_id": result.best.run_id, "value": result.best.value,
+            "checkpoint": result.best.checkpoint, "params": result.best.params, "config": result.best_config}
+        write_sweep(sweep_dir, info)
+    return result
+
+
+def _summarise(name: str, sweep_dir: str, parent_id: str, metric: str, searched: list[str], tracking_uri: str,
+               experiment: str, started: float) -> TuneResult:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tune_sweep import run_info
+
+    rows = trial_rows(MlflowClient(tracking_uri), experiment, parent_id, metric, searched)
+    best = best_row(rows)
+    best_config = None
+    if best is not None:
+        info = run_info(join(sweep_dir, TRIALS_DIR, f"{name}-{best.trial_id}"))
+        best_config = info["config"] if info else None
+    return TuneResult(name, sweep_dir, parent_id, metric, searched, rows, best, best_config,
+                      time.perf_counter() - started)
+
+
+def _record_best(result: TuneResult, mlflow: Any) -> None:
+    """The best trial's metric, settings and checkpoint on the (active) parent run, and the trial table."""
+    for status, n in counts(result.rows).items():
+        mlflow.log_metric(f"tune/trials_{status.replace(' ', '_')}", n)
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "trials.txt").write_text(result.table() + "\n")
+        Path(folder, "trials.json").write_text(json.dumps([dataclasses.asdict(r) for r in result.rows], indent=2,
+                                                          default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else str(v)) + "\n")
+        if result.best_config is not None:
+            Path(folder, "best_config.json").write_text(json.dumps(result.best_config, indent=2) + "\n")
+        mlflow.log_artifacts(folder)
+    best = result.best
+    if best is None:
+        mlflow.set_tag("cdm.best_trial", "none (every trial failed)")
+        return
+    mlflow.log_metric(result.metric, best.value)
+    tags = {"cdm.best_trial": best.trial_id, "cdm.best_run_id": best.run_id,
+            **{f"cdm.best.{k}": v for k, v in best.params.items()}}
+    if best.checkpoint:
+        tags["cdm.best_checkpoint"] = best.checkpoint
+    mlflow.set_tags(tags)
+
+
+# --------------------------------------------------------------------------- the workflow's entry point
+
+
+def run_for_workflow(train_config: TrainConfig, options: dict[str, Any], *, output: str, tracking_uri: str,
+                     experiment: str, parent_run_id: str) -> dict[str, Any]:
+    """`cdm run`'s tune stage (pipelines.workflow_tune): a sweep in `output`, nested under the workflow's run.
+
+    `options` is the workflow's [tune] table: `space` (a sweep file's path, or its [space] table inline)
+    plus any [tune] setting of a sweep file. Resumes the sweep if `output` already holds one.
+    """
+    options = dict(options)
+    space = options.pop("space", None)
+    if space is None:
+        raise UserError("[tune]: needs space = \"SPACE.toml\" (a sweep file) or a [tune.space] table")
+    data = cfg.read_file(space) if isinstance(space, (str, Path)) else {"space": space}
+    data = {"space": data.get("space", {}), "tune": {**data.get("tune", {}), **options}}
+    config = cfg.apply_overrides(train_config, {"tracking.tracking_uri": tracking_uri, "tracking.experiment": experiment,
+                                                "tracking.parent_run_id": parent_run_id})
+    sweep = tune_space.parse(data, config, where=str(space) if isinstance(space, (str, Path)) else "[tune]")
+    sweep_dir = absolute(output)
+    result = run(config, sweep, config_name="workflow", resume=read_sweep(sweep_dir) is not None, sweep_dir=sweep_dir)
+    if result.best is None:
+        raise UserError(f"tune: every trial of the sweep failed; see {result.sweep_dir} and MLflow run {result.mlflow_run_id}")
+    best = cfg.flatten(result.best_config) if result.best_config else {}
+    overrides = {d.key: best.get(d.key) for d in sweep.dimensions if d.key in best}
+    return {"best_overrides": overrides, "metric": result.metric, "best_value": result.best.value,
+            "mlflow_run_id": result.mlflow_run_id, "best_checkpoint": result.best.checkpoint}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def tune_command(
+    config: Path = typer.Argument(..., help="Training config of every trial, TOML or YAML (see configs/)."),
+    space: Path = typer.Option(..., "--space", help="Sweep file: what to search and how (see configs/space_default.toml)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials to draw (a grid is repeated this many times)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha (stop weak trials early), fifo or pbt."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=0, help="Trials at once; 0 = as many as the cluster fits."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="val/nll_bpd (default), val/mse or weighted (tune.weights)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep name (folder under run.storage_path); needed to --resume."),
+    set_: list[str] = typer.Option([], "--set", help="Override a training setting for every trial, e.g. --set train.steps=2000."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep --name (same CONFIG, --set, --space) after it was interrupted."),
+) -> None:
+    """Search noise schedules, loss weights, learning rates, … with Ray Tune; one MLflow child run per trial.
+
+    Examples:
+      cdm tune configs/train_tiny.toml --space configs/space_default.toml --num-samples 8
+      cdm tune configs/mnist.toml --space configs/space_default.toml --scheduler asha --max-concurrent 2 --name mnist-s1
+      cdm tune configs/mnist.toml --space configs/space_default.toml --name mnist-s1 --resume
+      cdm train --from-best outputs/runs/mnist-s1 --set train.steps=100000
+    """
+    train_config = cfg.load(TrainConfig, config, set_)
+    overrides = {"num_samples": num_samples, "scheduler": scheduler, "max_concurrent": max_concurrent,
+                 "metric": metric, "name": name}
+    sweep = tune_space.load(space, train_config, overrides)
+    if resume and not sweep.settings.name:
+        raise UserError("--resume needs the sweep's name: add --name NAME (the name `cdm tune` printed when it started)")
+    result = run(train_config, sweep, config_name=config.stem, resume=resume)
+    typer.echo(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s, sorted by {result.metric}")
+    typer.echo(result.table())
+    typer.echo(f"\nfolder: {result.sweep_dir}  mlflow parent run: {result.mlflow_run_id}")
+    if result.best is None:
+        typer.echo("no trial finished without failing; nothing to train from")
+        raise typer.Exit(1)
+    typer.echo(f"best trial: {result.best.trial_id} ({result.metric} = {result.best.value:.4f}, {result.best.status})")
+    typer.echo(f"best checkpoint: {result.best.checkpoint}")
+    typer.echo(f"train it further: cdm train --from-best {result.sweep_dir} [--set train.steps=…]")

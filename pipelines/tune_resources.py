@@ -1,0 +1,101 @@
+"""Giving back the CPUs/GPUs of a trial that Ray Tune stops early.
+
+Each trial's Ray Train run reserves its workers in a placement group created by
+the Train controller, an actor owned by the trial. When a scheduler (ASHA)
+stops a trial, Tune ends the trial's actor; the controller and workers die with
+it, but a placement group made by a non-detached actor lives until the job
+ends, so its CPUs stay reserved and later trials wait forever for workers.
+Ray's own safety net (Train V2's detached PlacementGroupCleaner) polls the
+State API, which needs the dashboard and fails when several Ray instances run
+on one machine, so `cdm tune` does not rely on it:
+
+* `RecordPlacementGroup`, a Train callback inside the controller, records every
+  placement group of the trial's worker groups in the sweep's `TrialLedger`;
+* the trial records its own actor there;
+* once the trial's actor is gone (`is_gone`), the sweep's Tune callback takes the
+  trial's groups from the ledger and removes those still there (`release`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+
+class TrialLedger:
+    """Per trial: its Tune actor and the placement groups of its Train worker groups."""
+
+    def __init__(self) -> None:
+        self._actors: dict[str, Any] = {}
+        self._groups: dict[str, list[Any]] = {}
+
+    def add_actor(self, trial_id: str, actor: Any) -> None:
+        self._actors[trial_id] = actor
+
+    def add_group(self, trial_id: str, group: Any) -> None:
+        self._groups.setdefault(trial_id, []).append(group)
+
+    def take(self, trial_id: str) -> tuple[Any, list[Any]]:
+        return self._actors.pop(trial_id, None), self._groups.pop(trial_id, [])
+
+
+def ledger_name(sweep: str) -> str:
+    return f"cdm-tune-ledger-{sweep}"
+
+
+def open_ledger(sweep: str) -> Any:
+    """The sweep's ledger actor (created on first use; it lives as long as the `cdm tune` driver)."""
+    return ray.remote(num_cpus=0)(TrialLedger).options(name=ledger_name(sweep), get_if_exists=True).remote()
+
+
+class RecordPlacementGroup(WorkerGroupCallback):
+    """Runs in the trial's Train controller: records each new worker group's placement group.
+
+    This is an internal Ray Train callback interface (RunConfig passes non-UserCallback
+    callbacks through for exactly such workarounds); nothing else here is internal.
+    """
+
+    def __init__(self, sweep: str, trial_id: str):
+        self.sweep = sweep
+        self.trial_id = trial_id
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+        ledger = ray.get_actor(ledger_name(self.sweep))
+        ray.get(ledger.add_group.remote(self.trial_id, group))
+
+
+class TrialActorWatch:
+    """Tells, without blocking, whether a trial's actor has exited (a fresh ping each time it answers)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        self._ping = actor.__ray_ready__.remote() if actor is not None else None
+
+    def is_gone(self) -> bool:
+        if self._ping is None:
+            return True
+        ready, _ = ray.wait([self._ping], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(self._ping)
+        except ray.exceptions.RayError:
+            self._ping = None
+            return True
+        self._ping = self.actor.__ray_ready__.remote()  # alive: ask again next time
+        return False
+
+
+def release(groups: list[Any]) -> int:
+    """Remove the placement groups that still exist; returns how many were removed."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    removed = 0
+    for group in groups:
+        if placement_group_table(group).get("state") not in ("REMOVED", None):
+            remove_placement_group(group)
+            removed += 1
+    return removed
