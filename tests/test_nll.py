@@ -172,13 +172,11 @@ def test_auroc_matches_pairwise_definition():
     assert auroc(a, b) == pytest.approx(pairwise, abs=1e-12)
 
 
-def test_ood_separates_another_distribution_and_not_the_same_one(ray_session, gmm, exact_checkpoint, tmp_path):
+def test_ood_auroc_is_that_of_the_exact_density(ray_session, gmm, exact_checkpoint, tmp_path):
     import mlflow
 
     other = tmp_path / "gmm25"
     prepare_quick("toy2d", other, name="gmm25", num_train=1, num_test=200, samples_per_shard=100)
-    fresh = tmp_path / "gmm-seed7"
-    prepare_quick("toy2d", fresh, name="gmm", num_train=1, num_test=300, seed=7, samples_per_shard=100)
 
     result = run_ood(OodConfig(checkpoint=str(exact_checkpoint), in_dataset=str(gmm), out_dataset=str(other),
                                workers=2, batch_size=64, out=str(tmp_path / "ood"), tracking_uri=_store(tmp_path)))
@@ -194,6 +192,3 @@ def test_ood_separates_another_distribution_and_not_the_same_one(ray_session, gm
     assert got.data.tags["cdm.train_run_id"] == "train-run-123"  # linked to the run that trained the checkpoint
     assert "ood_histogram.png" in [a.path for a in mlflow.tracking.MlflowClient(_store(tmp_path)).list_artifacts(result.run_id)]
 
-    same = run_ood(OodConfig(checkpoint=str(exact_checkpoint), in_dataset=str(gmm), out_dataset=str(fresh),
-                             workers=2, batch_size=64, out=str(tmp_path / "same"), track=False))
-    assert 0.4 < same.auroc < 0.6  # two draws of one distribution: the likelihood cannot tell them apart
