@@ -90,7 +90,6 @@ class SplitScores:
     offset: float
     dequantized: bool
     seconds: float
-    startup_seconds: float = float("nan")  # until the first scored batch came back: actor start-up, model load, first read
 
     @property
     def count(self) -> int:
@@ -121,7 +120,6 @@ class SplitScores:
             "dequantize": self.dequantized,
             "seconds": self.seconds,
             "images_per_s": self.count / self.seconds if self.seconds > 0 else float("nan"),
-            "startup_seconds": self.startup_seconds,
         }
 
 
@@ -287,10 +285,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringOptio
         num_gpus=plan.gpus_per_worker,
     )
     columns: dict[str, list[np.ndarray]] = {"index": [], "label": [], "log_px": [], "bpd": []}
-    startup = float("nan")
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        if not columns["index"]:
-            startup = time.perf_counter() - start
         for name in columns:
             columns[name].append(batch[name])
     seconds = time.perf_counter() - start
@@ -306,7 +301,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringOptio
         "log_px": pa.array(arrays["log_px"][order].astype(np.float64), pa.float64()),
         "bpd": pa.array(arrays["bpd"][order].astype(np.float64), pa.float64()),
     })
-    return SplitScores(ds.loc.uri, split, table, convention, bpd_offset(convention), options.dequantize, seconds, startup)
+    return SplitScores(ds.loc.uri, split, table, convention, bpd_offset(convention), options.dequantize, seconds)
 
 
 def write_scores(scores: SplitScores, out: str) -> str:
