@@ -41,8 +41,9 @@ from pipelines.tune_results import TrialRow, best_row, counts, format_table, tri
 from pipelines.tune_sweep import TRIALS_DIR, TUNE_DIR, absolute, check_name, join, read_sweep, write_sweep
 
 # What one trial's driver (the Tune trainable) reserves: it only waits on its TorchTrainer,
-# whose workers reserve their own CPUs/GPUs. Tune needs a non-empty resource request.
-TRIAL_DRIVER_CPUS = 0.01
+# whose workers reserve their own CPUs/GPUs. Tune needs a non-empty request, and a fraction
+# of a CPU would leave Ray Data one short of a whole CPU for its read tasks; memory it is.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 
 @dataclass
@@ -88,14 +89,17 @@ def _max_concurrent(config: TrainConfig, wanted: int) -> int:
     """`wanted`, or as many trials as the cluster's CPUs/GPUs fit (each trial's workers plus one CPU for Ray Data)."""
     import ray
 
-    if wanted:
-        return wanted
     s = config.scaling
     total = ray.cluster_resources()
     fits = [int(total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + 1))]
     if s.use_gpu:
         fits.append(int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    return max(1, min(fits))
+    fit = max(1, min(fits))
+    if wanted > fit:
+        typer.secho(f"warning: {wanted} trials at once need {wanted * (s.num_workers * s.cpus_per_worker + 1):g} CPUs "
+                    f"(each trial's workers plus one for Ray Data) but the cluster has {total.get('CPU', 0):g}; "
+                    "the extra trials wait for resources", err=True, fg=typer.colors.YELLOW)
+    return wanted or fit
 
 
 def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig, sweep: tune_space.SweepFile):
@@ -228,7 +232,7 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
         setup = TrialSetup(sweep=name, trials_dir=trials_dir, base_config=cfg.to_dict(config), tracking_uri=tracking_uri,
                            experiment=experiment, parent_run_id=parent_id, metric=settings.tune_metric,
                            weights=dict(settings.weights))
-        trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+        trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), TRIAL_DRIVER_RESOURCES)
         tracker = SweepTracker(sweep=name, tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_id,
                                steps=config.train.steps, metric=settings.tune_metric,
                                weighted=settings.metric == "weighted", trials_dir=trials_dir)

@@ -11,7 +11,7 @@ on one machine, so `cdm tune` does not rely on it:
 
 * `RecordPlacementGroup`, a Train callback inside the controller, records every
   placement group of the trial's worker groups in the sweep's `TrialLedger`;
-* the trial records its own actor there;
+* the trial records its own actor's id there;
 * once the trial's actor is gone (`is_gone`), the sweep's Tune callback takes the
   trial's groups from the ledger and removes those still there (`release`).
 """
@@ -25,14 +25,14 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 
 class TrialLedger:
-    """Per trial: its Tune actor and the placement groups of its Train worker groups."""
+    """Per trial: its Tune actor's id and the placement groups of its Train worker groups."""
 
     def __init__(self) -> None:
-        self._actors: dict[str, Any] = {}
+        self._actors: dict[str, str] = {}
         self._groups: dict[str, list[Any]] = {}
 
-    def add_actor(self, trial_id: str, actor: Any) -> None:
-        self._actors[trial_id] = actor
+    def add_actor(self, trial_id: str, actor_id: str) -> None:
+        self._actors[trial_id] = actor_id
 
     def add_group(self, trial_id: str, group: Any) -> None:
         self._groups.setdefault(trial_id, []).append(group)
@@ -68,25 +68,30 @@ class RecordPlacementGroup(WorkerGroupCallback):
 
 
 class TrialActorWatch:
-    """Tells, without blocking, whether a trial's actor has exited (a fresh ping each time it answers)."""
+    """Tells, without blocking, whether a trial's actor has exited.
 
-    def __init__(self, actor: Any):
-        self.actor = actor
-        self._ping = actor.__ray_ready__.remote() if actor is not None else None
+    It asks the GCS's actor table (Ray's debugging accessor `ray._private.state.actors`,
+    the one Ray Data uses too) instead of calling the actor: a call that reaches an
+    actor while it exits trips an internal Ray check and prints a crash report.
+    """
+
+    POLL_S = 0.5
+
+    def __init__(self, actor_id: str | None):
+        self.actor_id = actor_id
+        self._next = 0.0
 
     def is_gone(self) -> bool:
-        if self._ping is None:
+        import time
+
+        if self.actor_id is None:
             return True
-        ready, _ = ray.wait([self._ping], timeout=0)
-        if not ready:
+        now = time.monotonic()
+        if now < self._next:
             return False
-        try:
-            ray.get(self._ping)
-        except ray.exceptions.RayError:
-            self._ping = None
-            return True
-        self._ping = self.actor.__ray_ready__.remote()  # alive: ask again next time
-        return False
+        self._next = now + self.POLL_S
+        info = ray._private.state.actors(actor_id=self.actor_id) or {}
+        return info.get("State", "DEAD") == "DEAD"
 
 
 def release(groups: list[Any]) -> int:

@@ -116,7 +116,7 @@ def cdm_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     ledger = ray.get_actor(ledger_name(setup.sweep))
-    ray.get(ledger.add_actor.remote(trial_id, ray.get_runtime_context().current_actor))
+    ray.get(ledger.add_actor.remote(trial_id, ray.get_runtime_context().get_actor_id()))
     callbacks = [ReportToTune(setup.metric, setup.weights), RecordPlacementGroup(setup.sweep, trial_id)]
 
     config = setup.trial_config(params, trial_id)

@@ -1,0 +1,187 @@
+"""`cdm tune` on a real local Ray (one session for the module) and a real MLflow SQLite store.
+
+Two sweeps of the tiny CDM on sklearn's 8×8 digits, 4 trials each, 2 at a time:
+
+* `schedules`: two noise schedules × two CE weights, FIFO, every trial to the end;
+* `mixed`: a learning-rate grid built for the scheduler and the failure path:
+  two good rates first, then 1e-7, which starts only when a good trial has
+  ended (2 at a time) and so meets their NLL at ASHA's first rung, lags (it
+  learns nothing) and is stopped there; and 1e4, whose loss turns NaN at
+  step 2: the training stage stops it with an error, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+from pipelines import config as cfg  # noqa: E402
+from pipelines import tune, tune_space  # noqa: E402
+from pipelines.train_config import TrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    return root, f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client(store):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store[1])
+
+
+def children(store, parent_id: str) -> list:
+    exp = client(store).get_experiment_by_name("cdm")
+    return client(store).search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def steps_of(store, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client(store).get_metric_history(run_id, key))
+
+
+def sweep(dataset, store, name: str, space: dict, settings: dict, *overrides: str):
+    root, uri = store
+    config = cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", [
+        f"data.uri={dataset}", f"run.storage_path={root / 'sweeps'}", f"tracking.tracking_uri={uri}",
+        f"train.steps={STEPS}", "validation.every=10", "checkpoint.every=10", *overrides])
+    sweep_file = tune_space.parse({"space": space, "tune": {"name": name, "max_concurrent": 2, **settings}}, config)
+    return tune.run(config, sweep_file, config_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def schedules(ray_session, digits_dataset, store):
+    return sweep(digits_dataset, store, "schedules",
+                 {"schedule.name": {"grid": ["linear", "ot"]}, "loss.w_ce": {"grid": [1e-3, 1e-2]}},
+                 {"scheduler": "fifo"})
+
+
+@pytest.fixture(scope="module")
+def mixed(ray_session, digits_dataset, store):
+    return sweep(digits_dataset, store, "mixed", {"optim.lr": {"grid": [5e-3, 4e-3, 1e-7, 1e4]}},
+                 {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2}, "train.steps=30", "loss.w_ce=0.1")
+
+
+def row_of(result, lr: str):
+    return next(r for r in result.rows if r.params["optim.lr"] == lr)
+
+
+# --------------------------------------------------------------------------- MLflow layout
+
+
+def test_four_trials_one_parent_four_children_with_distinct_params_and_the_metric(schedules, store):
+    parent = client(store).get_run(schedules.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cdm.stage"] == "tune" and parent.data.tags["cdm.metric"] == "val/nll_bpd"
+    assert parent.data.params["space.schedule.name"] == "grid('linear', 'ot')"
+    assert parent.data.params["tune.scheduler"] == "fifo"
+    assert "schedule.name" not in parent.data.params  # searched settings are the children's
+    kids = children(store, schedules.mlflow_run_id)
+    assert len(kids) == 4
+    pairs = {(k.data.params["schedule.name"], float(k.data.params["loss.w_ce"])) for k in kids}
+    assert pairs == {("linear", 1e-3), ("linear", 1e-2), ("ot", 1e-3), ("ot", 1e-2)}
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        assert kid.data.tags["cdm.trial_status"] == "completed" and kid.data.tags["cdm.sweep"] == "schedules"
+        assert kid.data.params["train.steps"] == str(STEPS)  # the trial's whole config is its params
+        assert math.isfinite(kid.data.metrics["val/nll_bpd"])
+        assert steps_of(store, kid.info.run_id, "val/nll_bpd") == [10, 20]  # the metric over steps
+        assert steps_of(store, kid.info.run_id, "train/loss") == list(range(1, STEPS + 1))
+    assert {r.status for r in schedules.rows} == {"completed"}
+
+
+def test_parent_holds_the_best_trials_config_metric_and_checkpoint(schedules, store):
+    kids = {k.info.run_id: k for k in children(store, schedules.mlflow_run_id)}
+    best_id = min(kids, key=lambda i: kids[i].data.metrics["val/nll_bpd"])
+    best = kids[best_id]
+    parent = client(store).get_run(schedules.mlflow_run_id)
+    assert parent.data.tags["cdm.best_run_id"] == best_id == schedules.best.run_id
+    assert parent.data.metrics["val/nll_bpd"] == pytest.approx(best.data.metrics["val/nll_bpd"])
+    assert parent.data.tags["cdm.best.schedule.name"] == best.data.params["schedule.name"]
+    assert parent.data.tags["cdm.best.loss.w_ce"] == best.data.params["loss.w_ce"]
+    checkpoint = Path(parent.data.tags["cdm.best_checkpoint"])
+    assert checkpoint.name == f"checkpoint_{STEPS:08d}" and (checkpoint / "checkpoint.pt").is_file()
+    assert checkpoint.parent.parent == Path(schedules.sweep_dir) / "trials"
+    artifacts = Path(client(store).download_artifacts(schedules.mlflow_run_id, "best_config.json"))
+    best_config = json.loads(artifacts.read_text())
+    assert best_config["schedule"]["name"] == best.data.params["schedule.name"]
+    assert best_config["loss"]["w_ce"] == float(best.data.params["loss.w_ce"])
+    assert cfg.from_dict(TrainConfig, best_config).run.name == best.data.tags["cdm.run_name"]
+    saved = json.loads((Path(schedules.sweep_dir) / "cdm_sweep.json").read_text())
+    assert saved["best"]["mlflow_run_id"] == best_id and saved["best"]["checkpoint"] == str(checkpoint)
+
+
+def test_table_is_sorted_by_the_metric(schedules):
+    values = [r.value for r in schedules.rows]
+    assert values == sorted(values)
+    lines = schedules.table().splitlines()
+    assert lines[0].split()[:5] == ["#", "trial", "status", "step", "val/nll_bpd"]
+    assert [line.split()[1] for line in lines[2:6]] == [r.trial_id for r in schedules.rows]
+
+
+def test_from_best_continues_the_best_trials_run(schedules, store):
+    from pipelines.tune_best import train_from_best
+
+    result = train_from_best(schedules.sweep_dir, ["train.steps=30"], continue_run=True)
+    assert result.mlflow_run_id == schedules.best.run_id and result.step == 30
+    run = client(store).get_run(result.mlflow_run_id)
+    assert run.data.tags[f"cdm.restarted_from_step.{STEPS}"] == "rng restored"
+    assert run.data.tags["cdm.from_sweep"] == schedules.sweep_dir
+    assert steps_of(store, result.mlflow_run_id, "train/loss") == list(range(1, 31))
+
+
+# --------------------------------------------------------------------------- ASHA and failures
+
+
+def test_asha_stops_the_lagging_trial_early(mixed, store):
+    weak = row_of(mixed, "1e-07")
+    assert weak.status == "stopped early" and weak.step == 10, mixed.table()
+    run = client(store).get_run(weak.run_id)
+    assert run.info.status == "FINISHED"  # ended by the sweep, although its actor was killed mid-run
+    assert run.data.tags["cdm.trial_status"] == "stopped early" and run.data.tags["cdm.trial_step"] == "10"
+    assert Path(run.data.tags["cdm.last_checkpoint"]).name == "checkpoint_00000010"
+    # The two good rates ran side by side: ASHA may stop the one behind at a rung too, but
+    # at least one runs to the end, and both beat the rate that learns nothing.
+    good = [row_of(mixed, lr) for lr in ("0.005", "0.004")]
+    assert "completed" in {r.status for r in good} and all(r.step >= 10 for r in good), mixed.table()
+    assert max(r.value for r in good) < weak.value
+    assert mixed.best.trial_id in {r.trial_id for r in good} and mixed.best.step == 30
+
+
+def test_a_failing_trial_is_recorded_and_the_others_complete(mixed, store):
+    failed = row_of(mixed, "10000.0")
+    assert failed.status == "failed"
+    run = client(store).get_run(failed.run_id)
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["cdm.error"] and "loss is nan" in run.data.tags["cdm.error"]
+    assert mixed.rows[-1] is failed  # failures sort last
+    parent = client(store).get_run(mixed.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["tune/trials_failed"] == 1
+    assert parent.data.metrics["tune/trials_completed"] + parent.data.metrics["tune/trials_stopped_early"] == 3
+    assert parent.data.tags["cdm.best.optim.lr"] in ("0.005", "0.004")
+
+
+def test_stopped_and_failed_trials_gave_back_their_placement_groups(mixed):
+    from ray.util.placement_group import placement_group_table
+
+    held = {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+    assert held == {}

@@ -1,0 +1,118 @@
+"""A `cdm tune` sweep whose driver is killed resumes with `--resume` and does not redo finished trials.
+
+The sweep runs as the real CLI in a subprocess (its own local Ray): two trials,
+one at a time. As soon as Ray has recorded the second trial's first checkpoint,
+the whole process group gets SIGKILL (driver, GCS, raylet). `cdm tune --resume`
+then continues in a second subprocess: the first trial is not trained again,
+the second continues from its checkpoint, and MLflow keeps one parent with two
+children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+mlflow = pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+CDM = Path(sys.executable).with_name("cdm")
+STEPS = 30
+NAME = "resumable"
+
+
+def recorded_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoints Ray Train has registered for the run (what a restart resumes from)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return sorted(name for name in ("checkpoint_00000010", "checkpoint_00000020") if name in snapshot.read_text())
+    except OSError:
+        return []
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(digits_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-resume")
+    (root / "space.toml").write_text('[space]\n"loss.w_ce" = { grid = [1e-3, 1e-2] }\n\n[tune]\nmax_concurrent = 1\n')
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    args = [str(CDM), "tune", str(ROOT / "configs" / "train_tiny.toml"), "--space", "space.toml", "--name", NAME,
+            "--scheduler", "fifo", "--set", f"data.uri={digits_dataset}", "--set", f"run.storage_path={root / 'sweeps'}",
+            "--set", f"tracking.tracking_uri={uri}", "--set", f"train.steps={STEPS}",
+            "--set", "validation.every=10", "--set", "checkpoint.every=10"]
+    env = {**os.environ, "CDM_TUNE_VERBOSE": "0"}
+    env.pop("RAY_ADDRESS", None)
+    trials = root / "sweeps" / NAME / "trials"
+
+    with open(root / "first.log", "w") as log:
+        first = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        second = None
+        while time.monotonic() < deadline and first.poll() is None:
+            runs = sorted(trials.glob(f"{NAME}-*")) if trials.exists() else []
+            if len(runs) == 2 and recorded_checkpoints(runs[1]):
+                second = runs[1]
+                break
+            time.sleep(0.3)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert second is not None, (root / "first.log").read_text()[-3000:]
+    first_run = sorted(trials.glob(f"{NAME}-*"))[0]
+    before = {
+        "first_checkpoints": {p.name: p.stat().st_mtime_ns for p in first_run.glob("checkpoint_0*")},
+        "second_recorded": recorded_checkpoints(second),
+        "second_checkpoints": sorted(p.name for p in second.glob("checkpoint_0*")),
+    }
+    time.sleep(2)  # let the killed session's workers notice their raylet is gone
+
+    resumed = subprocess.run(args + ["--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return root, uri, first_run, second, before, resumed, args
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_resume_finishes_the_sweep_without_redoing_the_finished_trial(killed_and_resumed):
+    root, uri, first_run, second, before, resumed, _ = killed_and_resumed
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"best checkpoint: {root / 'sweeps' / NAME / 'trials'}" in resumed.stdout
+    # The first trial had finished before the kill; nothing of it was trained again.
+    assert "checkpoint_00000030" in before["first_checkpoints"]
+    assert {p.name: p.stat().st_mtime_ns for p in first_run.glob("checkpoint_0*")} == before["first_checkpoints"]
+    # The second was interrupted after a checkpoint Ray had recorded, before its end.
+    assert before["second_recorded"] and "checkpoint_00000030" not in before["second_checkpoints"]
+
+    c = client(uri)
+    sweep_info = json.loads((root / "sweeps" / NAME / "cdm_sweep.json").read_text())
+    parent = c.get_run(sweep_info["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    exp = c.get_experiment_by_name("cdm")
+    kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(k.data.tags["cdm.run_name"] for k in kids) == [first_run.name, second.name]
+    for kid in kids:
+        assert kid.info.status == "FINISHED" and kid.data.tags["cdm.trial_status"] == "completed"
+        steps = sorted(m.step for m in c.get_metric_history(kid.info.run_id, "train/loss"))
+        assert steps == list(range(1, STEPS + 1))  # every step logged once, across the kill
+    by_name = {k.data.tags["cdm.run_name"]: k for k in kids}
+    assert not [t for t in by_name[first_run.name].data.tags if t.startswith("cdm.restarted_from_step.")]
+    restarted = [t for t in by_name[second.name].data.tags if t.startswith("cdm.restarted_from_step.")]
+    assert restarted == [f"cdm.restarted_from_step.{int(before['second_recorded'][-1][-8:])}"]
+    assert (second / "checkpoint_00000030" / "checkpoint.pt").is_file()
+
+
+def test_resume_refuses_a_changed_sweep(killed_and_resumed):
+    root, *_, args = killed_and_resumed
+    out = subprocess.run(args + ["--resume", "--set", "train.steps=99"], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "--resume: the sweep was started with different settings" in out.stderr and "train.steps" in out.stderr
