@@ -412,6 +412,8 @@ def train_command(
     resume_run: Optional[str] = typer.Option(None, "--resume", help="Continue RUN (its folder, or its MLflow run id) from its latest checkpoint."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the config with overrides applied, as JSON, and exit."),
     list_settings: bool = typer.Option(False, "--list-settings", help="List every setting with its type, default and meaning."),
+    from_best: Optional[str] = typer.Option(None, "--from-best", help="Train the best trial of SWEEP (a `cdm tune` folder or its MLflow parent run id) as a new run; --set changes it."),
+    continue_best: bool = typer.Option(False, "--continue-best", help="With --from-best: continue the best trial's own run from its latest checkpoint instead."),
 ) -> None:
     """Train a CDM (or the DDM baseline) with Ray Train, tracked in MLflow.
 
@@ -420,12 +422,21 @@ def train_command(
       cdm train configs/cifar10.toml --set scaling.num_workers=4 --set scaling.use_gpu=true
       cdm train configs/train_tiny.toml --set optim.lr=1e-3 --set train.steps=200
       cdm train --resume outputs/runs/mnist-20250101-120000 --set train.steps=20000
+      cdm train --from-best outputs/runs/mnist-sweep-20250101-120000 --set train.steps=100000
     """
     if list_settings:
         for key, kind, default, doc in cfg.describe(TrainConfig):
             typer.echo(f"{key:28} {kind:44} {default!s:13} {doc}")
         return
-    if resume_run is not None:
+    if continue_best and from_best is None:
+        raise UserError("--continue-best needs --from-best SWEEP")
+    if from_best is not None:
+        if config is not None or resume_run is not None:
+            raise UserError("give --from-best SWEEP alone (the sweep's best trial brings its config); change it with --set")
+        from pipelines.tune_best import train_from_best
+
+        result = train_from_best(from_best, set_, continue_run=continue_best)
+    elif resume_run is not None:
         if config is not None:
             raise UserError("give either CONFIG or --resume RUN, not both (a resumed run keeps its own config; change it with --set)")
         result = resume(resume_run, set_)
