@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"{tag}_raw_tar_iter_images_per_s"] = round(members_s)
             results[f"{tag}_plain_reader_images_per_s_per_core"] = round(plain_reader(uri, args.reps))
 
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             for tag, uri in sets.items():

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = work / "digits"
     prepare(PrepareConfig(source="digits", out=str(dataset), track=False))
     # One logical CPU more than the workers take: Ray Data reads with it (see pipelines.train._fit).
-    ray.init(num_cpus=max(cores, 2 * threads) + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=max(cores, 2 * threads) + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     runs: dict[str, list[dict]] = {"plain": [], "ray1": [], "ray2": []}

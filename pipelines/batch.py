@@ -23,7 +23,7 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,7 @@ def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_
         address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
         # A local Ray gets at least one logical CPU more than the workers reserve: Ray Data's
         # read tasks need one, and with none left they wait forever (training never starts).
-        ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
+        ray.init(address=address or "local", **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
     if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
         typer.secho(f"warning: MLflow tracks to a local SQLite file ({tracking_uri}) on a multi-node cluster; the "
                     "rank-0 worker may run on another node and write elsewhere. Use an MLflow server "

@@ -132,7 +132,7 @@ def _init_ray(config: TrainConfig) -> None:
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     reserved = config.scaling.num_workers * config.scaling.cpus_per_worker
     # Locally, at least one logical CPU more than a trial's workers reserve: Ray Data's read tasks need it.
-    ray.init(address=address, **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
+    ray.init(address=address or "local", **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
 
 
 def _parent_params(config: TrainConfig, sweep: tune_space.SweepFile) -> dict[str, Any]:
