@@ -15,6 +15,7 @@ or `eval/fid`, and the sample grid as an artifact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -116,18 +117,19 @@ def run_workflow(config_path: str | Path, overrides: list[str] = (), *, workdir:
     try:
         for i, stage in enumerate(plan.stages, 1):
             head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
-            record = stage.record()
-            if record is not None:
-                echo(f"{head}: done earlier ({_duration(record.get('seconds', 0))}), skipped")
-                ctx.records[stage.name] = record
-                continue
-            if stage.name != "prepare" and not data_checked:
-                check_dataset_fits(ctx)  # the splits and labels later stages read: fail before training, not after
-                data_checked = True
-            if stage.name not in NO_RAY:
-                _ensure_ray(config)
-            echo(f"{head}: {stage.about}")
-            record = _run_stage(stage, ctx, echo)
+            with _stage_lock(stage, echo):
+                record = stage.record()
+                if record is not None:
+                    echo(f"{head}: done earlier ({_duration(record.get('seconds', 0))}), skipped")
+                    ctx.records[stage.name] = record
+                    continue
+                if stage.name != "prepare" and not data_checked:
+                    check_dataset_fits(ctx)  # the splits and labels later stages read: fail before training, not after
+                    data_checked = True
+                if stage.name not in NO_RAY:
+                    _ensure_ray(config)
+                echo(f"{head}: {stage.about}")
+                record = _run_stage(stage, ctx, echo)
             parent.tag_child(record.get("mlflow_run_id"), stage.name, stage.key)
             ctx.records[stage.name] = record
             ran.append(stage.name)
@@ -167,6 +169,28 @@ def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
     return record
 
 
+@contextlib.contextmanager
+def _stage_lock(stage: Stage, echo) -> Iterator[None]:
+    """Hold `<stage>-<key>.lock`: two workflows sharing a stage (same key) never write its output at once.
+
+    The second one waits, then finds the record the first one wrote and skips the stage.
+    """
+    import fcntl
+
+    lock_file = Path(f"{stage.output}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"  waiting: another cdm run is running stage {stage.name} {stage.key} (same settings, same inputs)")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _ensure_ray(config: WorkflowConfig) -> None:
     """One Ray session for every stage: RAY_ADDRESS / train.run.ray_address, else a local Ray (as `cdm train` starts it)."""
     import logging
@@ -180,9 +204,14 @@ def _ensure_ray(config: WorkflowConfig) -> None:
             # Ray's state API inside workers (Ray Train's placement-group clean-up monitor asks it whether the
             # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
             runtime_env = {"env_vars": {"RAY_ADDRESS": address}}
+        local = {}
+        if not address:
+            # One logical CPU more than the training workers reserve: Ray Data's read tasks need a whole one
+            # (as `cdm tune` starts Ray). Reading is light, so on 2 cores the worker may still take both.
+            s = config.train.scaling
+            local["num_cpus"] = config.ray.num_cpus or max(os.cpu_count() or 1, s.num_workers * s.cpus_per_worker + 1)
         # With its dashboard (as `cdm train` starts Ray): that monitor needs the state API.
-        local = {"num_cpus": config.ray.num_cpus} if config.ray.num_cpus and not address else {}
-        ray.init(address=address, runtime_env=runtime_env, **local)
+        ray.init(address=address or "local", runtime_env=runtime_env, **local)
     # Ray Data's progress lines every few seconds would drown the workflow's own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

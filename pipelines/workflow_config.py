@@ -32,25 +32,34 @@ from typing import Any, Optional, Sequence
 from pipelines import config as cfg
 from pipelines.config import ConfigError, FieldError, option
 from pipelines.errors import UserError
-from pipelines.features import TrainFeaturesConfig
-from pipelines.fid import FidConfig
-from pipelines.nll import NllConfig
-from pipelines.prepare import PrepareConfig
-from pipelines.sample import SampleConfig
+from pipelines.features import TrainFeaturesConfig, train_features_command
+from pipelines.fid import FidConfig, fid_command
+from pipelines.nll import NllConfig, nll_command
+from pipelines.prepare import PrepareConfig, prepare_command
+from pipelines.sample import SampleConfig, sample_command
 from pipelines.train_config import TrainConfig
 
 # What the workflow itself decides for every stage: where inputs and outputs are, and MLflow.
 _WIRED = ("out", "force", "track", "tracking_uri", "workdir", "experiment", "parent_run_id", "train_run_id", "address")
 
 
-def _stage_section(name: str, stage_config: type, wired: Sequence[str], *, replace: dict[str, tuple] | None = None,
-                   extra: Sequence[tuple] = ()) -> type:
+def _command_help(command: Any) -> dict[str, str]:
+    """The `--help` text of each option of a stage's typer command, by parameter name."""
+    import inspect
+
+    return {name: getattr(p.default, "help", None) or "" for name, p in inspect.signature(command).parameters.items()}
+
+
+def _stage_section(name: str, stage_config: type, wired: Sequence[str], *, command: Any = None,
+                   replace: dict[str, tuple] | None = None, extra: Sequence[tuple] = ()) -> type:
     """A config section with the stage config's own fields (types and defaults), minus the `wired` ones.
 
+    `command` (the stage's CLI function) lends its option help texts as the settings' docs;
     `replace` maps a field name to (type, option(...)) where the workflow's version differs;
     `extra` adds workflow-only fields as (name, type, option(...)).
     """
     hints = typing.get_type_hints(stage_config)
+    docs = _command_help(command) if command is not None else {}
     fields = []
     for f in dataclasses.fields(stage_config):
         if f.name in wired:
@@ -59,7 +68,7 @@ def _stage_section(name: str, stage_config: type, wired: Sequence[str], *, repla
             fields.append((f.name, *replace[f.name]))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        fields.append((f.name, hints[f.name], option(default)))
+        fields.append((f.name, hints[f.name], option(default, doc=docs.get(f.name, ""))))
     section = dataclasses.make_dataclass(name, [*fields, *extra])
     section.__doc__ = f"The options of {stage_config.__name__} that the workflow does not set itself."
     section.__module__ = __name__
@@ -67,19 +76,20 @@ def _stage_section(name: str, stage_config: type, wired: Sequence[str], *, repla
 
 
 # `source` becomes optional: a workflow without it trains on an already prepared train.data.uri.
-PrepareSection = _stage_section("PrepareSection", PrepareConfig, _WIRED, replace={
+PrepareSection = _stage_section("PrepareSection", PrepareConfig, _WIRED, command=prepare_command, replace={
     "source": (Optional[str], option(None, doc="cdm prepare SOURCE; none: train on train.data.uri as it is")),
 })
 
-FeaturesSection = _stage_section("FeaturesSection", TrainFeaturesConfig, (*_WIRED, "dataset", "device"))
+FeaturesSection = _stage_section("FeaturesSection", TrainFeaturesConfig, (*_WIRED, "dataset", "device"),
+                                 command=train_features_command)
 
 SampleSection = _stage_section(
-    "SampleSection", SampleConfig, (*_WIRED, "checkpoint"),
+    "SampleSection", SampleConfig, (*_WIRED, "checkpoint"), command=sample_command,
     extra=[("enabled", bool, option(True, doc="run the sample stage (and so the fid stage)"))],
 )
 
 NllSection = _stage_section(
-    "NllSection", NllConfig, (*_WIRED, "checkpoint", "dataset"),
+    "NllSection", NllConfig, (*_WIRED, "checkpoint", "dataset"), command=nll_command,
     extra=[
         ("enabled", bool, option(True, doc="score the split with the trained model")),
         ("untrained", bool, option(True, doc="also score it with the untrained network (same seed): the baseline to beat")),
@@ -87,7 +97,7 @@ NllSection = _stage_section(
 )
 
 FidSection = _stage_section(
-    "FidSection", FidConfig, (*_WIRED, "samples", "reference"),
+    "FidSection", FidConfig, (*_WIRED, "samples", "reference"), command=fid_command,
     replace={"features": (str, option("classifier", doc="classifier (trained by the features stage), inception, raw or classifier:PATH"))},
     extra=[("enabled", bool, option(True, doc="Fréchet distance of the samples to the reference split"))],
 )
@@ -190,6 +200,12 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> tuple[WorkflowConfi
         config = cfg.apply_overrides(WorkflowConfig, rest, base=data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    space = config.tune.get("space")
+    if isinstance(space, str):
+        # A sweep file named in the workflow file is found next to it (as train.extends is); one given with
+        # --set, from the current folder.
+        base = Path.cwd() if any(k == "tune.space" for k, _ in parsed) else path.parent
+        config.tune["space"] = str((base / Path(space).expanduser()).resolve())
     if config.prepare.source is not None and given:
         raise ConfigError(f"{path}: train.data.uri is set, and so is prepare.source: the prepare stage's output is the "
                           "training data. Remove one of them (no prepare.source = train on train.data.uri as it is)")
@@ -210,7 +226,13 @@ def _has_prepare(data: dict[str, Any], parsed: list[tuple[str, str]]) -> bool:
 
 def describe() -> list[tuple[str, str, Any, str]]:
     """Every setting of a workflow config (for `cdm run --list-settings`)."""
-    return cfg.describe(WorkflowConfig)
+    rows = []
+    for key, kind, default, doc in cfg.describe(WorkflowConfig):
+        inner = key.removeprefix("train.")
+        if key.startswith("train.") and any(inner == w or (w.endswith(".") and inner.startswith(w)) for w in TRAIN_WIRED):
+            doc = "set by the workflow (ignored here)"
+        rows.append((key, kind, default, doc))
+    return rows
 
 
 __all__ = ["WorkflowConfig", "PrepareSection", "FeaturesSection", "SampleSection", "NllSection", "FidSection",

@@ -201,7 +201,7 @@ def make_plan(config: WorkflowConfig, name: str, workdir: Path, *, strict: bool 
     m = c.train
     train = _stage(workdir, "train", data_needs + (["tune"] if c.tune else []), train_set, train_in,
                    f"{m.model.kind} {m.model.preset}, {m.schedule.name} T={m.schedule.T}, {m.train.steps} steps of "
-                   f"{m.train.batch_size}, {m.scaling.num_workers} worker(s)")
+                   f"{m.train.batch_size}, {m.scaling.num_workers} worker(s)" + (", with the best tuned settings" if c.tune else ""))
     stages.append(train)
     if c.sample.enabled:
         s = c.sample

@@ -3,24 +3,26 @@
 A workflow asks for it with a `[tune]` table (empty or absent: no sweep), e.g.
 
     [tune]
-    space = "../spaces/schedules.toml"   # the search space file of `cdm tune --space`
-    num_samples = 8
-    scheduler = "asha"
+    space = "../space_default.toml"   # a sweep file of `cdm tune --space`, relative to the workflow file
+    num_samples = 8                    # any [tune] setting of a sweep file overrides the file's
 
-HOOK (issue 5): the sweep itself is `cdm tune` (pipelines/tune.py), built
-alongside this workflow. The workflow calls one function of it,
+The sweep is `cdm tune` itself (pipelines/tune.py, issue 5), through its one
+entry point for workflows,
 
     pipelines.tune.run_for_workflow(train_config: TrainConfig, options: dict, *, output: str,
                                     tracking_uri: str, experiment: str, parent_run_id: str)
         -> {"best_overrides": {dotted key: value}, "metric": str, "best_value": float,
-            "mlflow_run_id": str | None}
+            "mlflow_run_id": str | None, ...}
 
-and until that exists a workflow with a `[tune]` table stops before any work
-with a message saying so (`require_tune`), instead of failing after training.
+which runs (or, when `output` already holds it, resumes) the sweep in the stage's
+output folder with its MLflow parent nested under the workflow's. A build
+without it stops before any work with a message (`require_tune`) rather than
+after training.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
@@ -29,8 +31,16 @@ ENTRY_POINT = "run_for_workflow"
 
 
 def tune_settings(config: Any) -> dict[str, Any]:
-    """What the tune stage's key hashes: the whole [tune] table (every option can change the best trial)."""
-    return dict(config.tune)
+    """What the tune stage's key hashes: the whole [tune] table and the sweep file's content (not just its name)."""
+    from pipelines import config as cfg
+
+    settings = dict(config.tune)
+    space = settings.get("space")
+    if isinstance(space, str):
+        if not Path(space).is_file():
+            raise UserError(f"tune.space: {space} does not exist (a sweep file, as for `cdm tune --space`)")
+        settings["space_file"] = cfg.read_file(space)
+    return settings
 
 
 def require_tune() -> Any:

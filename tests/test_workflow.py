@@ -96,7 +96,7 @@ def ray_address():
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_GCS_SERVER_PORT", str(port))
         env.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     assert ray.get_runtime_context().gcs_address == address
@@ -283,3 +283,35 @@ def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir):
     assert bad.returncode == 0 and "cannot run as it is: fid.features" in bad.stdout  # a dry run lists it
     bad = cli(workdir, "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
     assert bad.returncode == 2 and "fid.features" in bad.stderr and "Traceback" not in bad.stderr
+
+
+SWEEP = """
+[space]
+"schedule.name" = { grid = ["linear", "ot"] }
+
+[tune]
+metric = "val/nll_bpd"
+scheduler = "fifo"
+max_concurrent = 2
+"""
+
+
+def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
+    (workdir / "sweep.toml").write_text(SWEEP)
+    overrides = ["tune.space=sweep.toml", "train.train.steps=10", "train.validation.every=10",
+                 "nll.enabled=false", "sample.enabled=false", "fid.enabled=false"]
+    lines: list[str] = []
+    result = run_workflow(workdir / "tiny.toml", overrides, workdir=workdir, echo=lines.append)
+    assert result.ran == ["tune", "train"]  # the data is the first run's (same prepare key)
+    best = result.records["tune"]["outputs"]["best_overrides"]
+    assert best["schedule.name"] in ("linear", "ot")
+    trained = client(workdir).get_run(result.records["train"]["mlflow_run_id"])
+    assert trained.data.params["schedule.name"] == best["schedule.name"]
+
+    sweep_run = result.records["tune"]["mlflow_run_id"]
+    kids = {r.data.tags["cdm.workflow_stage"]: r.info.run_id for r in children(workdir, result.parent_run_id)}
+    assert kids == {"prepare": kids["prepare"], "tune": sweep_run, "train": trained.info.run_id}
+    trials = children(workdir, sweep_run)
+    assert sorted(r.data.params["schedule.name"] for r in trials) == ["linear", "ot"]
+    assert run_workflow(workdir / "tiny.toml", overrides, workdir=workdir, echo=lines.append).ran == []
+
