@@ -102,14 +102,19 @@ def _max_concurrent(config: TrainConfig, wanted: int) -> int:
     return wanted or fit
 
 
-def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig, sweep: tune_space.SweepFile):
+def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     steps = config.train.steps
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     if settings.scheduler == "asha":
-        grace = settings.grace_period or min(config.checkpoint.every, steps)
+        if config.checkpoint.every >= steps:
+            raise UserError(f"--scheduler asha compares trials at their checkpoints, where they report their validation "
+                            f"metrics, but checkpoint.every={config.checkpoint.every} leaves none before the end "
+                            f"(train.steps={steps}); set checkpoint.every lower (e.g. --set checkpoint.every={max(1, steps // 10)}) "
+                            "or use --scheduler fifo")
+        grace = settings.grace_period or config.checkpoint.every
         if grace >= steps:
             raise UserError(f"tune.grace_period: {grace} steps is not before the end of training (train.steps={steps}); "
                             "ASHA could never stop a trial early. Lower it or use --scheduler fifo")
@@ -142,7 +147,7 @@ def _parent_params(config: TrainConfig, sweep: tune_space.SweepFile) -> dict[str
             **{f"tune.{k}": v for k, v in cfg.flatten(cfg.to_dict(sweep.settings)).items()}}
 
 
-def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_dir: str, tracker, resume: bool):
+def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_dir: str, tracker, scheduler, resume: bool):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -159,7 +164,7 @@ def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_di
         param_space=sweep.param_space(),
         tune_config=tune.TuneConfig(
             metric=settings.tune_metric, mode="min", num_samples=settings.num_samples,
-            scheduler=_scheduler(settings, config, sweep),
+            scheduler=scheduler,
             search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrent),
         ),
         run_config=tune.RunConfig(
@@ -171,10 +176,34 @@ def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_di
     )
 
 
+def _locate(config: TrainConfig, sweep: tune_space.SweepFile, config_name: str, sweep_dir: Optional[str],
+            resume: bool) -> tuple[str, str, Optional[dict[str, Any]]]:
+    """(name, folder, saved cdm_sweep.json or None) of the sweep; refuses a clash or a resume of nothing."""
+    from ray.tune import Tuner
+
+    settings = sweep.settings
+    if sweep_dir is None:
+        name = check_name(settings.name or f"{config_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+        sweep_dir = join(absolute(config.run.storage_path), name)
+    else:
+        sweep_dir = absolute(sweep_dir)
+        name = check_name(settings.name or sweep_dir.rstrip("/").rsplit("/", 1)[-1])
+    saved = read_sweep(sweep_dir)
+    if saved is not None and not resume:
+        raise UserError(f"tune.name: the sweep {sweep_dir} exists; continue it with --resume, or choose another --name")
+    if saved is None and resume:
+        raise UserError(f"--resume: there is no sweep at {sweep_dir} (no {join(sweep_dir, 'cdm_sweep.json')})")
+    if saved is not None:
+        _check_against_saved(saved, config, sweep)
+        if not Tuner.can_restore(join(sweep_dir, TUNE_DIR)):
+            raise UserError(f"--resume: {sweep_dir} has no Ray Tune state to restore (the sweep was stopped before "
+                            "its first trial started); start it again with another --name")
+    return name, sweep_dir, saved
+
+
 def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = "tune", resume: bool = False,
         sweep_dir: Optional[str] = None) -> TuneResult:
     """Run (or with `resume`, continue) a sweep; returns its trials sorted by the metric and the best one."""
-    import mlflow
     from ray import tune
 
     from pipelines import train
@@ -189,26 +218,11 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.tracking.workdir)
     config, tracking_uri = _local_paths_absolute(config, tracking_uri)
     train.resolve(config)  # the dataset and the model exist (each trial resolves its own sample again)
+    scheduler = _scheduler(settings, config)  # its settings are checked here too, before Ray starts
 
-    if sweep_dir is None:
-        name = check_name(settings.name or f"{config_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-        sweep_dir = join(absolute(config.run.storage_path), name)
-    else:
-        sweep_dir = absolute(sweep_dir)
-        name = check_name(settings.name or sweep_dir.rstrip("/").rsplit("/", 1)[-1])
-    saved = read_sweep(sweep_dir)
-    if saved is not None and not resume:
-        raise UserError(f"tune.name: the sweep {sweep_dir} exists; continue it with --resume, or choose another --name")
-    if saved is None and resume:
-        raise UserError(f"--resume: there is no sweep at {sweep_dir} (no {join(sweep_dir, 'cdm_sweep.json')})")
+    name, sweep_dir, saved = _locate(config, sweep, config_name, sweep_dir, resume)
     if saved is not None:
-        _check_against_saved(saved, config, sweep)
         tracking_uri = saved["mlflow"]["tracking_uri"]
-        from ray.tune import Tuner
-
-        if not Tuner.can_restore(join(sweep_dir, TUNE_DIR)):
-            raise UserError(f"--resume: {sweep_dir} has no Ray Tune state to restore (the sweep was stopped before "
-                            "its first trial started); start it again with another --name")
 
     experiment = config.tracking.experiment
     searched = [d.key for d in sweep.searched]
@@ -236,15 +250,9 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
         tracker = SweepTracker(sweep=name, tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_id,
                                steps=config.train.steps, metric=settings.tune_metric,
                                weighted=settings.metric == "weighted", trials_dir=trials_dir)
-        _tuner(trainable, sweep, config, sweep_dir, tracker, resume and saved is not None).fit()
+        _tuner(trainable, sweep, config, sweep_dir, tracker, scheduler, resume and saved is not None).fit()
         result = _summarise(name, sweep_dir, parent_id, settings.tune_metric, searched, tracking_uri, experiment, started)
-        _record_best(result, mlflow)
-        info = read_sweep(sweep_dir) or {}
-        info.pop("format", None)
-        info["best"] = None if result.best is None else {
-            "trial_id": result.best.trial_id, "mlflow_run_id": result.best.run_id, "value": result.best.value,
-            "checkpoint": result.best.checkpoint, "params": result.best.params, "config": result.best_config}
-        write_sweep(sweep_dir, info)
+        _record_best(result)
     return result
 
 
@@ -264,8 +272,16 @@ def _summarise(name: str, sweep_dir: str, parent_id: str, metric: str, searched:
                       time.perf_counter() - started)
 
 
-def _record_best(result: TuneResult, mlflow: Any) -> None:
-    """The best trial's metric, settings and checkpoint on the (active) parent run, and the trial table."""
+def _record_best(result: TuneResult) -> None:
+    """The best trial's metric, settings and checkpoint on the (active) parent run and in cdm_sweep.json."""
+    import mlflow
+
+    info = read_sweep(result.sweep_dir) or {}
+    info.pop("format", None)
+    info["best"] = None if result.best is None else {
+        "trial_id": result.best.trial_id, "mlflow_run_id": result.best.run_id, "value": result.best.value,
+        "checkpoint": result.best.checkpoint, "params": result.best.params, "config": result.best_config}
+    write_sweep(result.sweep_dir, info)
     for status, n in counts(result.rows).items():
         mlflow.log_metric(f"tune/trials_{status.replace(' ', '_')}", n)
     with tempfile.TemporaryDirectory() as folder:

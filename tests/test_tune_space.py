@@ -154,3 +154,28 @@ def test_cli_refuses_a_bad_space_file_before_ray_starts(tmp_path):
     assert out.returncode == 2 and "not a sweep folder with cdm_sweep.json" in out.stderr
     out = _cdm("train", "--continue-best", cwd=tmp_path)
     assert out.returncode == 2 and "--continue-best needs --from-best SWEEP" in out.stderr
+
+
+@pytest.mark.parametrize("settings, overrides, message", [
+    ({"scheduler": "pbt"}, [], "--scheduler pbt: population based training is not available yet"),
+    ({"scheduler": "asha", "grace_period": 40}, ["train.steps=40"], "tune.grace_period: 40 steps is not before the end"),
+    ({"scheduler": "asha"}, ["train.steps=40", "checkpoint.every=40"], "set checkpoint.every lower (e.g. --set checkpoint.every=4)"),
+])
+def test_scheduler_settings_that_cannot_work_are_refused(base, settings, overrides, message):
+    from pipelines.errors import UserError
+    from pipelines.tune import _scheduler
+
+    config = cfg.apply_overrides(base, overrides)
+    with pytest.raises(UserError) as err:
+        _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, settings).settings, config)
+    assert message in str(err.value)
+
+
+def test_asha_rungs_end_before_the_last_step_so_finishing_trials_are_not_cut(base):
+    from pipelines.tune import _scheduler
+
+    config = cfg.apply_overrides(base, ["train.steps=40", "checkpoint.every=10"])
+    asha = _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, {"reduction_factor": 2}).settings, config)
+    assert asha._time_attr == "step" and asha._stop_last_trials is False
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [20, 10]
+
