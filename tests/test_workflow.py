@@ -298,7 +298,7 @@ max_concurrent = 2
 
 def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
     (workdir / "sweep.toml").write_text(SWEEP)
-    overrides = ["tune.space=sweep.toml", "train.train.steps=10", "train.validation.every=10",
+    overrides = [f"tune.space={workdir / 'sweep.toml'}", "train.train.steps=10", "train.validation.every=10",
                  "nll.enabled=false", "sample.enabled=false", "fid.enabled=false"]
     lines: list[str] = []
     result = run_workflow(workdir / "tiny.toml", overrides, workdir=workdir, echo=lines.append)
