@@ -18,10 +18,13 @@ on one machine, so `cdm tune` does not rely on it:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+logger = logging.getLogger(__name__)
 
 
 class TrialLedger:
@@ -62,9 +65,13 @@ class RecordPlacementGroup(WorkerGroupCallback):
         self.trial_id = trial_id
 
     def after_worker_group_start(self, worker_group: Any) -> None:
-        group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-        ledger = ray.get_actor(ledger_name(self.sweep))
-        ray.get(ledger.add_group.remote(self.trial_id, group))
+        try:
+            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            ledger = ray.get_actor(ledger_name(self.sweep))
+            ray.get(ledger.add_group.remote(self.trial_id, group))
+        except Exception as err:  # never fail a trial over bookkeeping (e.g. a Ray whose internals moved)
+            logger.warning("cdm tune: could not record trial %s's placement group (%s: %s); if Tune stops it "
+                           "early, its CPUs may stay reserved until the sweep ends", self.trial_id, type(err).__name__, err)
 
 
 class TrialActorWatch:
@@ -90,7 +97,11 @@ class TrialActorWatch:
         if now < self._next:
             return False
         self._next = now + self.POLL_S
-        info = ray._private.state.actors(actor_id=self.actor_id) or {}
+        try:
+            info = ray._private.state.actors(actor_id=self.actor_id) or {}
+        except Exception as err:  # the accessor is Ray-internal: if it moved, say so and stop waiting
+            logger.warning("cdm tune: cannot read actor %s's state (%s); releasing its resources now", self.actor_id, err)
+            return True
         return info.get("State", "DEAD") == "DEAD"
 
 
