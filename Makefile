@@ -28,11 +28,12 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole pipeline on mnist5k with a local Ray and ./mlflow.db; rerunning skips finished stages.
 demo: install
-	$(VENV)/bin/cdm demo
+	$(VENV)/bin/cdm run configs/demo.toml
 
 bench: install
 	$(PY) benchmarks/core.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs mlflow.db .pytest_cache

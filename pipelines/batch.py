@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import UserError
+from pipelines.ray_logging import quiet_ray_data_console
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -23,6 +24,7 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray_data_console()
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 

@@ -32,6 +32,7 @@ import typer
 
 from pipelines import config as cfg
 from pipelines.errors import UserError
+from pipelines.ray_logging import quiet_ray_data_console
 from pipelines.train_config import TrainConfig, resumable
 
 RUN_FILE = "cdm_run.json"
@@ -103,6 +104,14 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
         build_prior(config)
     except ValueError as err:
         raise cfg.ConfigError(f"loss.prior: {err}") from None
+    if config.run.init_from:
+        from pipelines.models import CHECKPOINT_FILENAME
+
+        start = _absolute(config.run.init_from)
+        if not _exists(_join(start, CHECKPOINT_FILENAME)):
+            raise UserError(f"run.init_from: no {CHECKPOINT_FILENAME} in {start}; give a checkpoint folder of a "
+                            "cdm train run (…/checkpoint_00005000)")
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, init_from=start))
     return config, (channels, height, width)
 
 
@@ -238,6 +247,7 @@ def _fit(config: TrainConfig, data_shape, run_name: str, storage: str, tracking_
         address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
         # A local Ray gets at least one logical CPU more than the workers reserve: Ray Data's
         # read tasks need one, and with none left they wait forever (training never starts).
+        quiet_ray_data_console()
         ray.init(address=address or "local", **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
     if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
         typer.secho(f"warning: MLflow tracks to a local SQLite file ({tracking_uri}) on a multi-node cluster; the "

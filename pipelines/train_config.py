@@ -126,6 +126,7 @@ class RunSection:
     max_failures: int = option(0, ge=-1, doc="worker failures survived by restarting from the latest checkpoint; -1 = any number")
     log_model: bool = option(True, doc="log the final EMA model with mlflow.pytorch.log_model")
     ray_address: Optional[str] = option(None, doc="Ray cluster address; default $RAY_ADDRESS or a local Ray")
+    init_from: Optional[str] = option(None, doc="start a new run from this checkpoint folder: its weights, EMA, optimiser state and step (cdm tune's PBT continues trials this way); the architecture must match")
 
 
 @dataclass

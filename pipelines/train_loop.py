@@ -114,12 +114,25 @@ def _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, con
     return step, int(extra.get("epoch", 0)), same_world
 
 
+def _start_from(folder: str, model, ema, optimizer, scheduler, config: TrainConfig, device) -> int:
+    """run.init_from: another run's checkpoint as this run's starting point; returns its step."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else os.path.abspath(folder))
+    with fs.open_input_file(f"{path.rstrip('/')}/{CHECKPOINT_FILENAME}") as f:
+        state = load_checkpoint(f, map_location=device)
+    step = restore(state, model, ema, optimizer, scheduler)
+    _apply_hyperparameters(optimizer, scheduler, config, step)
+    return step
+
+
 def _report_checkpoint(step: int, epoch: int, metrics: dict[str, float], *, rank: int, world: int, model, ema,
-                       optimizer, scheduler, generator, config: TrainConfig) -> None:
+                       optimizer, scheduler, generator, config: TrainConfig, mlflow_run_id: str) -> None:
     """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt."""
     import ray.train
 
-    extra = {"rng": _all_gather(_rng_state(generator), world), "world_size": world, "epoch": epoch}
+    extra = {"rng": _all_gather(_rng_state(generator), world), "world_size": world, "epoch": epoch,
+             "mlflow_run_id": mlflow_run_id}
     report = {"step": step, "epoch": epoch, **metrics}
     name = f"checkpoint_{step:08d}"
     if rank != 0:
@@ -173,6 +186,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         step, epoch, rng_restored = _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config,
                                                     rank, world, device)
         resumed_from = step
+    elif config.run.init_from:  # a new run that continues another's training (PBT); fresh RNG streams
+        step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config, device)
     if not rng_restored:
         _seed(generator, config.train.seed, rank, step)
     model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
@@ -185,6 +200,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
     if logger:
         logger.tags({"cdm.world_size": world, "cdm.worker_nodes": ",".join(nodes), "cdm.num_nodes": len(set(nodes))})
+        if config.run.init_from and resumed_from is None:
+            logger.tags({"cdm.init_from": config.run.init_from, "cdm.init_step": step})
         if resumed_from is not None:
             logger.tags({f"cdm.restarted_from_step.{resumed_from}": f"rng {'restored' if rng_restored else 'reseeded'}"})
 
@@ -253,7 +270,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
                 if checkpoint_due:
                     _report_checkpoint(step, epoch, last_val, rank=rank, world=world, model=model, ema=ema,
-                                       optimizer=optimizer, scheduler=scheduler, generator=generator, config=config)
+                                       optimizer=optimizer, scheduler=scheduler, generator=generator, config=config,
+                                       mlflow_run_id=loop_config["mlflow_run_id"])
                 if step >= steps:
                     break
                 tick = time.perf_counter()

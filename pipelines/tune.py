@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import typer
 from pipelines import config as cfg
 from pipelines import tune_space
 from pipelines.errors import UserError
+from pipelines.ray_logging import quiet_ray_data_console
 from pipelines.train_config import TrainConfig
 from pipelines.tune_results import TrialRow, best_row, counts, format_table, trial_rows
 from pipelines.tune_sweep import TRIALS_DIR, TUNE_DIR, absolute, check_name, join, read_sweep, write_sweep
@@ -102,9 +104,10 @@ def _max_concurrent(config: TrainConfig, wanted: int) -> int:
     return wanted or fit
 
 
-def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig):
+def _scheduler(sweep: tune_space.SweepFile, config: TrainConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    settings = sweep.settings
     steps = config.train.steps
     if settings.scheduler == "fifo":
         return FIFOScheduler()
@@ -122,8 +125,20 @@ def _scheduler(settings: tune_space.SweepSettings, config: TrainConfig):
         # forced stop at max_t: a trial that reaches the end finishes its run (final tags, model) undisturbed.
         return ASHAScheduler(time_attr="step", grace_period=grace, max_t=steps - 1,
                              reduction_factor=settings.reduction_factor, stop_last_trials=False)
-    raise UserError("--scheduler pbt: population based training is not available yet in cdm tune "
-                    "(it needs trials restarted from another trial's checkpoint); use asha or fifo")
+    every = config.checkpoint.every
+    interval = settings.perturbation_interval or every
+    if interval % every or interval >= steps:
+        raise UserError(f"tune.perturbation_interval: {interval} steps must be a multiple of checkpoint.every ({every}: "
+                        f"PBT copies checkpoints, which exist only there) and below train.steps ({steps}); "
+                        f"e.g. --set checkpoint.every={max(1, steps // 10)}")
+    # Trials report (with a checkpoint) at checkpoint steps; a trial in the bottom quantile continues
+    # from a top trial's latest checkpoint with its settings, mutated (pipelines.tune_trial).
+    from pipelines.tune_pbt import PBTBeforeTheEnd
+
+    return PBTBeforeTheEnd(final_step=steps, time_attr="step", perturbation_interval=interval,
+                           hyperparam_mutations=sweep.pbt_mutations(), quantile_fraction=settings.quantile_fraction,
+                           resample_probability=settings.resample_probability, perturbation_factors=(1.2, 0.8))
+
 
 
 # --------------------------------------------------------------------------- the stage
@@ -137,6 +152,7 @@ def _init_ray(config: TrainConfig) -> None:
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
     reserved = config.scaling.num_workers * config.scaling.cpus_per_worker
     # Locally, at least one logical CPU more than a trial's workers reserve: Ray Data's read tasks need it.
+    quiet_ray_data_console()
     ray.init(address=address or "local", **({} if address else {"num_cpus": max(os.cpu_count() or 1, reserved + 1)}))
 
 
@@ -157,6 +173,8 @@ def _tuner(trainable, sweep: tune_space.SweepFile, config: TrainConfig, sweep_di
         # continue their runs from the latest checkpoint (pipelines.tune_trial).
         return tune.Tuner.restore(join(sweep_dir, TUNE_DIR), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
+    if settings.seed is not None:
+        random.seed(settings.seed)  # PBT's explore step draws from Python's global generator
     concurrent = _max_concurrent(config, settings.max_concurrent)
     typer.echo(f"cdm tune: up to {concurrent} trial(s) at once", err=True)
     return tune.Tuner(
@@ -218,7 +236,7 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.tracking.workdir)
     config, tracking_uri = _local_paths_absolute(config, tracking_uri)
     train.resolve(config)  # the dataset and the model exist (each trial resolves its own sample again)
-    scheduler = _scheduler(settings, config)  # its settings are checked here too, before Ray starts
+    scheduler = _scheduler(sweep, config)  # its settings are checked here too, before Ray starts
 
     name, sweep_dir, saved = _locate(config, sweep, config_name, sweep_dir, resume)
     if saved is not None:
@@ -245,7 +263,7 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
         typer.echo(f"cdm tune: sweep {name}, folder {sweep_dir}, MLflow parent run {parent_id} ({tracking_uri})", err=True)
         setup = TrialSetup(sweep=name, trials_dir=trials_dir, base_config=cfg.to_dict(config), tracking_uri=tracking_uri,
                            experiment=experiment, parent_run_id=parent_id, metric=settings.tune_metric,
-                           weights=dict(settings.weights))
+                           weights=dict(settings.weights), pbt=settings.scheduler == "pbt")
         trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), TRIAL_DRIVER_RESOURCES)
         tracker = SweepTracker(sweep=name, tracking_uri=tracking_uri, experiment=experiment, parent_run_id=parent_id,
                                steps=config.train.steps, metric=settings.tune_metric,

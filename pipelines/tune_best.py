@@ -7,6 +7,10 @@ Two ways, both starting from what the sweep recorded in its `cdm_sweep.json`:
 * continue (`--continue-best`): the best trial's own run resumes from its latest
   checkpoint in the same MLflow child run, e.g. a trial ASHA stopped early, or
   one to train past its steps with `--set train.steps=…`.
+
+After a PBT sweep the best "trial" is the best run of a trial (`<id>-at<step>`
+when the trial had continued from another's checkpoint): retraining trains its
+final settings from scratch, continuing goes on from that run's checkpoint.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def train_from_best(sweep: str, overrides: Sequence[str] = (), *, continue_run: 
             "run.name": None,  # a fresh name: <sweep>-best-<time>
             "run.storage_path": sweep_dir.rstrip("/").rsplit("/", 1)[0],  # beside the sweep
             "tracking.parent_run_id": None,  # a run of its own, not one more trial of the sweep
+            "run.init_from": None,  # from scratch, also after PBT (whose best run continued another's)
         })
         config = cfg.apply_overrides(config, list(overrides))
         result = train.run(config, config_name=f"{info['name']}-best")

@@ -14,6 +14,10 @@ on one machine, so `cdm tune` does not rely on it:
 * the trial records its own actor's id there;
 * once the trial's actor is gone (`is_gone`), the sweep's Tune callback takes the
   trial's groups from the ledger and removes those still there (`release`).
+
+PBT pauses a trial (ending its actor) and restarts it with new settings; Tune has
+no callback for the pause, so the restarted trial's new actor takes its previous
+actor's groups from the ledger and releases them before it trains.
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ class TrialLedger:
         self._actors: dict[str, str] = {}
         self._groups: dict[str, list[Any]] = {}
 
-    def add_actor(self, trial_id: str, actor_id: str) -> None:
+    def add_actor(self, trial_id: str, actor_id: str) -> tuple[Any, list[Any]]:
+        """Record the trial's (new) actor; returns its previous actor and that actor's groups, now forgotten."""
+        previous = self.take(trial_id)
         self._actors[trial_id] = actor_id
+        return previous
 
     def add_group(self, trial_id: str, group: Any) -> None:
         self._groups.setdefault(trial_id, []).append(group)
@@ -103,6 +110,17 @@ class TrialActorWatch:
             logger.warning("cdm tune: cannot read actor %s's state (%s); releasing its resources now", self.actor_id, err)
             return True
         return info.get("State", "DEAD") == "DEAD"
+
+    def wait(self, timeout_s: float = 120.0) -> bool:
+        """Block until the actor has exited (True) or `timeout_s` passed (False)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not self.is_gone():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(self.POLL_S)
+        return True
 
 
 def release(groups: list[Any]) -> int:

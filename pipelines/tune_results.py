@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# A trial's final status (the cdm.trial_status tag of its child run).
-COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped early", "failed"
+# A trial's final status (the cdm.trial_status tag of its child run). Under PBT a trial's run that it
+# left to continue from a better trial's checkpoint is "exploited" (the trial goes on in a new run).
+COMPLETED, STOPPED_EARLY, FAILED, EXPLOITED = "completed", "stopped early", "failed", "exploited"
 
 
 def child_run_id(client: Any, experiment: str, parent_run_id: str, run_name: str) -> Optional[str]:
@@ -30,6 +31,19 @@ def child_runs(client: Any, experiment: str, parent_run_id: str) -> list[Any]:
         return []
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                               max_results=10_000)
+
+
+def trial_runs(client: Any, experiment: str, parent_run_id: str, sweep: str, trial_id: str) -> list[Any]:
+    """A trial's runs, newest first: `<sweep>-<trial>` and, under PBT, its later `<sweep>-<trial>-at<step>`."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    base = f"{sweep}-{trial_id}"
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`cdm.run_name` LIKE '{base}%'"),
+        order_by=["attributes.start_time DESC"], max_results=10_000)
+    return [r for r in runs if r.data.tags.get("cdm.run_name") == base
+            or r.data.tags.get("cdm.run_name", "").startswith(base + "-at")]
 
 
 @dataclass
@@ -53,7 +67,7 @@ def trial_rows(client: Any, experiment: str, parent_run_id: str, metric: str, se
         value = metrics.get(metric, math.inf)
         step = tags.get("cdm.trial_step") or tags.get("cdm.final_step")
         rows.append(TrialRow(
-            trial_id=tags.get("cdm.trial_id", run.info.run_name or run.info.run_id),
+            trial_id=_trial_label(tags, run.info.run_name or run.info.run_id),
             run_id=run.info.run_id,
             status=tags.get("cdm.trial_status", "running" if run.info.status == "RUNNING" else run.info.status.lower()),
             step=int(step) if step else None,
@@ -65,6 +79,14 @@ def trial_rows(client: Any, experiment: str, parent_run_id: str, metric: str, se
         ))
     rows.sort(key=lambda r: (r.status == FAILED, r.value, r.trial_id))
     return rows
+
+
+def _trial_label(tags: dict[str, str], fallback: str) -> str:
+    """The trial id, plus `-at<step>` for a PBT trial's later runs: the run name without the sweep's."""
+    sweep, name = tags.get("cdm.sweep"), tags.get("cdm.run_name", "")
+    if sweep and name.startswith(sweep + "-"):
+        return name[len(sweep) + 1:]
+    return tags.get("cdm.trial_id", fallback)
 
 
 def best_row(rows: list[TrialRow]) -> Optional[TrialRow]:

@@ -9,7 +9,7 @@
     [tune]                                    # every key optional; CLI flags override
     metric = "val/nll_bpd"                    # or "val/mse", or "weighted" (see `weights`)
     num_samples = 16
-    scheduler = "asha"
+    scheduler = "asha"                        # or "fifo", or "pbt" (population based training)
 
 Nested tables work too (`[space.loss] w_ce = { loguniform = [1e-4, 1e-1] }`).
 Samplers: `choice` (random pick), `grid` (every value, crossed with the other
@@ -42,6 +42,10 @@ SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 # Set by `cdm tune` for every trial (where its run goes, which MLflow run is its parent).
 OWNED_BY_SWEEP = ("run.name", "run.storage_path", "run.ray_address", "tracking.")
+
+# What PBT may change while a trial trains: settings under which the donor's checkpoint stays a valid
+# starting point (the model, noise schedule, class prior and data must not change mid-training).
+PBT_MUTABLE = ("optim.", "loss.w_ce", "loss.w_mse")
 
 # Validation metrics a trial reports (pipelines.train_validation) that a weighted objective may combine.
 VALIDATION_METRICS = ("val/nll_bpd", "val/mse", "val/ce")
@@ -88,7 +92,9 @@ class SweepSettings:
     max_concurrent: int = option(0, ge=0, doc="trials at once; 0 = as many as the cluster's CPUs/GPUs fit")
     grace_period: Optional[int] = option(None, ge=1, doc="ASHA: steps before a trial can be stopped; default the first checkpoint step")
     reduction_factor: float = option(3.0, gt=1, doc="ASHA: keep the best 1/reduction_factor at every rung")
-    perturbation_interval: Optional[int] = option(None, ge=1, doc="PBT: steps between exploit/explore; default checkpoint.every")
+    perturbation_interval: Optional[int] = option(None, ge=1, doc="PBT: steps between exploit/explore (a multiple of checkpoint.every); default checkpoint.every")
+    quantile_fraction: float = option(0.25, gt=0, le=0.5, doc="PBT: trials in this bottom fraction continue from a trial in the top fraction")
+    resample_probability: float = option(0.25, ge=0, le=1, doc="PBT: chance that a mutated setting is drawn afresh instead of scaled by 0.8/1.2 (or moved to a neighbouring choice)")
     seed: Optional[int] = option(None, doc="seed of the random search (same trials for the same space)")
     trial_retries: int = option(0, ge=0, doc="restart a failed trial this many times (0: a failure is recorded and the sweep goes on)")
 
@@ -128,8 +134,29 @@ class SweepFile:
             node[last] = d.ray_domain()
         return space
 
+    def pbt_mutations(self) -> dict[str, Any]:
+        """PBT's hyperparam_mutations, nested like param_space: the searched settings it may change mid-training.
+
+        Ranges mutate by a factor of 0.8 or 1.2 (or are drawn afresh); choice and grid values move to a
+        neighbouring value. The other searched settings are drawn once per trial and copied from the donor.
+        """
+        mutations: dict[str, Any] = {}
+        for d in self.searched:
+            if not pbt_mutable(d.key):
+                continue
+            node = mutations
+            *parents, last = d.key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = list(d.values) if d.sampler in ("choice", "grid") else d.ray_domain()
+        return mutations
+
     def grid_size(self) -> int:
         return math.prod(len(d.values) for d in self.dimensions if d.sampler == "grid")
+
+
+def pbt_mutable(key: str) -> bool:
+    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in PBT_MUTABLE)
 
 
 # --------------------------------------------------------------------------- reading
@@ -248,6 +275,10 @@ def parse(data: Mapping[str, Any], base: TrainConfig, *, where: str = "sweep fil
         settings = cfg.from_dict(SweepSettings, data.get("tune", {}), "tune")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    if settings.scheduler == "pbt" and not any(pbt_mutable(d.key) for d in dimensions if d.sampler):
+        raise ConfigError(f"{where}: tune.scheduler: pbt changes settings while trials train, and may change only "
+                          f"{', '.join(m + '*' if m.endswith('.') else m for m in PBT_MUTABLE)}; the [space] searches none "
+                          '(add e.g. "optim.lr" = { loguniform = [1e-4, 1e-2] }), or use asha or fifo')
     if settings.metric in ("val/nll_bpd", "val/ce") and base.model.kind == "ddm":
         raise ConfigError(f"{where}: tune.metric: {settings.metric!r} does not exist for a DDM; use val/mse")
     return SweepFile(where, dimensions, settings, dict(data))

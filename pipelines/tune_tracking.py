@@ -11,6 +11,11 @@ the trial's actor is gone, and tags every child:
     cdm.trial_step     the last step the trial reported
     cdm.error          why a failed trial failed (the last lines of its error)
 
+Under PBT a trial may train several runs (segments, see pipelines.tune_trial):
+the trial ends each earlier one when it starts the next (`end_earlier_segments`:
+cdm.trial_status = exploited, cdm.pbt.continued_in = the next segment), and this
+tracker ends the last one. Reports carry `run_name`, the segment they come from.
+
 With the weighted objective, the tracker also logs `val/weighted` to the child
 at every reported step.
 """
@@ -23,9 +28,10 @@ from typing import Any, Iterator, Optional
 
 from ray.tune import Callback
 
-from pipelines.tune_results import COMPLETED, FAILED, STOPPED_EARLY, child_run_id
+from pipelines.tune_results import COMPLETED, EXPLOITED, FAILED, STOPPED_EARLY, child_run_id, trial_runs
 
-__all__ = ["SweepTracker", "reopened_run", "outcome", "COMPLETED", "FAILED", "STOPPED_EARLY"]
+__all__ = ["SweepTracker", "end_earlier_segments", "reopened_run", "outcome", "COMPLETED", "EXPLOITED", "FAILED",
+           "STOPPED_EARLY"]
 
 ERROR_TAG_LENGTH = 4000
 
@@ -104,7 +110,7 @@ class SweepTracker(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if not self.weighted or "step" not in result:
             return
-        run_id = self._run_id(trial)
+        run_id = self._run_id(self._run_name(trial, result))
         value = result.get(self.metric)
         if run_id and value is not None and math.isfinite(value):
             self._client.log_metric(run_id, self.metric, float(value), step=int(result["step"]))
@@ -130,13 +136,18 @@ class SweepTracker(Callback):
 
     # ----------------------------------------------------------------- bookkeeping
 
-    def _run_id(self, trial: Any) -> Optional[str]:
-        if trial.trial_id not in self._run_ids:
-            run_id = child_run_id(self._client, self.experiment, self.parent_run_id, f"{self.sweep}-{trial.trial_id}")
+    def _run_name(self, trial_id_or_trial: Any, result: Optional[dict] = None) -> str:
+        """The run the trial's latest report came from (its only run, unless PBT restarted it)."""
+        trial_id = getattr(trial_id_or_trial, "trial_id", trial_id_or_trial)
+        return (result or {}).get("run_name") or f"{self.sweep}-{trial_id}"
+
+    def _run_id(self, run_name: str) -> Optional[str]:
+        if run_name not in self._run_ids:
+            run_id = child_run_id(self._client, self.experiment, self.parent_run_id, run_name)
             if run_id is None:
                 return None
-            self._run_ids[trial.trial_id] = run_id
-        return self._run_ids[trial.trial_id]
+            self._run_ids[run_name] = run_id
+        return self._run_ids[run_name]
 
     def _trial_ended(self, trial: Any, error: Any) -> None:
         import ray
@@ -164,19 +175,21 @@ class SweepTracker(Callback):
         last = (trial.last_result or {}) if trial is not None else {}
         step = last.get("step")
         status = outcome(error, step, self.steps)
-        run_id = self._run_id(trial) if trial is not None else None
-        if run_id is None:
-            run_id = self._record_unstarted(trial_id, trial)
+        # The trial's newest run (PBT may have restarted it in new runs; its last result may even be the
+        # donor's, which PBT copies over).
+        runs = trial_runs(self._client, self.experiment, self.parent_run_id, self.sweep, trial_id)
+        run_name = runs[0].data.tags["cdm.run_name"] if runs else f"{self.sweep}-{trial_id}"
+        run_id = runs[0].info.run_id if runs else self._record_unstarted(trial_id, trial)
         tags = {"cdm.sweep": self.sweep, "cdm.trial_id": trial_id, "cdm.trial_status": status}
         if step is not None:
             tags["cdm.trial_step"] = str(int(step))
         if error is not None:
             tags["cdm.error"] = _error_text(error)
         run = self._client.get_run(run_id)
-        checkpoint = last.get("checkpoint_path")
+        checkpoint = last.get("checkpoint_path") if self._run_name(trial_id, last) == run_name else None
         if checkpoint and "cdm.last_checkpoint" not in run.data.tags:
             # The run was stopped before it could say where its latest checkpoint is.
-            tags["cdm.last_checkpoint"] = f"{self.trials_dir.rstrip('/')}/{self.sweep}-{trial_id}/{checkpoint.rstrip('/').rsplit('/', 1)[-1]}"
+            tags["cdm.last_checkpoint"] = f"{self.trials_dir.rstrip('/')}/{run_name}/{checkpoint.rstrip('/').rsplit('/', 1)[-1]}"
         for key, value in tags.items():
             self._client.set_tag(run_id, key, value)
         final = "FAILED" if status == FAILED else "FINISHED"
@@ -192,5 +205,31 @@ class SweepTracker(Callback):
             "mlflow.parentRunId": self.parent_run_id, "cdm.run_name": f"{self.sweep}-{trial_id}", "cdm.stage": "train"})
         for key, value in flatten_params(trial.config if trial is not None else {}).items():
             self._client.log_param(run.info.run_id, key, value)
-        self._run_ids[trial_id] = run.info.run_id
+        self._run_ids[f"{self.sweep}-{trial_id}"] = run.info.run_id
         return run.info.run_id
+
+
+def end_earlier_segments(setup: Any, trial_id: str, new_run_name: str, start: dict[str, Any]) -> None:
+    """PBT: end the trial's earlier runs (it was paused mid-run) as exploited by `new_run_name`.
+
+    Such a run has no cdm.trial_status yet; it may be RUNNING, or FAILED if its training saw the
+    pause as an error.
+
+    `start` is where the new segment begins: {train_checkpoint, run_name (the donor's run), step}.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=setup.tracking_uri)
+    for run in trial_runs(client, setup.experiment, setup.parent_run_id, setup.sweep, trial_id):
+        if "cdm.trial_status" in run.data.tags or run.data.tags["cdm.run_name"] == new_run_name:
+            continue
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        tags = {"cdm.sweep": setup.sweep, "cdm.trial_id": trial_id, "cdm.trial_status": EXPLOITED,
+                "cdm.pbt.continued_in": new_run_name, "cdm.pbt.donor_run": str(start.get("run_name")),
+                "cdm.pbt.donor_checkpoint": start["train_checkpoint"]}
+        if history:
+            tags["cdm.trial_step"] = str(max(m.step for m in history))
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+        if run.info.status != "FINISHED":
+            client.set_terminated(run.info.run_id, status="FINISHED")

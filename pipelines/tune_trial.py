@@ -12,14 +12,29 @@ in `<sweep>/trials/<sweep name>-<trial id>`. The run folder makes trials
 idempotent, which `cdm tune --resume` relies on: a trial whose run already
 finished reports its final metrics without training again, and a trial
 interrupted mid-run continues from its latest checkpoint.
+
+Population based training (`--scheduler pbt`) needs Tune checkpoints, which the
+callback above does not pass on, so a PBT trial forwards each report itself
+(`ForwardReports`, through a queue to the trial's function, which calls
+`tune.report` with a small checkpoint naming the Train checkpoint). When PBT
+replaces a trial's settings with a better trial's (mutated), Tune restarts the
+trial from that trial's checkpoint: the trial then trains a new run, a
+*segment* `<sweep name>-<trial id>-at<step>`, started from the donor's
+checkpoint (`run.init_from`), and ends its previous segment's MLflow run as
+"exploited".
 """
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines import config as cfg
@@ -38,15 +53,31 @@ class TrialSetup:
     parent_run_id: str
     metric: str  # the key Tune optimises (SweepSettings.tune_metric)
     weights: dict[str, float] = field(default_factory=dict)  # for the weighted metric
+    pbt: bool = False  # report Tune checkpoints; a restored trial trains a new segment
 
-    def run_name(self, trial_id: str) -> str:
-        return f"{self.sweep}-{trial_id}"
+    def run_name(self, trial_id: str, start_step: Optional[int] = None) -> str:
+        base = f"{self.sweep}-{trial_id}"
+        return base if start_step is None else f"{base}-at{start_step}"
 
-    def trial_config(self, params: dict[str, Any], trial_id: str) -> TrainConfig:
-        """The base config with the trial's sampled values, its run folder and its MLflow parent."""
+    def owns(self, trial_id: str, run_name: str) -> bool:
+        """Whether `run_name` is one of this trial's runs (its first, or a later PBT segment)."""
+        base = self.run_name(trial_id)
+        return run_name == base or run_name.startswith(base + "-at")
+
+    def trial_config(self, params: dict[str, Any], trial_id: str, start: Optional[dict[str, Any]] = None) -> TrainConfig:
+        """The base config with the trial's sampled values, its run folder and its MLflow parent.
+
+        `start` (PBT): the checkpoint this segment continues from (see `pointer`).
+        """
         config = cfg.apply_overrides(TrainConfig, params, base=self.base_config)
+        if self.pbt:
+            # Any checkpoint at a perturbation step may be copied into another trial later, when Train's
+            # retention (the best K by score) would have removed it: under PBT trials keep them all.
+            config = cfg.apply_overrides(config, {"checkpoint.keep_best": None})
+        if start is not None:
+            config = cfg.apply_overrides(config, {"run.init_from": start["train_checkpoint"]})
         return cfg.apply_overrides(config, {
-            "run.name": self.run_name(trial_id),
+            "run.name": self.run_name(trial_id, None if start is None else start["step"]),
             "run.storage_path": self.trials_dir,
             "tracking.tracking_uri": self.tracking_uri,
             "tracking.experiment": self.experiment,
@@ -73,15 +104,88 @@ class ReportToTune(TuneReportCallback):
     validation has no finite NLL/MSE; +inf keeps such a trial comparable (and last).
     """
 
-    def __init__(self, metric: str, weights: dict[str, float]):
+    def __init__(self, metric: str, weights: dict[str, float], run_name: str):
         super().__init__()
         self.metric = metric
         self.weights = dict(weights)
+        self.run_name = run_name
 
     def after_report(self, run_context, metrics, checkpoint):
         first = dict(metrics[0])
         first[self.metric] = objective(first, self.metric, self.weights)
+        first["run_name"] = self.run_name  # which MLflow run the sweep's tracker tags
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+class ForwardReports(UserCallback):
+    """PBT: rank 0's report, with the objective and its checkpoint's path, to the trial's function.
+
+    The queue holds one item, so Train waits at its next report until the trial has passed
+    this one to Tune, as with `ReportToTune`.
+    """
+
+    def __init__(self, queue: Any, metric: str, weights: dict[str, float], run_name: str):
+        self.queue = queue
+        self.metric = metric
+        self.weights = dict(weights)
+        self.run_name = run_name
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = dict(metrics[0])
+        first[self.metric] = objective(first, self.metric, self.weights)
+        first["run_name"] = self.run_name
+        if checkpoint:
+            first["checkpoint_path"] = checkpoint.path
+        self.queue.put(first)
+
+
+POINTER_FILE = "cdm_train_checkpoint.json"
+
+
+def pointer(checkpoint: Any) -> Optional[dict[str, Any]]:
+    """What a PBT trial's Tune checkpoint names: {train_checkpoint, run_name, step}, or None."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / POINTER_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _report_with_pointer(report: dict[str, Any]) -> None:
+    from ray import tune
+
+    path = report.get("checkpoint_path")
+    if not path:
+        tune.report(report)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, POINTER_FILE).write_text(json.dumps(
+            {"train_checkpoint": path, "run_name": report.get("run_name"), "step": int(report["step"])}))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _train_reporting_checkpoints(start_training, run_name: str, setup: TrialSetup) -> None:
+    """Run `start_training(callback)` in a thread and pass each of its reports to Tune from this one."""
+    from ray.util.queue import Queue
+
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            start_training(ForwardReports(queue, setup.metric, setup.weights, run_name))
+        except BaseException as err:  # noqa: BLE001 -- raised again in the trial's thread below
+            failure.append(err)
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=train, name=f"cdm-train-{run_name}", daemon=True)
+    thread.start()
+    while (report := queue.get()) is not None:
+        _report_with_pointer(report)
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def finished_result(run_dir: str, config: TrainConfig, metric: str, weights: dict[str, float]) -> Optional[dict[str, Any]]:
@@ -98,6 +202,7 @@ def finished_result(run_dir: str, config: TrainConfig, metric: str, weights: dic
         return None
     report = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
     report["step"] = config.train.steps
+    report["run_name"] = config.run.name
     report[metric] = objective(report, metric, weights)
     checkpoint = run.data.tags.get("cdm.last_checkpoint")
     if checkpoint:
@@ -111,22 +216,42 @@ def cdm_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
 
     from pipelines import train
-    from pipelines.tune_resources import RecordPlacementGroup, ledger_name
+    from pipelines.tune_resources import RecordPlacementGroup, TrialActorWatch, ledger_name, release
     from pipelines.tune_sweep import join, run_info
 
     trial_id = tune.get_context().get_trial_id()
     ledger = ray.get_actor(ledger_name(setup.sweep))
-    ray.get(ledger.add_actor.remote(trial_id, ray.get_runtime_context().get_actor_id()))
-    callbacks = [ReportToTune(setup.metric, setup.weights), RecordPlacementGroup(setup.sweep, trial_id)]
+    # A trial restarted in the same sweep (PBT, a retry) waits until its previous actor has exited (so that
+    # nothing of it still writes to MLflow), then frees what that actor's Train run held.
+    previous_actor, previous_groups = ray.get(ledger.add_actor.remote(trial_id, ray.get_runtime_context().get_actor_id()))
+    if previous_actor is not None:
+        TrialActorWatch(previous_actor).wait()
+    release(previous_groups)
 
-    config = setup.trial_config(params, trial_id)
+    start = pointer(tune.get_checkpoint()) if setup.pbt else None
+    if start is not None and setup.owns(trial_id, start["run_name"]):
+        # Restored from its own checkpoint (`cdm tune --resume`, a retry): that run continues.
+        config = cfg.apply_overrides(setup.trial_config(params, trial_id), {"run.name": start["run_name"]})
+        start = None
+    else:  # PBT: continue from the donor's checkpoint in a new run
+        config = setup.trial_config(params, trial_id, start)
     run_dir = join(setup.trials_dir, config.run.name)
-    if run_info(run_dir) is None:
-        train.run(config, config_name=config.run.name, callbacks=callbacks)
-        return
-    # The sweep was interrupted after this trial had started (`cdm tune --resume`).
+    if start is not None:
+        from pipelines.tune_tracking import end_earlier_segments
+
+        end_earlier_segments(setup, trial_id, config.run.name, start)
+    placement = RecordPlacementGroup(setup.sweep, trial_id)
+
+    def start_training(report_callback) -> None:
+        if run_info(run_dir) is None:
+            train.run(config, config_name=config.run.name, callbacks=[report_callback, placement])
+        else:  # the sweep was interrupted after this run had started (`cdm tune --resume`)
+            train.resume(run_dir, callbacks=[report_callback, placement])
+
     done = finished_result(run_dir, config, setup.metric, setup.weights)
-    if done is not None:
-        tune.report(done)
-        return
-    train.resume(run_dir, callbacks=callbacks)
+    if done is not None:  # `cdm tune --resume` after this run had finished
+        _report_with_pointer(done) if setup.pbt else tune.report(done)
+    elif setup.pbt:
+        _train_reporting_checkpoints(start_training, config.run.name, setup)
+    else:
+        start_training(ReportToTune(setup.metric, setup.weights, config.run.name))

@@ -29,6 +29,7 @@ import typer
 
 from pipelines import config as cfg
 from pipelines.errors import UserError
+from pipelines.ray_logging import quiet_ray_data_console
 from pipelines.workflow_config import WorkflowConfig, describe, load
 from pipelines.workflow_plan import Plan, Stage, make_plan
 from pipelines.workflow_progress import _duration
@@ -75,12 +76,15 @@ def prepare_plan(config_path: str | Path, overrides: list[str] = (), *, workdir:
     return make_plan(config, name, root, strict=strict), uri
 
 
-def stage_status(stage: Stage) -> str:
+def stage_status(stage: Stage) -> tuple[str, str]:
+    """(run | skip | resume, why) of a stage as things stand on disk."""
     if stage.record() is not None:
-        return "skip (done)"
-    if stage.name == "train" and (Path(stage.output) / "cdm_run.json").is_file():
-        return "resume (interrupted run with checkpoints)"
-    return "run"
+        return "skip", "done"
+    folder = Path(stage.output)
+    if stage.name == "train" and (folder / "cdm_run.json").is_file():
+        checkpoints = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
+        return "resume", f"interrupted; continues from {checkpoints[-1]}" if checkpoints else "interrupted before its first checkpoint"
+    return "run", ""
 
 
 def print_plan(plan: Plan, tracking_uri: str, echo=typer.echo) -> None:
@@ -90,7 +94,8 @@ def print_plan(plan: Plan, tracking_uri: str, echo=typer.echo) -> None:
     echo(f"  data     {plan.dataset_uri}")
     width = max(len(s.name) for s in plan.stages)
     for i, stage in enumerate(plan.stages, 1):
-        echo(f"  {i}. {stage.name:<{width}}  {stage.key}  {stage_status(stage):<11}  {stage.about}")
+        status, why = stage_status(stage)
+        echo(f"  {i}. {stage.name:<{width}}  {stage.key}  {status:<6}  {stage.about}{f' ({why})' if why else ''}")
         echo(f"     {'':<{width}}  → {stage.output}")
     for problem in plan.problems:
         echo(f"  cannot run as it is: {problem}")
@@ -211,6 +216,7 @@ def _ensure_ray(config: WorkflowConfig) -> None:
             s = config.train.scaling
             local["num_cpus"] = config.ray.num_cpus or max(os.cpu_count() or 1, s.num_workers * s.cpus_per_worker + 1)
         # With its dashboard (as `cdm train` starts Ray): that monitor needs the state API.
+        quiet_ray_data_console()
         ray.init(address=address or "local", runtime_env=runtime_env, **local)
     # Ray Data's progress lines every few seconds would drown the workflow's own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -215,6 +215,7 @@ def test_checkpoints_follow_the_contract_and_keep_the_best(two_workers):
     assert config["model"]["kind"] == "cdm" and config["schedule"] == {"name": "linear", "T": 20, "params": {}}
     assert config["loss"]["prior"] is None and config["data"]["num_labels"] is None
     assert ckpt["optimizer"] is not None and ckpt["scheduler"] is not None and len(ckpt["extra"]["rng"]) == 2
+    assert ckpt["extra"]["mlflow_run_id"] == result.mlflow_run_id  # batch stages link their runs to it
     assert cfg.from_dict(TrainConfig, config).scaling.num_workers == 2  # the whole config round-trips
     model = load_trained_model(result.best_checkpoint)
     assert model.schedule.T == 20 and model.eps_fn() is not None

@@ -58,6 +58,7 @@ def test_missing_dataset_through_the_console_script(tmp_path):
     (["--set", "model.attn_resolutions=[16]"], "attn_resolutions [16] do not occur in this U-Net"),
     (["--set", "model.conditional=true", "--set", "train.batch_size=4096"], "each worker's share of split 'train' has only 1618"),
     (["--set", "data.val_split=valid"], "data.val_split: 'valid' is not a split of"),
+    (["--set", "run.init_from=/nowhere/checkpoint_00000010"], "run.init_from: no checkpoint.pt in /nowhere/checkpoint_00000010"),
     (["--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
 ])
 def test_config_mistakes(argv, message, digits_dataset, tmp_path, capsys, monkeypatch):

@@ -157,7 +157,9 @@ def test_cli_refuses_a_bad_space_file_before_ray_starts(tmp_path):
 
 
 @pytest.mark.parametrize("settings, overrides, message", [
-    ({"scheduler": "pbt"}, [], "--scheduler pbt: population based training is not available yet"),
+    ({"scheduler": "pbt", "perturbation_interval": 15}, ["train.steps=40", "checkpoint.every=10"],
+     "tune.perturbation_interval: 15 steps must be a multiple of checkpoint.every (10"),
+    ({"scheduler": "pbt"}, ["train.steps=40", "checkpoint.every=40"], "and below train.steps (40)"),
     ({"scheduler": "asha", "grace_period": 40}, ["train.steps=40"], "tune.grace_period: 40 steps is not before the end"),
     ({"scheduler": "asha"}, ["train.steps=40", "checkpoint.every=40"], "set checkpoint.every lower (e.g. --set checkpoint.every=4)"),
 ])
@@ -167,7 +169,7 @@ def test_scheduler_settings_that_cannot_work_are_refused(base, settings, overrid
 
     config = cfg.apply_overrides(base, overrides)
     with pytest.raises(UserError) as err:
-        _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, settings).settings, config)
+        _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, settings), config)
     assert message in str(err.value)
 
 
@@ -175,7 +177,30 @@ def test_asha_rungs_end_before_the_last_step_so_finishing_trials_are_not_cut(bas
     from pipelines.tune import _scheduler
 
     config = cfg.apply_overrides(base, ["train.steps=40", "checkpoint.every=10"])
-    asha = _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, {"reduction_factor": 2}).settings, config)
+    asha = _scheduler(parse(config, {"optim.lr": {"choice": [1e-3]}}, {"reduction_factor": 2}), config)
     assert asha._time_attr == "step" and asha._stop_last_trials is False
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [20, 10]
 
+
+
+def test_pbt_mutates_only_what_a_checkpoint_survives_and_copies_the_rest(base):
+    from ray import tune as ray_tune
+
+    from pipelines.tune import _scheduler
+
+    config = cfg.apply_overrides(base, ["train.steps=40", "checkpoint.every=10"])
+    sweep = parse(config, {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "loss.w_ce": {"grid": [1e-3, 1e-2]},
+                           "schedule.name": {"grid": ["linear", "ot"]}},
+                  {"scheduler": "pbt", "perturbation_interval": 20, "quantile_fraction": 0.5})
+    mutations = sweep.pbt_mutations()
+    assert set(mutations) == {"optim", "loss"}  # the schedule is drawn per trial, then inherited from the donor
+    assert isinstance(mutations["optim"]["lr"], ray_tune.search.sample.Float)
+    assert mutations["loss"]["w_ce"] == [1e-3, 1e-2]
+    pbt = _scheduler(sweep, config)
+    assert pbt._time_attr == "step" and pbt._perturbation_interval == 20 and pbt._quantile_fraction == 0.5
+
+
+def test_pbt_refuses_a_space_it_could_not_mutate(base):
+    with pytest.raises(ConfigError) as err:
+        parse(base, {"schedule.name": {"grid": ["linear", "ot"]}}, {"scheduler": "pbt"})
+    assert "may change only optim.*, loss.w_ce, loss.w_mse; the [space] searches none" in str(err.value)
