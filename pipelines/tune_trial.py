@@ -250,7 +250,10 @@ def cdm_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     done = finished_result(run_dir, config, setup.metric, setup.weights)
     if done is not None:  # `cdm tune --resume` after this run had finished
-        _report_with_pointer(done) if setup.pbt else tune.report(done)
+        if setup.pbt:
+            _report_with_pointer(done)
+        else:
+            tune.report(done)
     elif setup.pbt:
         _train_reporting_checkpoints(start_training, config.run.name, setup)
     else:
