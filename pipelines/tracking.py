@@ -78,6 +78,25 @@ def experiment_id(name: str, tracking_uri: str) -> str:
 
 
 @contextlib.contextmanager
+def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.log_*`) on `tracking_uri` for the block, and as before after it.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ, which
+    `default_tracking_uri` honours: left there, one stage's store would become the next
+    stage's default in a long-lived process (a notebook calling stages with different
+    workdirs, a test session).
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable
+
+
+@contextlib.contextmanager
 def mlflow_run(
     experiment: str,
     run_name: str,
@@ -96,28 +115,43 @@ def mlflow_run(
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = _ensure_experiment(client, experiment, tracking_uri)
-    nested = parent_run_id is not None or mlflow.active_run() is not None
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        nested=nested,
-        parent_run_id=parent_run_id,
-        tags={str(k): str(v) for k, v in (tags or {}).items()},
-    )
-    run_id = run.info.run_id
-    status = "FAILED"
-    try:
-        flat = [Param(k, v) for k, v in flatten_params(params or {}).items()]
-        for start in range(0, len(flat), _BATCH):
-            client.log_batch(run_id, params=flat[start : start + _BATCH])
-        yield run
-        status = "FINISHED"
-    finally:
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run_id:
+    with using_tracking_uri(tracking_uri):
+        experiment_id = _ensure_experiment(client, experiment, tracking_uri)
+        nested = parent_run_id is not None or mlflow.active_run() is not None
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            nested=nested,
+            parent_run_id=parent_run_id,
+            tags={str(k): str(v) for k, v in (tags or {}).items()},
+        )
+        run_id = run.info.run_id
+        status = "FAILED"
+        try:
+            flat = [Param(k, v) for k, v in flatten_params(params or {}).items()]
+            for start in range(0, len(flat), _BATCH):
+                client.log_batch(run_id, params=flat[start : start + _BATCH])
+            yield run
+            status = "FINISHED"
+        finally:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run(status=status)
+            else:  # the block ended our run itself, or left a child run active on top of it
+                client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
+    """Continue an existing MLflow run (a resumed stage); it ends FAILED if an exception escapes, FINISHED otherwise."""
+    import mlflow
+
+    with using_tracking_uri(tracking_uri):
+        run = mlflow.start_run(run_id=run_id)
+        status = "FAILED"
+        try:
+            yield run
+            status = "FINISHED"
+        finally:
             mlflow.end_run(status=status)
-        else:  # the block ended our run itself, or left a child run active on top of it
-            client.set_terminated(run_id, status=status)

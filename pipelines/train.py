@@ -17,7 +17,6 @@ A worker failure is retried the same way within one `fit()` (run.max_failures).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -169,21 +168,6 @@ def _fault_injection(run_name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- MLflow
-
-
-@contextlib.contextmanager
-def _reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """Continue an existing MLflow run; it ends FAILED if an exception escapes, FINISHED otherwise."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    run = mlflow.start_run(run_id=run_id)
-    status = "FAILED"
-    try:
-        yield run
-        status = "FINISHED"
-    finally:
-        mlflow.end_run(status=status)
 
 
 def _log_final_model(checkpoint_dir: str, data_uri: str, split: str, tracking_uri: str, run_id: str) -> None:
@@ -401,7 +385,9 @@ def resume(run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri
     mlflow_info = info["mlflow"]
     uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
     storage, run_name = run_dir.rstrip("/").rsplit("/", 1)
-    with _reopened_run(uri, run_id):
+    from pipelines.tracking import reopened_run
+
+    with reopened_run(uri, run_id):
         import mlflow
 
         if changed:

@@ -225,9 +225,9 @@ def run(config: TrainConfig, sweep: tune_space.SweepFile, *, config_name: str = 
     from ray import tune
 
     from pipelines import train
-    from pipelines.tracking import default_tracking_uri, mlflow_run
+    from pipelines.tracking import default_tracking_uri, mlflow_run, reopened_run
     from pipelines.tune_resources import open_ledger
-    from pipelines.tune_tracking import SweepTracker, reopened_run
+    from pipelines.tune_tracking import SweepTracker
     from pipelines.tune_trial import TrialSetup, cdm_trial
 
     train._check_ray_train_v2()

@@ -22,33 +22,17 @@ at every reported step.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from ray.tune import Callback
 
 from pipelines.tune_results import COMPLETED, EXPLOITED, FAILED, STOPPED_EARLY, child_run_id, trial_runs
 
-__all__ = ["SweepTracker", "end_earlier_segments", "reopened_run", "outcome", "COMPLETED", "EXPLOITED", "FAILED",
+__all__ = ["SweepTracker", "end_earlier_segments", "outcome", "COMPLETED", "EXPLOITED", "FAILED",
            "STOPPED_EARLY"]
 
 ERROR_TAG_LENGTH = 4000
-
-
-@contextlib.contextmanager
-def reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
-    """Continue the sweep's parent run (`--resume`); FAILED if an exception escapes, FINISHED otherwise."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    run = mlflow.start_run(run_id=run_id)
-    status = "FAILED"
-    try:
-        yield run
-        status = "FINISHED"
-    finally:
-        mlflow.end_run(status=status)
 
 
 def outcome(error: Any, step: Optional[int], steps: int) -> str:

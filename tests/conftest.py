@@ -11,22 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_tracking_uri():
     """Each test module starts from the MLflow environment the session started with.
 
-    `mlflow.set_tracking_uri()` also writes MLFLOW_TRACKING_URI into os.environ (for subprocesses), and our
-    default tracking URI honours that variable, so one module's store would otherwise become the next
-    module's default.
+    The stages take back what `mlflow.set_tracking_uri()` writes into os.environ
+    (pipelines.tracking.using_tracking_uri; tests/test_tracking.py checks it), but some tests
+    call it themselves, and our default tracking URI honours MLFLOW_TRACKING_URI.
     """
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     import mlflow
 
-    mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if before is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    mlflow.set_tracking_uri(before)
 
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

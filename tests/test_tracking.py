@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,20 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default_tracking_uri("sub") == f"sqlite:///{tmp_path.resolve()}/sub/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_a_stage_leaves_the_next_stage_its_own_default_store(store, tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; a finished stage must take it back,
+    # or a notebook running a second stage in another workdir would track into the first one's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with mlflow_run("cdm", "first", store[1]):
+        assert mlflow.get_tracking_uri() == store[1]
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own setting survives
+    with mlflow_run("cdm", "second", store[1]):
+        pass
     assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 

@@ -193,10 +193,10 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(two_workers, store,
     assert bpd == pytest.approx(metrics["val/nll_bpd"], abs=1e-4)
 
     # The MLflow model (the final EMA network) loads back and scores data the same way.
+    mlflow.set_tracking_uri(store[1])
     models = mlflow.search_logged_models(experiment_ids=[info.info.experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{result.mlflow_run_id}'")
     assert len(models) == 1
-    mlflow.set_tracking_uri(store[1])
     loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     assert bits_per_dim(loaded, x[:50]).mean().item() == pytest.approx(bits_per_dim(trained.model, x[:50]).mean().item(), abs=1e-4)
 
