@@ -140,7 +140,6 @@ def _scheduler(sweep: tune_space.SweepFile, config: TrainConfig):
                            resample_probability=settings.resample_probability, perturbation_factors=(1.2, 0.8))
 
 
-
 # --------------------------------------------------------------------------- the stage
 
 
