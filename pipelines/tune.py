@@ -88,7 +88,11 @@ def _check_against_saved(saved: dict[str, Any], config: TrainConfig, sweep: tune
 
 
 def _max_concurrent(config: TrainConfig, wanted: int) -> int:
-    """`wanted`, or as many trials as the cluster's CPUs/GPUs fit (each trial's workers plus one CPU for Ray Data)."""
+    """As many trials as the cluster's CPUs/GPUs fit (each trial's workers plus one CPU for Ray Data), at most `wanted`.
+
+    More would not wait their turn: each trial's Train workers would take their CPUs and the Ray Data
+    read tasks of every trial would find none left, so no trial would ever get its first batch.
+    """
     import ray
 
     s = config.scaling
@@ -100,8 +104,9 @@ def _max_concurrent(config: TrainConfig, wanted: int) -> int:
     if wanted > fit:
         typer.secho(f"warning: {wanted} trials at once need {wanted * (s.num_workers * s.cpus_per_worker + 1):g} CPUs "
                     f"(each trial's workers plus one for Ray Data) but the cluster has {total.get('CPU', 0):g}; "
-                    "the extra trials wait for resources", err=True, fg=typer.colors.YELLOW)
-    return wanted or fit
+                    f"running {fit} at a time (on an autoscaling cluster, start the sweep once it has grown)",
+                    err=True, fg=typer.colors.YELLOW)
+    return min(wanted, fit) if wanted else fit
 
 
 def _scheduler(sweep: tune_space.SweepFile, config: TrainConfig):
