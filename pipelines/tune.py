@@ -362,7 +362,7 @@ def tune_command(
     space: Path = typer.Option(..., "--space", help="Sweep file: what to search and how (see configs/space_default.toml)."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Trials to draw (a grid is repeated this many times)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="asha (stop weak trials early), fifo or pbt."),
-    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=0, help="Trials at once; 0 = as many as the cluster fits."),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=0, help="Trials at once, at most; 0 = as many as the cluster fits (never more)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="val/nll_bpd (default), val/mse or weighted (tune.weights)."),
     name: Optional[str] = typer.Option(None, "--name", help="Sweep name (folder under run.storage_path); needed to --resume."),
     set_: list[str] = typer.Option([], "--set", help="Override a training setting for every trial, e.g. --set train.steps=2000."),

@@ -89,7 +89,7 @@ class SweepSettings:
     weights: dict[str, float] = option({"val/nll_bpd": 1.0, "val/mse": 1.0}, doc="metric weights when metric = 'weighted'")
     num_samples: int = option(1, ge=1, doc="trials drawn from the space (a grid is repeated this many times)")
     scheduler: Literal["asha", "fifo", "pbt"] = option("asha", doc="asha: stop weak trials early; fifo: run all to the end; pbt: population based training")
-    max_concurrent: int = option(0, ge=0, doc="trials at once; 0 = as many as the cluster's CPUs/GPUs fit")
+    max_concurrent: int = option(0, ge=0, doc="trials at once, at most; 0 = as many as the cluster's CPUs/GPUs fit (never more: see README)")
     grace_period: Optional[int] = option(None, ge=1, doc="ASHA: steps before a trial can be stopped; default the first checkpoint step")
     reduction_factor: float = option(3.0, gt=1, doc="ASHA: keep the best 1/reduction_factor at every rung")
     perturbation_interval: Optional[int] = option(None, ge=1, doc="PBT: steps between exploit/explore (a multiple of checkpoint.every); default checkpoint.every")
