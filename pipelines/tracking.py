@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,27 @@ def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:
     if env:
         return env
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def folder_recorded_by_run(value: str, tag: str, *, tracking_uri: str | None, label: str, kind: str) -> str | None:
+    """If `value` looks like an MLflow run id: the folder that run recorded in tag `tag`; else None.
+
+    For commands that take a stage's folder or its MLflow run id (`cdm train --resume`, `--from-best`).
+    A run id that is not in the store, or whose run is not `kind`, is a UserError starting with `label`.
+    """
+    if not re.fullmatch(r"[0-9a-f]{32}", value):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.errors import UserError
+
+    try:
+        tags = MlflowClient(tracking_uri or default_tracking_uri()).get_run(value).data.tags
+    except Exception as err:
+        raise UserError(f"{label}: no such MLflow run ({type(err).__name__})") from None
+    if tag not in tags:
+        raise UserError(f"{label}: that MLflow run is not {kind} (no {tag} tag)")
+    return tags[tag]
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:

@@ -346,20 +346,14 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
 
 def find_run_dir(run: str, tracking_uri: str | None = None) -> str:
     """RUN as given to --resume: a run folder (path or URI) or an MLflow run id of a train run."""
+    from pipelines.tracking import folder_recorded_by_run
+
     if _exists(run) and _read_run_file(_absolute(run)) is not None:
         return _absolute(run)
-    if re.fullmatch(r"[0-9a-f]{32}", run):
-        from mlflow.tracking import MlflowClient
-
-        from pipelines.tracking import default_tracking_uri
-
-        try:
-            tags = MlflowClient(tracking_uri or default_tracking_uri()).get_run(run).data.tags
-        except Exception as err:
-            raise UserError(f"--resume {run}: no such MLflow run ({type(err).__name__})") from None
-        if "cdm.checkpoint_dir" in tags:
-            return tags["cdm.checkpoint_dir"]
-        raise UserError(f"--resume {run}: that MLflow run is not a cdm train run (no cdm.checkpoint_dir tag)")
+    folder = folder_recorded_by_run(run, "cdm.checkpoint_dir", tracking_uri=tracking_uri, label=f"--resume {run}",
+                                    kind="a cdm train run")
+    if folder is not None:
+        return folder
     raise UserError(f"--resume {run}: not a run folder with {RUN_FILE} (give the folder printed at the start of the run, "
                     "or its MLflow run id)")
 

@@ -77,20 +77,14 @@ def write_sweep(sweep_dir: str, info: dict[str, Any]) -> None:
 
 def find_sweep_dir(sweep: str, tracking_uri: str | None = None) -> str:
     """SWEEP as the user gives it: a sweep folder (path or URI) or the MLflow run id of its parent run."""
+    from pipelines.tracking import folder_recorded_by_run
+
     if exists(sweep) and read_sweep(absolute(sweep)) is not None:
         return absolute(sweep)
-    if re.fullmatch(r"[0-9a-f]{32}", sweep):
-        from mlflow.tracking import MlflowClient
-
-        from pipelines.tracking import default_tracking_uri
-
-        try:
-            tags = MlflowClient(tracking_uri or default_tracking_uri()).get_run(sweep).data.tags
-        except Exception as err:
-            raise UserError(f"{sweep}: no such MLflow run ({type(err).__name__})") from None
-        if "cdm.sweep_dir" in tags:
-            return tags["cdm.sweep_dir"]
-        raise UserError(f"{sweep}: that MLflow run is not a cdm tune sweep (no cdm.sweep_dir tag)")
+    folder = folder_recorded_by_run(sweep, "cdm.sweep_dir", tracking_uri=tracking_uri, label=sweep,
+                                    kind="a cdm tune sweep")
+    if folder is not None:
+        return folder
     raise UserError(f"{sweep}: not a sweep folder with {SWEEP_FILE} (give the folder `cdm tune` printed, "
                     "or the MLflow run id of the sweep's parent run)")
 

@@ -97,6 +97,14 @@ def objective(metrics: dict[str, Any], metric: str, weights: dict[str, float]) -
     return value if math.isfinite(value) else math.inf
 
 
+def trial_report(metrics: dict[str, Any], metric: str, weights: dict[str, float], run_name: str) -> dict[str, Any]:
+    """Rank 0's report as the sweep passes it to Tune: with the objective, and the run it came from."""
+    report = dict(metrics)
+    report[metric] = objective(report, metric, weights)
+    report["run_name"] = run_name  # which MLflow run the sweep's tracker tags
+    return report
+
+
 class ReportToTune(TuneReportCallback):
     """Forwards rank 0's report to the Tune trial, with the sweep's objective always present.
 
@@ -111,9 +119,7 @@ class ReportToTune(TuneReportCallback):
         self.run_name = run_name
 
     def after_report(self, run_context, metrics, checkpoint):
-        first = dict(metrics[0])
-        first[self.metric] = objective(first, self.metric, self.weights)
-        first["run_name"] = self.run_name  # which MLflow run the sweep's tracker tags
+        first = trial_report(metrics[0], self.metric, self.weights, self.run_name)
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
@@ -131,9 +137,7 @@ class ForwardReports(UserCallback):
         self.run_name = run_name
 
     def after_report(self, run_context, metrics, checkpoint):
-        first = dict(metrics[0])
-        first[self.metric] = objective(first, self.metric, self.weights)
-        first["run_name"] = self.run_name
+        first = trial_report(metrics[0], self.metric, self.weights, self.run_name)
         if checkpoint:
             first["checkpoint_path"] = checkpoint.path
         self.queue.put(first)
@@ -200,10 +204,9 @@ def finished_result(run_dir: str, config: TrainConfig, metric: str, weights: dic
     run = MlflowClient(info["mlflow"]["tracking_uri"]).get_run(info["mlflow"]["run_id"])
     if run.info.status != "FINISHED" or run.data.tags.get("cdm.final_step") != str(config.train.steps):
         return None
-    report = {k: v for k, v in run.data.metrics.items() if k.startswith("val/")}
+    report = trial_report({k: v for k, v in run.data.metrics.items() if k.startswith("val/")}, metric, weights,
+                          config.run.name)
     report["step"] = config.train.steps
-    report["run_name"] = config.run.name
-    report[metric] = objective(report, metric, weights)
     checkpoint = run.data.tags.get("cdm.last_checkpoint")
     if checkpoint:
         report["checkpoint_path"] = checkpoint

@@ -27,6 +27,17 @@ def _isolate_mlflow_tracking_uri():
     mlflow.set_tracking_uri(before)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray per test module (modules with other needs define their own)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

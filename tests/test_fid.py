@@ -18,13 +18,6 @@ from pipelines.sample import write_dataset  # noqa: E402
 from test_features import random_inception_weights, torch_fidelity_available  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def write_vectors(out, points, seed=0):
     """Vectors as a one-split dataset (the format `cdm sample` writes)."""
     spec = sh.SampleSpec("vector", (points.shape[1],), False, None)

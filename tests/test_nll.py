@@ -38,14 +38,6 @@ def config_for(kind: str, schedule: str = "linear", t: int = T, num_labels=None)
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def gmm(tmp_path_factory):
     """The toy mixture: 300 test points in uneven shards of 70 (70, 70, 70, 70, 20)."""
     out = tmp_path_factory.mktemp("gmm") / "ds"

@@ -37,13 +37,6 @@ def config_for(kind: str, t: int, num_labels=None, schedule: str = "linear") -> 
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def unet(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("unet") / "checkpoint.pt"
