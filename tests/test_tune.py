@@ -207,7 +207,10 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(pbt, stor
     # Each of the two trials ends in one run that trained to the last step.
     finals = [r for r in runs.values() if r.data.tags.get("cdm.trial_status") != "exploited"]
     assert len(finals) == 2 and all(r.data.tags["cdm.trial_status"] == "completed" for r in finals)
-    assert pbt.best is not None and pbt.best.status == "completed" and pbt.best.step == 60
+    assert all(r.data.tags["cdm.final_step"] == "60" for r in finals)
+    # The best is the lowest validation NLL any run reached; an exploited run may hold it (it trained on
+    # until Tune stopped it), as a trial ASHA stopped early may.
+    assert pbt.best is not None and pbt.best.value == min(r.value for r in pbt.rows if r.status != "failed")
 
 
 def test_stopped_and_failed_trials_gave_back_their_placement_groups(mixed, pbt):
