@@ -125,7 +125,7 @@ def _vm_hwm_mib() -> float:
 def peak_memory_mib(preset: str, batch: int, op: str) -> float:
     """Peak RSS growth of a fresh process running one operation twice, over its state after set-up."""
     code = (
-        "import sys, torch; sys.path.insert(0, %r); import core; torch.set_num_threads(1);"
+        "import sys, torch; sys.path.insert(0, %r); import core; torch.set_num_threads(1);"  # noqa: UP031
         "cdm, ddm, s, x = core.build(%r, %d); ops = core.operations(cdm, ddm, s, x);"
         "base = core._vm_hwm_mib(); ops[%r](); ops[%r](); print(core._vm_hwm_mib() - base)"
     ) % (str(Path(__file__).resolve().parent), preset, batch, op, op)
@@ -149,8 +149,9 @@ def main() -> None:
     parser.add_argument("--preset", default="mnist")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 keeps ratios stable on a shared 2-core machine")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 keeps ratios stable on a shared 2-core machine"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

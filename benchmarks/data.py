@@ -51,7 +51,9 @@ def _fake_cifar(root: Path, n_train: int, n_test: int = 100) -> Path:
             b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
         }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    names = [c.encode() for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]]
+    names = [
+        c.encode() for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    ]
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
     return folder
 
@@ -87,7 +89,7 @@ def raw_read(paths: list[Path], reps: int) -> tuple[float, float]:
 
 def plain_reader(uri: Path, reps: int) -> float:
     """Images/s of LocalReader: read + check + decode every PNG, then float (B, C, H, W) torch batches."""
-    from pipelines.readers import LocalReader
+    from pipelines.data.readers import LocalReader
 
     best = float("inf")
     n = 0
@@ -101,7 +103,7 @@ def plain_reader(uri: Path, reps: int) -> float:
 
 def ray_reader(uri: Path, epochs: int) -> float:
     """Images/s through ray_dataset(...).iter_torch_batches, after one warm-up epoch."""
-    from pipelines.readers import ray_dataset
+    from pipelines.data.readers import ray_dataset
 
     ds = ray_dataset(uri, "train", flip=True)
     for _ in ds.iter_torch_batches(batch_size=64):
@@ -155,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from pipelines.prepare import PrepareConfig, run
+    from pipelines.common.config import nest
+    from pipelines.data.config import PrepareConfig
+    from pipelines.data.prepare import run
 
     cores = os.cpu_count() or 1
     results: dict = {
@@ -169,18 +173,20 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        run(PrepareConfig(source="mnist5k", out=str(tmp / "mnist"), track=False))
+        run(nest(PrepareConfig, source="mnist5k", out=str(tmp / "mnist"), track=False))
         results["prepare_mnist5k_s"] = round(time.perf_counter() - t, 2)
         src = _fake_cifar(tmp / "src", args.cifar_images)
         t = time.perf_counter()
-        run(PrepareConfig(source="cifar10", path=str(src), out=str(tmp / "cifar"), track=False))
+        run(nest(PrepareConfig, source="cifar10", path=str(src), out=str(tmp / "cifar"), track=False))
         results["prepare_cifar32_s"] = round(time.perf_counter() - t, 2)
         sets = {"28x28x1": tmp / "mnist", "32x32x3": tmp / "cifar"}
 
         for tag, uri in sets.items():
             paths = _shard_paths(uri)
             results[f"{tag}_train_images"] = json.loads((uri / "dataset.json").read_text())["counts"]["train"]
-            results[f"{tag}_bytes_per_image"] = round(sum(p.stat().st_size for p in paths) / results[f"{tag}_train_images"], 1)
+            results[f"{tag}_bytes_per_image"] = round(
+                sum(p.stat().st_size for p in paths) / results[f"{tag}_train_images"], 1
+            )
             mb_s, members_s = raw_read(paths, args.reps)
             results[f"{tag}_raw_read_mb_per_s"] = round(mb_s, 1)
             results[f"{tag}_raw_read_images_per_s"] = round(mb_s * 1e6 / results[f"{tag}_bytes_per_image"])
@@ -200,7 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_ips, step_ms = train_consumption(args.train_steps)
     results["train_tiny_28x28_b64_images_per_s"] = round(train_ips, 1)
     results["train_tiny_28x28_b64_step_ms"] = round(step_ms, 1)
-    slowest = min(results["28x28x1_plain_reader_images_per_s_per_core"], results["28x28x1_ray_reader_images_per_s_per_core"])
+    slowest = min(
+        results["28x28x1_plain_reader_images_per_s_per_core"], results["28x28x1_ray_reader_images_per_s_per_core"]
+    )
     results["reader_vs_train_consumption_ratio"] = round(slowest / train_ips, 1)
     results["target_ratio"] = TARGET_RATIO
     results["meets_target"] = bool(slowest / train_ips >= TARGET_RATIO)
@@ -225,7 +233,9 @@ def _print_table(r: dict) -> None:
     for label, key in rows:
         print(f"{label:46} {r['28x28x1_' + key]:>10} {r['32x32x3_' + key]:>10}")
     print(f"{'CDM training, tiny U-Net, batch 64 (images/s)':46} {r['train_tiny_28x28_b64_images_per_s']:>10}")
-    print(f"{'reader (1 core) / training (all cores)':46} {r['reader_vs_train_consumption_ratio']:>9}x  (target ≥ {r['target_ratio']:g}x)")
+    print(
+        f"{'reader (1 core) / training (all cores)':46} {r['reader_vs_train_consumption_ratio']:>9}x  (target ≥ {r['target_ratio']:g}x)"
+    )
 
 
 if __name__ == "__main__":

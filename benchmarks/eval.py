@@ -36,8 +36,12 @@ T = 1000
 
 
 def config_for(kind: str) -> dict:
-    return {"model": {"kind": kind}, "schedule": {"name": "linear", "T": T}, "loss": {"prior": None},
-            "data": {"num_labels": None}}
+    return {
+        "model": {"kind": kind},
+        "schedule": {"name": "linear", "T": T},
+        "loss": {"prior": None},
+        "data": {"num_labels": None},
+    }
 
 
 def bare_forward_images_per_s(model: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
@@ -78,21 +82,23 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from cdm_core.checkpoint import save_checkpoint
     from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset
-    from pipelines.features import ClassifierFeatures, InceptionFeatures, TrainFeaturesConfig, sha256_file, train_features
-    from pipelines.fid import FidConfig
-    from pipelines.fid import run as run_fid
-    from pipelines.models import load_trained_model
-    from pipelines.nll import NllConfig
-    from pipelines.nll import run as run_nll
-    from pipelines.prepare import PrepareConfig
-    from pipelines.prepare import run as prepare
-    from pipelines.readers import LocalReader
-    from pipelines.sample import generate
+    from pipelines.common.checkpoints import load_trained_model
+    from pipelines.common.config import nest
+    from pipelines.common.storage import sha256_file
+    from pipelines.data.config import PrepareConfig
+    from pipelines.data.prepare import run as prepare
+    from pipelines.data.readers import LocalReader
+    from pipelines.evaluate.config import FidConfig, NllConfig, TrainFeaturesConfig
+    from pipelines.evaluate.feature_classifier import train_features
+    from pipelines.evaluate.features import ClassifierFeatures, InceptionFeatures
+    from pipelines.evaluate.fid import run as run_fid
+    from pipelines.evaluate.nll import run as run_nll
+    from pipelines.evaluate.sample import generate
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cdm-eval-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "mnist5k"
-    prepare(PrepareConfig(source="mnist5k", out=str(data), track=False))
+    prepare(nest(PrepareConfig, source="mnist5k", out=str(data), track=False))
     reader = LocalReader(data, "train")
     n_images = len(reader)
 
@@ -116,28 +122,42 @@ def main() -> None:
     }
 
     # 1. NLL stage vs the bare forward pass, interleaved so machine noise hits both.
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
+
     def stage_seconds(workers: int) -> float:
         """The whole `cdm nll` stage call: model check, manifest, Ray Data read + actor start-up + scoring, Parquet."""
         start = time.perf_counter()
-        run_nll(NllConfig(checkpoint=str(work / "cdm"), dataset=str(data), split="train", workers=workers,
-                          batch_size=args.batch, out=str(work / f"nll{workers}"), track=False))
+        run_nll(
+            nest(
+                NllConfig,
+                checkpoint=str(work / "cdm"),
+                dataset=str(data),
+                split="train",
+                workers=workers,
+                batch_size=args.batch,
+                out=str(work / f"nll{workers}"),
+                track=False,
+            )
+        )
         return time.perf_counter() - start
 
     forward_before = bare_forward_images_per_s(cdm, x, reps=5)
     stage1 = stage_seconds(1)
     forward_after = bare_forward_images_per_s(cdm, x, reps=5)
     forward = (forward_before + forward_after) / 2
-    result.update({
-        "nll_images": n_images,
-        "bare_forward_images_per_s_1thread": round(forward, 1),
-        "nll_stage_images_per_s_1worker": round(n_images / stage1, 1),
-        "nll_stage_seconds_1worker": round(stage1, 2),
-        "nll_stage_vs_forward_ratio": round(n_images / stage1 / forward, 3),
-        "nll_stage_target_ratio": 0.8,
-    })
+    result.update(
+        {
+            "nll_images": n_images,
+            "bare_forward_images_per_s_1thread": round(forward, 1),
+            "nll_stage_images_per_s_1worker": round(n_images / stage1, 1),
+            "nll_stage_seconds_1worker": round(stage1, 2),
+            "nll_stage_vs_forward_ratio": round(n_images / stage1 / forward, 3),
+            "nll_stage_target_ratio": 0.8,
+        }
+    )
     result["nll_stage_meets_target"] = result["nll_stage_vs_forward_ratio"] >= 0.8
 
     # 2. CDM vs DDM sampling per image, equal steps, the workers' own code path (`generate`), one thread.
@@ -145,17 +165,22 @@ def main() -> None:
     indices = range(args.sample_n)
     for kind in ("cdm", "ddm"):
         trained = load_trained_model(work / kind)
-        seconds = time_call(lambda trained=trained: generate(trained, indices, sampler="ddim", steps=args.sample_steps, seed=0), reps=2)
+        seconds = time_call(
+            lambda trained=trained: generate(trained, indices, sampler="ddim", steps=args.sample_steps, seed=0), reps=2
+        )
         result[f"sample_{kind}_s_per_image_{args.sample_steps}steps"] = round(seconds / args.sample_n, 4)
     result["sample_cdm_vs_ddm_cost_ratio"] = round(
-        result[f"sample_cdm_s_per_image_{args.sample_steps}steps"] / result[f"sample_ddm_s_per_image_{args.sample_steps}steps"], 2)
+        result[f"sample_cdm_s_per_image_{args.sample_steps}steps"]
+        / result[f"sample_ddm_s_per_image_{args.sample_steps}steps"],
+        2,
+    )
 
     # 3. Feature extraction.
-    clf = train_features(TrainFeaturesConfig(dataset=str(data), out=str(work / "clf"), epochs=1, track=False))
+    clf = train_features(nest(TrainFeaturesConfig, dataset=str(data), out=str(work / "clf"), epochs=1, track=False))
     images = reader.data[:500]
     extractor = ClassifierFeatures(clf.path)
     result["features_classifier_images_per_s_1thread"] = round(500 / time_call(lambda: extractor(images), reps=3), 1)
-    from pipelines.features import _import_inception_extractor
+    from pipelines.evaluate.features import _import_inception_extractor
 
     inception_cls = _import_inception_extractor()
 
@@ -164,14 +189,27 @@ def main() -> None:
             return None
 
     torch.save({}, work / "empty.pt")
-    torch.save(Unloaded("random", ["2048"], feature_extractor_weights_path=str(work / "empty.pt")).state_dict(),
-               work / "random-inception.pth")
+    torch.save(
+        Unloaded("random", ["2048"], feature_extractor_weights_path=str(work / "empty.pt")).state_dict(),
+        work / "random-inception.pth",
+    )
     inception = InceptionFeatures(str(work / "random-inception.pth"), sha256_file(work / "random-inception.pth"))
     few = images[:16]
     result["features_inception_images_per_s_1thread"] = round(16 / time_call(lambda: inception(few), reps=2), 2)
-    fid = run_fid(FidConfig(samples=str(data), samples_split="test", reference=str(data), reference_split="train",
-                            features=f"classifier:{clf.path}", cache_dir=str(work / "cache"), workers=os.cpu_count(),
-                            batch_size=args.batch, track=False))
+    fid = run_fid(
+        nest(
+            FidConfig,
+            samples=str(data),
+            samples_split="test",
+            reference=str(data),
+            reference_split="train",
+            features=f"classifier:{clf.path}",
+            cache_dir=str(work / "cache"),
+            workers=os.cpu_count(),
+            batch_size=args.batch,
+            track=False,
+        )
+    )
     result[f"fid_stage_classifier_images_per_s_{os.cpu_count()}workers"] = round(fid.images_per_s, 1)
     result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     ray.shutdown()

@@ -3,7 +3,7 @@
 #
 # Measures, on one CUDA GPU, the training step of the paper's CIFAR-10 CDM
 # (configs/cifar10.toml: cifar10 U-Net preset, T=1000, batch 128) through the
-# real step code (pipelines.train_step.TrainStep: CDM loss with its double
+# real step code (pipelines.train.step.TrainStep: CDM loss with its double
 # backward, gradient clipping, Adam, EMA):
 #   - images/s with bf16 autocast (the headline), with fp32 (TF32 matmuls), and
 #     for the DDM baseline in bf16 on the same U-Net, for comparison;
@@ -31,9 +31,9 @@ import json, os, platform, sys, time
 import torch
 
 from cdm_core.ema import EMA
-from pipelines import config as cfg
-from pipelines.train_config import TrainConfig
-from pipelines.train_step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
+from pipelines.common import config as cfg
+from pipelines.train.config import TrainConfig
+from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
 
 out_path = sys.argv[1]
 device = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))

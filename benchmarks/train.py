@@ -45,16 +45,31 @@ WARMUP_STEPS = 10
 
 
 def bench_config(dataset: Path, work: Path, name: str, steps: int, batch: int, workers: int, threads: int):
-    from pipelines import config as cfg
-    from pipelines.train_config import TrainConfig
+    from pipelines.common import config as cfg
+    from pipelines.train.config import TrainConfig
 
-    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", [
-        f"data.uri={dataset}", f"run.storage_path={work / 'runs'}", f"run.name={name}",
-        f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        "model.base_channels=32", "schedule.T=1000", f"train.steps={steps}", f"train.batch_size={batch}",
-        "train.log_every=10", f"validation.every={steps}", f"checkpoint.every={steps}", "validation.max_samples=64",
-        "sampling.every=0", "run.log_model=false", f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}",
-    ])
+    return cfg.load(
+        TrainConfig,
+        ROOT / "configs" / "train_tiny.toml",
+        [
+            f"data.uri={dataset}",
+            f"run.storage_path={work / 'runs'}",
+            f"run.name={name}",
+            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "model.base_channels=32",
+            "schedule.T=1000",
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            "train.log_every=10",
+            f"validation.every={steps}",
+            f"checkpoint.every={steps}",
+            "validation.max_samples=64",
+            "sampling.every=0",
+            "run.log_model=false",
+            f"scaling.num_workers={workers}",
+            f"scaling.cpus_per_worker={threads}",
+        ],
+    )
 
 
 def plain_loop(config, dataset: Path, threads: int) -> dict:
@@ -62,16 +77,25 @@ def plain_loop(config, dataset: Path, threads: int) -> dict:
     import torch
 
     from cdm_core.ema import EMA
-    from pipelines.readers import LocalReader
-    from pipelines.train_step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
+    from pipelines.data.readers import LocalReader
+    from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
 
     torch.set_num_threads(threads)
     reader = LocalReader(dataset, "train")
     torch.manual_seed(0)
     model = build_network(config, 1, 8)
     opt, sched = build_optimizer(model, config.optim)
-    step = TrainStep(config, model, EMA(model, config.ema.decay), opt, sched, build_schedule(config),
-                     build_prior(config), torch.device("cpu"), torch.Generator().manual_seed(0))
+    step = TrainStep(
+        config,
+        model,
+        EMA(model, config.ema.decay),
+        opt,
+        sched,
+        build_schedule(config),
+        build_prior(config),
+        torch.device("cpu"),
+        torch.Generator().manual_seed(0),
+    )
     done, epoch, stamps = 0, 0, {}
     while done < config.train.steps:
         for batch in reader.batches(config.train.batch_size, shuffle=True, epoch=epoch, drop_last=True):
@@ -95,14 +119,16 @@ def _rates(stamps: dict[int, float], config) -> dict:
     """
     steps, every, batch = config.train.steps, config.train.log_every, config.train.batch_size
     windows = [every * batch / (stamps[s] - stamps[s - every]) for s in sorted(stamps) if s - every >= WARMUP_STEPS]
-    return {"images_per_s": (steps - WARMUP_STEPS) * batch / (stamps[steps] - stamps[WARMUP_STEPS]),
-            "peak_window_images_per_s": max(windows)}
+    return {
+        "images_per_s": (steps - WARMUP_STEPS) * batch / (stamps[steps] - stamps[WARMUP_STEPS]),
+        "peak_window_images_per_s": max(windows),
+    }
 
 
 def ray_run(config) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import run
+    from pipelines.train.trainer import run
 
     started = time.time()
     result = run(config)
@@ -116,7 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=2, help="repeat each measurement, keep the best (the machine may be shared)")
+    parser.add_argument(
+        "--reps", type=int, default=2, help="repeat each measurement, keep the best (the machine may be shared)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="cores per worker (and for the plain loop)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -124,22 +152,34 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from pipelines.prepare import PrepareConfig, run as prepare
+    from pipelines.common.config import nest
+    from pipelines.data.config import PrepareConfig
+    from pipelines.data.prepare import run as prepare
 
     cores = os.cpu_count() or 1
     threads = args.threads
     load_at_start = round(os.getloadavg()[0], 2)
     work = Path(tempfile.mkdtemp(prefix="cdm-bench-train-"))
     dataset = work / "digits"
-    prepare(PrepareConfig(source="digits", out=str(dataset), track=False))
+    prepare(nest(PrepareConfig, source="digits", out=str(dataset), track=False))
     # One logical CPU more than the workers take: Ray Data reads with it (see pipelines.train._fit).
-    ray.init(address="local", num_cpus=max(cores, 2 * threads) + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=max(cores, 2 * threads) + 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     runs: dict[str, list[dict]] = {"plain": [], "ray1": [], "ray2": []}
     try:
         for rep in range(args.reps):  # interleaved, so a burst of load elsewhere hits every variant alike
-            runs["plain"].append(plain_loop(bench_config(dataset, work, f"plain-{rep}", args.steps, args.batch, 1, threads), dataset, threads))
+            runs["plain"].append(
+                plain_loop(
+                    bench_config(dataset, work, f"plain-{rep}", args.steps, args.batch, 1, threads), dataset, threads
+                )
+            )
             runs["ray1"].append(ray_run(bench_config(dataset, work, f"ray1-{rep}", args.steps, args.batch, 1, threads)))
             runs["ray2"].append(ray_run(bench_config(dataset, work, f"ray2-{rep}", args.steps, args.batch, 2, threads)))
     finally:
@@ -193,17 +233,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(r: dict) -> None:
-    print(f"\nCDM training, {r['model']}, {r['data']}, global batch {r['global_batch']}, "
-          f"{r['threads_per_worker']} core(s) per worker on a {r['cpu_cores']}-core machine")
+    print(
+        f"\nCDM training, {r['model']}, {r['data']}, global batch {r['global_batch']}, "
+        f"{r['threads_per_worker']} core(s) per worker on a {r['cpu_cores']}-core machine"
+    )
     print(f"{'':34} {'images/s':>9} {'peak 10-step':>13} {'start-up s':>11} {'total s':>8}")
     print(f"{'plain loop, 1 process':34} {r['plain_images_per_s']:>9} {r['plain_peak_window_images_per_s']:>13}")
     for label, key in (("Ray Train, 1 worker", "1worker"), ("Ray Train, 2 workers (DDP, gloo)", "2workers")):
-        print(f"{label:34} {r[f'ray_{key}_images_per_s']:>9} {r[f'ray_{key}_peak_window_images_per_s']:>13} "
-              f"{r[f'ray_startup_s_{key}']:>11} {r[f'ray_end_to_end_s_{key}']:>8}")
-    print(f"Ray overhead at 1 worker: {r['ray_overhead_fraction_1worker']:.1%} from the fastest windows, "
-          f"{r['ray_overhead_fraction_1worker_whole_run']:.1%} over whole runs (target ≤ {r['target_overhead_fraction']:.0%}); "
-          f"best of {r['reps']} rep(s); load average {r['load_average_1min_at_start']} → {r['load_average_1min_at_end']}"
-          + (" — the machine was shared: figures are noisy" if r["machine_shared"] else ""))
+        print(
+            f"{label:34} {r[f'ray_{key}_images_per_s']:>9} {r[f'ray_{key}_peak_window_images_per_s']:>13} "
+            f"{r[f'ray_startup_s_{key}']:>11} {r[f'ray_end_to_end_s_{key}']:>8}"
+        )
+    print(
+        f"Ray overhead at 1 worker: {r['ray_overhead_fraction_1worker']:.1%} from the fastest windows, "
+        f"{r['ray_overhead_fraction_1worker_whole_run']:.1%} over whole runs (target ≤ {r['target_overhead_fraction']:.0%}); "
+        f"best of {r['reps']} rep(s); load average {r['load_average_1min_at_start']} → {r['load_average_1min_at_end']}"
+        + (" — the machine was shared: figures are noisy" if r["machine_shared"] else "")
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,14 @@ from cdm_core.schedules import Schedule, get_schedule
 class GaussianMixtureLogits(nn.Module):
     """Exact CDM logits of a Gaussian mixture under a named schedule (uniform class prior)."""
 
-    def __init__(self, weights: list[float], means: list[list[float]], covariances: list[list[list[float]]],
-                 schedule: str, num_timesteps: int) -> None:
+    def __init__(
+        self,
+        weights: list[float],
+        means: list[list[float]],
+        covariances: list[list[list[float]]],
+        schedule: str,
+        num_timesteps: int,
+    ) -> None:
         super().__init__()
         self.mixture = GaussianMixture(weights, means, covariances)
         self.schedule_name = schedule

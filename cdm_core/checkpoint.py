@@ -129,7 +129,9 @@ def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cp
     if isinstance(path, (str, os.PathLike)):
         name = str(path)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"no checkpoint file at {name} (expected a cdm checkpoint written by save_checkpoint)")
+            raise FileNotFoundError(
+                f"no checkpoint file at {name} (expected a cdm checkpoint written by save_checkpoint)"
+            )
     else:
         name = getattr(path, "name", repr(path))
     expected = f"expected a {CHECKPOINT_FORMAT!r} file written by cdm_core.checkpoint.save_checkpoint"
@@ -141,13 +143,17 @@ def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cp
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
         # torch's weights_only refusal is a long how-to; its informative line names the unsupported global.
         reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])[:200]
-        raise ValueError(f"{name} is not a cdm checkpoint: torch.load(weights_only=True) failed ({type(err).__name__}: {reason}); {expected}") from err
+        raise ValueError(
+            f"{name} is not a cdm checkpoint: torch.load(weights_only=True) failed ({type(err).__name__}: {reason}); {expected}"
+        ) from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{name} is not a cdm checkpoint (found format {found!r}); {expected}")
     version = checkpoint.get("version")
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{name} is a cdm checkpoint of version {version!r}; this code reads version {CHECKPOINT_VERSION}")
+        raise ValueError(
+            f"{name} is a cdm checkpoint of version {version!r}; this code reads version {CHECKPOINT_VERSION}"
+        )
     missing = [k for k in _REQUIRED_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"{name} is an incomplete cdm checkpoint: missing {missing}")
@@ -184,13 +190,22 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _state_dict_differences(saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+def _state_dict_differences(
+    saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor], limit: int = 5
+) -> list[str]:
     missing = [k for k in current if k not in saved]
     unexpected = [k for k in saved if k not in current]
-    shapes = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
-              for k in current if k in saved and saved[k].shape != current[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(current[k].shape)}"
+        for k in current
+        if k in saved and saved[k].shape != current[k].shape
+    ]
     out = []
-    for label, items in (("missing from checkpoint", missing), ("unexpected in checkpoint", unexpected), ("shape mismatch", shapes)):
+    for label, items in (
+        ("missing from checkpoint", missing),
+        ("unexpected in checkpoint", unexpected),
+        ("shape mismatch", shapes),
+    ):
         if items:
             more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
             out.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")

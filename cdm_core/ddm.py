@@ -7,7 +7,7 @@ there is no noise to predict and at T+1 ε = x_t exactly.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -16,7 +16,8 @@ products) in float64 so that workers can each process a shard and merge.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class FeatureStats:
     def dim(self) -> int | None:
         return None if self.shift is None else self.shift.shape[0]
 
-    def update(self, features: Any) -> "FeatureStats":
+    def update(self, features: Any) -> FeatureStats:
         """Add a (N, D) batch of features."""
         x = _as_float64(features, "features", 2)
         if x.shape[0] == 0:
@@ -105,7 +106,7 @@ class FeatureStats:
         self.sum_outer += centred.T @ centred
         return self
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         """Add another FeatureStats into this one (in place); returns self."""
         if other.count == 0:
             if other.dim is not None and self.dim is not None and other.dim != self.dim:
@@ -128,7 +129,7 @@ class FeatureStats:
         return self
 
     @classmethod
-    def merged(cls, stats: Iterable["FeatureStats"]) -> "FeatureStats":
+    def merged(cls, stats: Iterable[FeatureStats]) -> FeatureStats:
         """A new FeatureStats equal to the union of ``stats`` (inputs untouched)."""
         result = cls()
         for s in stats:
@@ -152,11 +153,15 @@ class FeatureStats:
         if self.shift is None:
             return {"count": 0, "shift": None, "sum": None, "sum_outer": None}
         convert = (lambda a: a.tolist()) if as_lists else (lambda a: a.copy())
-        return {"count": int(self.count), "shift": convert(self.shift), "sum": convert(self.sum),
-                "sum_outer": convert(self.sum_outer)}
+        return {
+            "count": int(self.count),
+            "shift": convert(self.shift),
+            "sum": convert(self.sum),
+            "sum_outer": convert(self.sum_outer),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureStats":
+    def from_dict(cls, d: dict[str, Any]) -> FeatureStats:
         stats = cls()
         if d["shift"] is None:
             return stats
@@ -166,7 +171,9 @@ class FeatureStats:
         stats.count = int(d["count"])
         dim = stats.dim
         if stats.sum.shape != (dim,) or stats.sum_outer.shape != (dim, dim):
-            raise ValueError(f"inconsistent FeatureStats dict: shift {dim}, sum {stats.sum.shape}, sum_outer {stats.sum_outer.shape}")
+            raise ValueError(
+                f"inconsistent FeatureStats dict: shift {dim}, sum {stats.sum.shape}, sum_outer {stats.sum_outer.shape}"
+            )
         return stats
 
     def __repr__(self) -> str:

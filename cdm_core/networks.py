@@ -114,7 +114,7 @@ class UNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -141,7 +141,9 @@ def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | 
     """
     if name == "tiny":
         mult = (1, 2)
-        return UNetConfig(in_channels, image_size, 32, mult, 1, (_lowest_resolution(image_size, len(mult)),), 0.0, num_labels)
+        return UNetConfig(
+            in_channels, image_size, 32, mult, 1, (_lowest_resolution(image_size, len(mult)),), 0.0, num_labels
+        )
     if name == "mnist":
         return UNetConfig(in_channels, image_size, 64, (1, 2, 2), 2, ((image_size + 1) // 2,), 0.1, num_labels)
     if name == "cifar10":
@@ -332,7 +334,9 @@ class UNetBackbone(nn.Module):
         return h
 
 
-def _labels_or_null(y: torch.Tensor | None, num_labels: int | None, batch: int, device: torch.device) -> torch.Tensor | None:
+def _labels_or_null(
+    y: torch.Tensor | None, num_labels: int | None, batch: int, device: torch.device
+) -> torch.Tensor | None:
     """Labels for a conditional model (None -> the null label); None for an unconditional one."""
     if num_labels is None:
         if y is not None:
@@ -432,11 +436,21 @@ class MLPClassifier(nn.Module):
     ``depth`` is the number of hidden layers of width ``hidden``.
     """
 
-    def __init__(self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None) -> None:
+    def __init__(
+        self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None
+    ) -> None:
         super().__init__()
         if dim < 1 or num_timesteps < 1 or hidden < 1 or depth < 1:
-            raise ValueError(f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}")
-        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = dim, num_timesteps, hidden, depth, num_labels
+            raise ValueError(
+                f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}"
+            )
+        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = (
+            dim,
+            num_timesteps,
+            hidden,
+            depth,
+            num_labels,
+        )
         self.data_shape = (dim,)
         self.input = nn.Linear(dim, hidden)
         self.label_embed = nn.Embedding(num_labels + 1, hidden) if num_labels is not None else None
@@ -453,18 +467,34 @@ class MLPClassifier(nn.Module):
         return torch.cumsum(self.logit_increments(F.silu(h)), dim=1)
 
     def spec(self) -> dict[str, Any]:
-        return {"class": type(self).__name__, "dim": self.dim, "num_timesteps": self.num_timesteps,
-                "hidden": self.hidden, "depth": self.depth, "num_labels": self.num_labels}
+        return {
+            "class": type(self).__name__,
+            "dim": self.dim,
+            "num_timesteps": self.num_timesteps,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "num_labels": self.num_labels,
+        }
 
 
 class MLPDenoiser(nn.Module):
     """DDM baseline for vectors: ε̂(x, t) from a SiLU MLP with a sinusoidal time embedding added to its first layer."""
 
-    def __init__(self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None) -> None:
+    def __init__(
+        self, dim: int, num_timesteps: int, hidden: int = 256, depth: int = 4, num_labels: int | None = None
+    ) -> None:
         super().__init__()
         if dim < 1 or num_timesteps < 1 or hidden < 1 or depth < 1:
-            raise ValueError(f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}")
-        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = dim, num_timesteps, hidden, depth, num_labels
+            raise ValueError(
+                f"dim, num_timesteps, hidden and depth must be positive, got {dim}, {num_timesteps}, {hidden}, {depth}"
+            )
+        self.dim, self.num_timesteps, self.hidden, self.depth, self.num_labels = (
+            dim,
+            num_timesteps,
+            hidden,
+            depth,
+            num_labels,
+        )
         self.data_shape = (dim,)
         self.input = nn.Linear(dim, hidden)
         self.time_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -484,8 +514,14 @@ class MLPDenoiser(nn.Module):
         return self.output(F.silu(h))
 
     def spec(self) -> dict[str, Any]:
-        return {"class": type(self).__name__, "dim": self.dim, "num_timesteps": self.num_timesteps,
-                "hidden": self.hidden, "depth": self.depth, "num_labels": self.num_labels}
+        return {
+            "class": type(self).__name__,
+            "dim": self.dim,
+            "num_timesteps": self.num_timesteps,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "num_labels": self.num_labels,
+        }
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ A CDM network is a noise-level classifier. Its post-cumsum logits satisfy
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +202,9 @@ def cdm_loss(
     if t is None:
         t = sample_timesteps(batch, schedule.num_classes, prior, generator=generator, device=x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else x0.device)
+        noise = torch.randn(
+            x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else x0.device
+        )
         noise = noise.to(x0.device)
     x_t = noise_data(x0, t, schedule, noise)
 

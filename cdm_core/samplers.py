@@ -12,7 +12,7 @@ final x̂_0. They start at class T, not T+1: at T+1 the signal scale is exactly
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -75,8 +75,9 @@ def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     )
 
 
-def initial_noise(shape: Sequence[int], schedule: Schedule, generator: Generators = None, device=None,
-                  dtype=torch.float32) -> torch.Tensor:
+def initial_noise(
+    shape: Sequence[int], schedule: Schedule, generator: Generators = None, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Start point at class T: N(0, (a_T² + s_T²)·I), i.e. x_T for data of unit variance per dimension."""
     scale = float((schedule.a[-2] ** 2 + schedule.s[-2] ** 2).sqrt())
     return scale * randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
@@ -95,8 +96,15 @@ def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def ddpm_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, *,
-                generator: Generators = None, clip_x0: float | None = None) -> torch.Tensor:
+def ddpm_sample(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    generator: Generators = None,
+    clip_x0: float | None = None,
+) -> torch.Tensor:
     """Ancestral sampling with the posterior variance (Ho et al. 2020), on any (a, s) path and any grid.
 
     Between classes t > t' the forward process is x_t | x_t' ~ N(a_{t|t'} x_t', σ²_{t|t'} I) with
@@ -115,8 +123,15 @@ def ddpm_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, 
     return x
 
 
-def ddim_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, *,
-                clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
+def ddim_sample(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    clip_x0: float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0): x_t' = a_t' x̂_0 + s_t' ε̂."""
     grid = timestep_grid(schedule.T, steps)
     for t, t_next in zip(grid[:-1], grid[1:]):
@@ -130,8 +145,15 @@ def ddim_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, 
     return x
 
 
-def dpm2_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, *,
-                clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
+def dpm2_sample(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    clip_x0: float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in λ = log(a/s), data prediction.
 
     One ε̂ per step; the first step is first order (no history yet) and the
@@ -157,8 +179,15 @@ def dpm2_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, 
     return x
 
 
-def euler_sample(eps_fn: EpsFn, x: torch.Tensor, schedule: Schedule, steps: int, *,
-                 clip_x0: float | None = None, generator: Generators = None) -> torch.Tensor:
+def euler_sample(
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    schedule: Schedule,
+    steps: int,
+    *,
+    clip_x0: float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
     """Euler on the probability-flow ODE dx/dτ = ȧ(τ)·x̂_0 + ṡ(τ)·ε̂, with τ the class index.
 
     ȧ and ṡ are central differences of the schedule arrays. On the `ot` path a

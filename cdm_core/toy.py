@@ -7,7 +7,7 @@ the learning tests and the core benchmark use it. Image training lives in
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

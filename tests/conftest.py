@@ -78,7 +78,9 @@ def tar_gz_folder(folder: Path, out: Path) -> Path:
     return out
 
 
-def write_image_folder(root: Path, classes: dict[str, int], size=(10, 12), mode: str = "RGB", seed: int = 0) -> dict[str, np.ndarray]:
+def write_image_folder(
+    root: Path, classes: dict[str, int], size=(10, 12), mode: str = "RGB", seed: int = 0
+) -> dict[str, np.ndarray]:
     """root/<class>/<i>.png with random pixels; returns relative path → uint8 array (H, W, C)."""
     from PIL import Image
 
@@ -104,10 +106,12 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 def prepare_quick(source: str, out, **kw):
     """Run the prepare stage without MLflow (tests of tracking pass track=True themselves)."""
-    from pipelines.prepare import PrepareConfig, run
+    from pipelines.common.config import nest
+    from pipelines.data.config import PrepareConfig
+    from pipelines.data.prepare import run
 
     kw.setdefault("track", False)
-    return run(PrepareConfig(source=source, out=str(out), **kw))
+    return run(nest(PrepareConfig, source=source, out=str(out), **kw))
 
 
 @pytest.fixture(scope="session")

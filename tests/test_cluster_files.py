@@ -37,7 +37,9 @@ def _check_ray_cluster_spec(spec: dict, image: str) -> None:
     head = _containers(spec["headGroupSpec"]["template"])[0]
     assert head["image"] == image
     assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265}
-    gpu_groups = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in _containers(g["template"])[0]["resources"]["limits"]]
+    gpu_groups = [
+        g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in _containers(g["template"])[0]["resources"]["limits"]
+    ]
     assert gpu_groups, "a worker group must request GPUs"
     for group in gpu_groups:
         worker = _containers(group["template"])[0]
@@ -55,7 +57,9 @@ def _check_ray_cluster_spec(spec: dict, image: str) -> None:
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         # Relative outputs/ and data/ resolve to the same shared files on every node.
         assert {"/home/ray/cdm/outputs", "/home/ray/cdm/data"} <= mounts
-        claims |= {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        claims |= {
+            v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v
+        }
     assert claims == {"cdm-shared"}
 
 
@@ -86,7 +90,9 @@ def test_kuberay_mlflow_server():
     docs = _docs(CLUSTER / "kuberay" / "mlflow.yaml")
     container = _containers(docs["Deployment"]["spec"]["template"])[0]
     command = " ".join(container["args"])
-    assert "mlflow server" in command and "--backend-store-uri" in command and "--artifacts-destination s3://" in command
+    assert (
+        "mlflow server" in command and "--backend-store-uri" in command and "--artifacts-destination s3://" in command
+    )
     assert docs["Service"]["metadata"]["name"] == "mlflow"  # what MLFLOW_TRACKING_URI=http://mlflow:5000 names
     assert docs["Service"]["spec"]["ports"][0]["port"] == 5000
 
@@ -98,7 +104,9 @@ def test_aws_launcher_config_is_valid_for_ray():
     validate_config(prepare_config(config))  # Ray's own schema, as `ray up` checks it
     gpu_types = [t for t in config["available_node_types"].values() if t.get("resources", {}).get("GPU", 0) >= 1]
     assert gpu_types and gpu_types[0]["node_config"]["InstanceType"].startswith(("g", "p"))
-    k8s_image = _containers(_docs(CLUSTER / "kuberay" / "raycluster.yaml")["RayCluster"]["spec"]["headGroupSpec"]["template"])[0]["image"]
+    k8s_image = _containers(
+        _docs(CLUSTER / "kuberay" / "raycluster.yaml")["RayCluster"]["spec"]["headGroupSpec"]["template"]
+    )[0]["image"]
     assert config["docker"]["image"] == k8s_image
     head_start = " ".join(config["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token ray start --head" in head_start and "--dashboard-host=127.0.0.1" in head_start
@@ -107,7 +115,7 @@ def test_aws_launcher_config_is_valid_for_ray():
 
 
 def test_runtime_env_template_is_accepted_by_cdm_submit(monkeypatch):
-    from pipelines.submit import build_runtime_env, load_runtime_env_file
+    from pipelines.cluster.submit import build_runtime_env, load_runtime_env_file
 
     monkeypatch.chdir(CLUSTER.parent)
     template = load_runtime_env_file(str(CLUSTER / "runtime_env.yaml"))
@@ -133,6 +141,8 @@ def test_local_cluster_script_is_valid_bash():
     assert usage.returncode == 2 and "start|stop|status" in usage.stderr
 
 
-@pytest.mark.parametrize("command", ["cdm submit", "cdm jobs", "cdm ui", "local_cluster.sh", "storage_path", "mlflow server"])
+@pytest.mark.parametrize(
+    "command", ["cdm submit", "cdm jobs", "cdm ui", "local_cluster.sh", "storage_path", "mlflow server"]
+)
 def test_cluster_readme_covers(command):
     assert command in (CLUSTER / "README.md").read_text()

@@ -98,7 +98,9 @@ def test_ui_refuses_a_busy_port_and_a_remote_store(tmp_path):
         port = busy.getsockname()[1]
         result = subprocess.run(_cdm_argv() + ["ui", "--port", str(port), "--workdir", str(tmp_path)], env=_env(),
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 2 and "pick another port with --port" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2 and "pick another port with --port" in result.stderr and "Traceback" not in result.stderr
+    )
     remote = subprocess.run(_cdm_argv() + ["ui"], env=_env() | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"},
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert remote.returncode == 2 and "is a tracking server already" in remote.stderr

@@ -9,9 +9,9 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from pipelines import config as cfg
-from pipelines.config import ConfigError, FieldError, option
-from pipelines.train_config import TrainConfig, resumable
+from pipelines.common import config as cfg
+from pipelines.common.config import ConfigError, FieldError, option
+from pipelines.train.config import TrainConfig, resumable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,20 +38,23 @@ class Outer:
             raise FieldError("maybe", f"{self.maybe} exceeds inner.T={self.inner.T}")
 
 
-@pytest.mark.parametrize("text, attr, expected", [
-    ("lr=1e-4", "lr", 1e-4),
-    ("lr=3", "lr", 3.0),
-    ("flag=true", "flag", True),
-    ("flag=False", "flag", False),
-    ("flag=yes", "flag", True),
-    ("maybe=7", "maybe", 7),
-    ("maybe=none", "maybe", None),
-    ("mult=1,2,2", "mult", [1, 2, 2]),
-    ("mult=[1, 2, 2, 4]", "mult", [1, 2, 2, 4]),
-    ("probs=[0.5, 0.5]", "probs", [0.5, 0.5]),
-    ("path=data/x y", "path", "data/x y"),
-    ("path=123", "path", "123"),  # a string field keeps the text as typed
-])
+@pytest.mark.parametrize(
+    "text, attr, expected",
+    [
+        ("lr=1e-4", "lr", 1e-4),
+        ("lr=3", "lr", 3.0),
+        ("flag=true", "flag", True),
+        ("flag=False", "flag", False),
+        ("flag=yes", "flag", True),
+        ("maybe=7", "maybe", 7),
+        ("maybe=none", "maybe", None),
+        ("mult=1,2,2", "mult", [1, 2, 2]),
+        ("mult=[1, 2, 2, 4]", "mult", [1, 2, 2, 4]),
+        ("probs=[0.5, 0.5]", "probs", [0.5, 0.5]),
+        ("path=data/x y", "path", "data/x y"),
+        ("path=123", "path", "123"),  # a string field keeps the text as typed
+    ],
+)
 def test_command_line_values_are_parsed_by_the_field_type(text, attr, expected):
     config = cfg.apply_overrides(Outer, ["path=p", text])
     value = getattr(config, attr)
@@ -59,25 +62,29 @@ def test_command_line_values_are_parsed_by_the_field_type(text, attr, expected):
 
 
 def test_nested_and_free_form_keys():
-    config = cfg.apply_overrides(Outer, ["path=p", "inner.name=ot", "inner.T=50", "inner.params.beta_end=0.03",
-                                         "inner.params.label=abc"])
+    config = cfg.apply_overrides(
+        Outer, ["path=p", "inner.name=ot", "inner.T=50", "inner.params.beta_end=0.03", "inner.params.label=abc"]
+    )
     assert config.inner.name == "ot" and config.inner.T == 50
     assert config.inner.params == {"beta_end": 0.03, "label": "abc"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["inner.name=quadratic"], "inner.name: 'quadratic' is not one of linear, cosine, uniform, ot"),
-    (["inner.T=0"], "inner.T: 0 must be >= 1"),
-    (["inner.T=2.5"], "inner.T: '2.5' is not an integer"),
-    (["lr=0"], "lr: 0.0 must be > 0"),
-    (["lr=fast"], "lr: 'fast' is not a number"),
-    (["flag=maybe"], "flag: 'maybe' is not true or false"),
-    (["mult=1,x"], "mult[1]: 'x' is not an integer"),
-    (["lrr=1"], "lrr: unknown setting (did you mean 'lr'?); the top level has path, lr, flag"),
-    (["inner.nmae=ot"], "inner.nmae: unknown setting (did you mean 'name'?); inner has name, T, params"),
-    (["maybe=2000"], "maybe: 2000 exceeds inner.T=1000"),
-    (["lr"], "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inner.name=quadratic"], "inner.name: 'quadratic' is not one of linear, cosine, uniform, ot"),
+        (["inner.T=0"], "inner.T: 0 must be >= 1"),
+        (["inner.T=2.5"], "inner.T: '2.5' is not an integer"),
+        (["lr=0"], "lr: 0.0 must be > 0"),
+        (["lr=fast"], "lr: 'fast' is not a number"),
+        (["flag=maybe"], "flag: 'maybe' is not true or false"),
+        (["mult=1,x"], "mult[1]: 'x' is not an integer"),
+        (["lrr=1"], "lrr: unknown setting (did you mean 'lr'?); the top level has path, lr, flag"),
+        (["inner.nmae=ot"], "inner.nmae: unknown setting (did you mean 'name'?); inner has name, T, params"),
+        (["maybe=2000"], "maybe: 2000 exceeds inner.T=1000"),
+        (["lr"], "expected KEY=VALUE"),
+    ],
+)
 def test_errors_name_the_field_the_value_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as err:
         cfg.apply_overrides(Outer, ["path=p", *overrides])
@@ -96,8 +103,9 @@ def test_tune_param_space_style_overrides_match_the_command_line():
     base = cfg.apply_overrides(TrainConfig, ["data.uri=d"])
     from_cli = cfg.apply_overrides(base, ["optim.lr=3e-4", "schedule.name=ot", "train.steps=5000", "loss.w_ce=0.01"])
     flat = cfg.apply_overrides(base, {"optim.lr": 3e-4, "schedule.name": "ot", "train.steps": 5e3, "loss.w_ce": "1e-2"})
-    nested = cfg.apply_overrides(base, {"optim": {"lr": 3e-4}, "schedule": {"name": "ot"}, "train": {"steps": 5000},
-                                        "loss": {"w_ce": 0.01}})
+    nested = cfg.apply_overrides(
+        base, {"optim": {"lr": 3e-4}, "schedule": {"name": "ot"}, "train": {"steps": 5000}, "loss": {"w_ce": 0.01}}
+    )
     assert from_cli == flat == nested
     assert base.optim.lr == 2e-4  # overrides return a new config
     with pytest.raises(ConfigError, match="train.steps: 5000.5 is not an integer"):
@@ -166,8 +174,12 @@ def test_shipped_configs_carry_the_paper_settings():
     assert differences("cifar10_uniform.toml") == {"schedule.name": "uniform"}
     assert differences("cifar10_ot.toml") == {"schedule.name": "ot"}
     assert differences("cifar10_cond.toml") == {"model.conditional": True}
-    assert differences("celeba64.toml") == {"data.uri": "data/celeba64", "model.preset": "celeba64", "optim.lr": 1e-4,
-                                            "validation.max_samples": 5000}
+    assert differences("celeba64.toml") == {
+        "data.uri": "data/celeba64",
+        "model.preset": "celeba64",
+        "optim.lr": 1e-4,
+        "validation.max_samples": 5000,
+    }
     for name in ("mnist.toml", "train_tiny.toml"):
         assert load(name).model.kind == "cdm"
 

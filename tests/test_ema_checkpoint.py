@@ -149,8 +149,16 @@ def test_checkpoint_round_trip_resumes_exactly(tmp_path):
     rng_state = torch.get_rng_state()
     config = {"lr": 1e-2, "schedule": "linear", "dims": [2, 16], "nested": {"ok": True, "none": None}}
     path = tmp_path / "ckpt" / "step3.pt"
-    save_checkpoint(path, model=model, step=3, config=config, ema=ema, optimizer=optimizer,
-                    scheduler=scheduler, extra={"torch_rng_state": rng_state, "epoch": 1})
+    save_checkpoint(
+        path,
+        model=model,
+        step=3,
+        config=config,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        extra={"torch_rng_state": rng_state, "epoch": 1},
+    )
     assert sorted(p.name for p in path.parent.iterdir()) == ["step3.pt"]  # no temp files left behind
 
     raw = torch.load(path, weights_only=True)  # the whole file is weights_only-safe

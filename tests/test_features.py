@@ -18,19 +18,19 @@ import pytest
 import torch
 from conftest import prepare_quick
 
-from pipelines.errors import UserError
-from pipelines.features import (
+from pipelines.common.config import nest
+from pipelines.common.errors import UserError
+from pipelines.common.storage import sha256_file
+from pipelines.data.readers import load_split
+from pipelines.evaluate.config import TrainFeaturesConfig
+from pipelines.evaluate.feature_classifier import load_classifier, train_features
+from pipelines.evaluate.features import (
     INCEPTION_FILENAMES,
     ClassifierFeatures,
     InceptionFeatures,
-    TrainFeaturesConfig,
     inception_weights,
-    load_classifier,
     resolve_extractor,
-    sha256_file,
-    train_features,
 )
-from pipelines.readers import load_split
 
 CDM = str(Path(sys.executable).with_name("cdm"))
 # What `cdm train-features` reaches on mnist5k's 500 test digits with its defaults (8 epochs, seed 0): 97.6%
@@ -46,7 +46,7 @@ def torch_fidelity_available() -> bool:
 
 def random_inception_weights(path: Path) -> str:
     """A randomly initialised state dict for torch-fidelity's Inception, saved to `path`; returns its SHA-256."""
-    from pipelines.features import _import_inception_extractor
+    from pipelines.evaluate.features import _import_inception_extractor
 
     extractor_cls = _import_inception_extractor()
 
@@ -67,7 +67,7 @@ def test_train_features_on_mnist5k_reaches_the_stated_accuracy(tmp_path):
     ds = tmp_path / "mnist5k"
     prepare_quick("mnist5k", ds)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train_features(TrainFeaturesConfig(dataset=str(ds), out=str(tmp_path / "clf"), tracking_uri=store))
+    result = train_features(nest(TrainFeaturesConfig, dataset=str(ds), out=str(tmp_path / "clf"), tracking_uri=store))
     assert result.test_accuracy >= MNIST5K_MIN_ACCURACY, result
     assert result.dataset_name == "mnist5k" and result.path.endswith("clf/classifier.pt")
     got = mlflow.tracking.MlflowClient(store).get_run(result.run_id)
@@ -90,7 +90,7 @@ def test_train_features_on_mnist5k_reaches_the_stated_accuracy(tmp_path):
 def test_train_features_refuses_unlabelled_or_vector_data(tmp_path):
     prepare_quick("toy2d", tmp_path / "toy", name="gmm8", num_train=20, num_test=5)
     with pytest.raises(UserError, match="holds vectors"):
-        train_features(TrainFeaturesConfig(dataset=str(tmp_path / "toy"), track=False))
+        train_features(nest(TrainFeaturesConfig, dataset=str(tmp_path / "toy"), track=False))
     (tmp_path / "junk.pt").write_bytes(b"not a classifier")
     with pytest.raises(UserError, match="not a cdm feature classifier"):
         load_classifier(tmp_path / "junk.pt")
@@ -127,12 +127,21 @@ def test_cli_fid_without_inception_weights_exits_cleanly(tmp_path):
     prepare_quick("toy2d", tmp_path / "toy", name="gmm8", num_train=20, num_test=5)
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI", "CDM_INCEPTION_SHA256")}
     env["CDM_WEIGHTS_DIR"] = str(tmp_path / "none")
-    r = subprocess.run([CDM, "fid", str(tmp_path / "toy"), str(tmp_path / "toy"), "--no-track"], capture_output=True,
-                       text=True, timeout=120, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [CDM, "fid", str(tmp_path / "toy"), str(tmp_path / "toy"), "--no-track"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and INCEPTION_FILENAMES[0] in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not torch_fidelity_available(), reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+@pytest.mark.skipif(
+    not torch_fidelity_available(),
+    reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)",
+)
 def test_torch_fidelity_inception_extractor_runs_without_torchvision(tmp_path):
     weights = tmp_path / "random-inception.pth"
     digest = random_inception_weights(weights)

@@ -8,29 +8,49 @@ from conftest import prepare_quick
 
 ray = pytest.importorskip("ray")
 
-from cdm_core.frechet import frechet_distance  # noqa: E402
-from pipelines import shards as sh  # noqa: E402
-from pipelines.errors import UserError  # noqa: E402
-from pipelines.features import InceptionFeatures, RawFeatures, TrainFeaturesConfig, train_features  # noqa: E402
-from pipelines.fid import FidConfig, run  # noqa: E402
-from pipelines.readers import load_split, to_model_input  # noqa: E402
-from pipelines.sample import write_dataset  # noqa: E402
 from test_features import random_inception_weights, torch_fidelity_available  # noqa: E402
+
+from cdm_core.frechet import frechet_distance  # noqa: E402
+from pipelines.common.config import nest  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+from pipelines.data import shards as sh  # noqa: E402
+from pipelines.data.readers import load_split, to_model_input  # noqa: E402
+from pipelines.evaluate.config import FidConfig, TrainFeaturesConfig  # noqa: E402
+from pipelines.evaluate.feature_classifier import train_features  # noqa: E402
+from pipelines.evaluate.features import InceptionFeatures, RawFeatures  # noqa: E402
+from pipelines.evaluate.fid import run  # noqa: E402
+from pipelines.evaluate.sample import write_dataset  # noqa: E402
 
 
 def write_vectors(out, points, seed=0):
     """Vectors as a one-split dataset (the format `cdm sample` writes)."""
     spec = sh.SampleSpec("vector", (points.shape[1],), False, None)
-    write_dataset(str(out), "samples", spec, iter([{"x": points.astype(np.float32)}]), source="samples",
-                  options={}, fingerprint=f"test-{seed}-{len(points)}", samples_per_shard=150)
+    write_dataset(
+        str(out),
+        "samples",
+        spec,
+        iter([{"x": points.astype(np.float32)}]),
+        source="samples",
+        options={},
+        fingerprint=f"test-{seed}-{len(points)}",
+        samples_per_shard=150,
+    )
     return out
 
 
 def write_images(out, images, tag):
     """uint8 (N, H, W, C) images as a one-split dataset."""
     spec = sh.SampleSpec("image", images.shape[1:], False, None)
-    write_dataset(str(out), "samples", spec, iter([{"x": to_model_input(images)}]), source="samples",
-                  options={}, fingerprint=f"test-{tag}", samples_per_shard=40)
+    write_dataset(
+        str(out),
+        "samples",
+        spec,
+        iter([{"x": to_model_input(images)}]),
+        source="samples",
+        options={},
+        fingerprint=f"test-{tag}",
+        samples_per_shard=40,
+    )
     return out
 
 
@@ -49,8 +69,19 @@ def test_fd_is_exact_near_zero_for_one_distribution_grows_with_shift_and_caches(
     cache = tmp_path / "cache"
 
     def fd(samples, **kw):
-        return run(FidConfig(samples=str(samples), reference=str(reference), features="raw", cache_dir=str(cache),
-                             workers=2, batch_size=64, track=False, **kw))
+        return run(
+            nest(
+                FidConfig,
+                samples=str(samples),
+                reference=str(reference),
+                features="raw",
+                cache_dir=str(cache),
+                workers=2,
+                batch_size=64,
+                track=False,
+                **kw,
+            )
+        )
 
     values, cached = [], []
     for shift in (0.0, 1.0, 2.0):
@@ -89,14 +120,16 @@ def test_classifier_features_give_fd_of_the_dataset_not_fid(ray_session, tmp_pat
 
     digits = tmp_path / "digits"
     prepare_quick("digits", digits, samples_per_shard=400)
-    clf = train_features(TrainFeaturesConfig(dataset=str(digits), out=str(tmp_path / "clf"), track=False))
+    clf = train_features(nest(TrainFeaturesConfig, dataset=str(digits), out=str(tmp_path / "clf"), track=False))
     assert clf.test_accuracy > 0.85 and clf.dataset_name == "digits"
     test_images, _ = load_split(digits, "test")
     brighter = write_images(tmp_path / "brighter", np.clip(test_images.astype(int) + 100, 0, 255).astype(np.uint8), "b")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = dict(reference=str(digits), features=f"classifier:{clf.path}", cache_dir=str(tmp_path / "cache"), workers=2)
-    same = run(FidConfig(samples=str(digits), samples_split="test", tracking_uri=store, **common))
-    shifted = run(FidConfig(samples=str(brighter), track=False, **common))
+    common = dict(
+        reference=str(digits), features=f"classifier:{clf.path}", cache_dir=str(tmp_path / "cache"), workers=2
+    )
+    same = run(nest(FidConfig, samples=str(digits), samples_split="test", tracking_uri=store, **common))
+    shifted = run(nest(FidConfig, samples=str(brighter), track=False, **common))
     assert same.metric == "eval/fd_digits" and same.reference_cached is False and shifted.reference_cached is True
     assert shifted.value > 5 * same.value  # the held-out split is close; shifted images are far
     got = mlflow.tracking.MlflowClient(store).get_run(same.run_id)
@@ -106,12 +139,15 @@ def test_classifier_features_give_fd_of_the_dataset_not_fid(ray_session, tmp_pat
     toy = tmp_path / "toy"
     prepare_quick("toy2d", toy, name="gmm8", num_train=20, num_test=5)
     with pytest.raises(UserError, match="holds vector"):
-        run(FidConfig(samples=str(toy), samples_split="test", reference=str(digits), features="raw", track=False))
+        run(nest(FidConfig, samples=str(toy), samples_split="test", reference=str(digits), features="raw", track=False))
     with pytest.raises(UserError, match="has splits"):
-        run(FidConfig(samples=str(digits), reference=str(digits), features="raw", track=False))
+        run(nest(FidConfig, samples=str(digits), reference=str(digits), features="raw", track=False))
 
 
-@pytest.mark.skipif(not torch_fidelity_available(), reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)")
+@pytest.mark.skipif(
+    not torch_fidelity_available(),
+    reason="torch-fidelity is not installed (pip install --no-deps torch-fidelity==0.4.0)",
+)
 def test_inception_path_end_to_end_with_random_weights(ray_session, tmp_path):
     """The whole Inception route on workers, with a random state dict: checks the plumbing, claims no FID figure."""
     import mlflow
@@ -122,13 +158,26 @@ def test_inception_path_end_to_end_with_random_weights(ray_session, tmp_path):
     a = rng.integers(0, 256, size=(6, 12, 12, 3), dtype=np.uint8)
     b = rng.integers(0, 128, size=(6, 12, 12, 3), dtype=np.uint8)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run(FidConfig(samples=str(write_images(tmp_path / "a", a, "a")), reference=str(write_images(tmp_path / "b", b, "b")),
-                           reference_split="samples", features="inception", inception_weights=str(weights),
-                           inception_sha256=digest, cache_dir=str(tmp_path / "cache"), workers=1, tracking_uri=store))
+    result = run(
+        nest(
+            FidConfig,
+            samples=str(write_images(tmp_path / "a", a, "a")),
+            reference=str(write_images(tmp_path / "b", b, "b")),
+            reference_split="samples",
+            features="inception",
+            inception_weights=str(weights),
+            inception_sha256=digest,
+            cache_dir=str(tmp_path / "cache"),
+            workers=1,
+            tracking_uri=store,
+        )
+    )
     extractor = InceptionFeatures(str(weights), digest)
     assert result.metric == "eval/fid" and result.extractor == extractor.id
     assert result.value == pytest.approx(direct_fd(extractor(a), extractor(b)), rel=1e-6)
-    assert mlflow.tracking.MlflowClient(store).get_run(result.run_id).data.metrics["eval/fid"] == pytest.approx(result.value)
+    assert mlflow.tracking.MlflowClient(store).get_run(result.run_id).data.metrics["eval/fid"] == pytest.approx(
+        result.value
+    )
 
 
 def test_raw_features_scale_images_to_model_range():

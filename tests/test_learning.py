@@ -44,8 +44,10 @@ def results(setup):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny MLP: threads only contend on a 2-core machine
     try:
-        return {name: evaluate(fit(setup, w_ce, w_mse), setup)
-                for name, (w_ce, w_mse) in {"both": (0.1, 1.0), "ce_only": (1.0, 0.0), "mse_only": (0.0, 1.0)}.items()}
+        return {
+            name: evaluate(fit(setup, w_ce, w_mse), setup)
+            for name, (w_ce, w_mse) in {"both": (0.1, 1.0), "ce_only": (1.0, 0.0), "mse_only": (0.0, 1.0)}.items()
+        }
     finally:
         torch.set_num_threads(threads)
 

@@ -166,7 +166,8 @@ def test_input_gradient_and_double_backward(kind):
     loss = ((grad_x + x) ** 2).mean()
     loss.backward()
     no_grad = [
-        name for name, p in model.named_parameters()
+        name
+        for name, p in model.named_parameters()
         # Biases after the head's last nonlinearity shift the logits by constants: no x-gradient.
         if name not in ("logit_increments.bias", "head_conv.bias") and (p.grad is None or p.grad.abs().sum() == 0)
     ]

@@ -21,20 +21,26 @@ from cdm_core.analytic import GaussianMixtureLogits  # noqa: E402
 from cdm_core.checkpoint import save_checkpoint  # noqa: E402
 from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset  # noqa: E402
 from cdm_core.objective import LOG2_BIN_OFFSET, OFFICIAL_CODE_OFFSET  # noqa: E402
-from pipelines import shards as sh  # noqa: E402
-from pipelines.errors import UserError  # noqa: E402
-from pipelines.nll import NllConfig, check_complete, manifest_keys, read_scores, run  # noqa: E402
-from pipelines.ood import OodConfig, auroc  # noqa: E402
-from pipelines.ood import run as run_ood  # noqa: E402
-from pipelines.readers import load_split  # noqa: E402
-from pipelines.sources import toy_log_density  # noqa: E402
+from pipelines.common.config import nest  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+from pipelines.data import shards as sh  # noqa: E402
+from pipelines.data.readers import load_split  # noqa: E402
+from pipelines.data.sources import toy_log_density  # noqa: E402
+from pipelines.evaluate.config import NllConfig, OodConfig  # noqa: E402
+from pipelines.evaluate.nll import check_complete, manifest_keys, read_scores, run  # noqa: E402
+from pipelines.evaluate.ood import auroc  # noqa: E402
+from pipelines.evaluate.ood import run as run_ood  # noqa: E402
 
 T = 50
 
 
 def config_for(kind: str, schedule: str = "linear", t: int = T, num_labels=None) -> dict:
-    return {"model": {"kind": kind}, "schedule": {"name": schedule, "T": t}, "loss": {"prior": None},
-            "data": {"num_labels": num_labels}}
+    return {
+        "model": {"kind": kind},
+        "schedule": {"name": schedule, "T": t},
+        "loss": {"prior": None},
+        "data": {"num_labels": num_labels},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,9 @@ def _store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_exact_logits_reproduce_the_analytic_log_density_with_1_and_2_workers(ray_session, gmm, exact_checkpoint, tmp_path):
+def test_exact_logits_reproduce_the_analytic_log_density_with_1_and_2_workers(
+    ray_session, gmm, exact_checkpoint, tmp_path
+):
     ds = sh.open_dataset(gmm)
     dist = ds.meta["toy"]["distribution"]
     points, _ = load_split(gmm, "test")
@@ -82,8 +90,18 @@ def test_exact_logits_reproduce_the_analytic_log_density_with_1_and_2_workers(ra
     expected_keys = manifest_keys(ds, "test")
     assert len(expected_keys) == 300
     for workers in (1, 2):
-        result = run(NllConfig(checkpoint=str(exact_checkpoint), dataset=str(gmm), split="test", workers=workers,
-                               batch_size=32, out=str(tmp_path / f"w{workers}"), track=False))
+        result = run(
+            nest(
+                NllConfig,
+                checkpoint=str(exact_checkpoint),
+                dataset=str(gmm),
+                split="test",
+                workers=workers,
+                batch_size=32,
+                out=str(tmp_path / f"w{workers}"),
+                track=False,
+            )
+        )
         table = read_scores(result.scores_uri)
         keys = table.column("key").to_pylist()
         assert sorted(keys) == sorted(expected_keys) and len(set(keys)) == len(keys)  # each manifest key exactly once
@@ -115,11 +133,24 @@ def test_image_conventions_dequantization_and_mlflow(ray_session, digits_small, 
     import mlflow
 
     common = dict(checkpoint=str(unet_checkpoint), dataset=str(digits_small), split="test", batch_size=40)
-    plain = run(NllConfig(**common, workers=1, out=str(tmp_path / "plain"), track=False))
-    tracked = run(NllConfig(**common, dequantize=True, workers=2, out=str(tmp_path / "t"), tracking_uri=_store(tmp_path)))
-    official = run(NllConfig(**common, dequantize=True, bpd_convention="official", workers=1, out=str(tmp_path / "off"),
-                             track=False))
-    reseeded = run(NllConfig(**common, dequantize=True, seed=1, workers=2, out=str(tmp_path / "seed1"), track=False))
+    plain = run(nest(NllConfig, **common, workers=1, out=str(tmp_path / "plain"), track=False))
+    tracked = run(
+        nest(NllConfig, **common, dequantize=True, workers=2, out=str(tmp_path / "t"), tracking_uri=_store(tmp_path))
+    )
+    official = run(
+        nest(
+            NllConfig,
+            **common,
+            dequantize=True,
+            bpd_convention="official",
+            workers=1,
+            out=str(tmp_path / "off"),
+            track=False,
+        )
+    )
+    reseeded = run(
+        nest(NllConfig, **common, dequantize=True, seed=1, workers=2, out=str(tmp_path / "seed1"), track=False)
+    )
     p, t, o, r = (read_scores(x.scores_uri) for x in (plain, tracked, official, reseeded))
     assert plain.count == tracked.count == official.count == sh.open_dataset(digits_small).count("test")
     # Dequantization noise is per sample (seed, index): the same with 1 or 2 workers, new with another seed.
@@ -139,21 +170,23 @@ def test_image_conventions_dequantization_and_mlflow(ray_session, digits_small, 
     assert got.data.tags["cdm.stage"] == "nll"
 
 
-def test_refuses_a_ddm_a_wrong_shape_and_bad_conventions(ray_session, gmm, digits_small, unet_checkpoint, exact_checkpoint, tmp_path):
+def test_refuses_a_ddm_a_wrong_shape_and_bad_conventions(
+    ray_session, gmm, digits_small, unet_checkpoint, exact_checkpoint, tmp_path
+):
     ddm = tmp_path / "ddm" / "checkpoint.pt"
     save_checkpoint(ddm, model=UNetDenoiser(unet_preset("tiny", 1, 8), 10), step=0, config=config_for("ddm", t=10))
     with pytest.raises(UserError, match="needs a CDM"):
-        run(NllConfig(checkpoint=str(ddm), dataset=str(digits_small), track=False, out=str(tmp_path / "o")))
+        run(nest(NllConfig, checkpoint=str(ddm), dataset=str(digits_small), track=False, out=str(tmp_path / "o")))
     with pytest.raises(UserError, match="the model takes"):
-        run(NllConfig(checkpoint=str(unet_checkpoint), dataset=str(gmm), track=False, out=str(tmp_path / "o")))
+        run(nest(NllConfig, checkpoint=str(unet_checkpoint), dataset=str(gmm), track=False, out=str(tmp_path / "o")))
     with pytest.raises(UserError, match="vector data is continuous"):
-        run(NllConfig(checkpoint=str(exact_checkpoint), dataset=str(gmm), bpd_convention="official", track=False))
+        run(nest(NllConfig, checkpoint=str(exact_checkpoint), dataset=str(gmm), bpd_convention="official", track=False))
     with pytest.raises(UserError, match="--dequantize applies to 8-bit images"):
-        run(NllConfig(checkpoint=str(exact_checkpoint), dataset=str(gmm), dequantize=True, track=False))
+        run(nest(NllConfig, checkpoint=str(exact_checkpoint), dataset=str(gmm), dequantize=True, track=False))
     with pytest.raises(UserError, match="room for 3 workers"):  # 4 CPUs: one stays free for the read tasks
-        run(NllConfig(checkpoint=str(exact_checkpoint), dataset=str(gmm), workers=4, track=False))
+        run(nest(NllConfig, checkpoint=str(exact_checkpoint), dataset=str(gmm), workers=4, track=False))
     with pytest.raises(UserError, match="no checkpoint"):
-        run(NllConfig(checkpoint=str(tmp_path / "nothing"), dataset=str(gmm), track=False))
+        run(nest(NllConfig, checkpoint=str(tmp_path / "nothing"), dataset=str(gmm), track=False))
 
 
 def test_auroc_matches_pairwise_definition():
@@ -170,11 +203,23 @@ def test_ood_auroc_is_that_of_the_exact_density(ray_session, gmm, exact_checkpoi
     other = tmp_path / "gmm25"
     prepare_quick("toy2d", other, name="gmm25", num_train=1, num_test=200, samples_per_shard=100)
 
-    result = run_ood(OodConfig(checkpoint=str(exact_checkpoint), in_dataset=str(gmm), out_dataset=str(other),
-                               workers=2, batch_size=64, out=str(tmp_path / "ood"), tracking_uri=_store(tmp_path)))
+    result = run_ood(
+        nest(
+            OodConfig,
+            checkpoint=str(exact_checkpoint),
+            in_dataset=str(gmm),
+            out_dataset=str(other),
+            workers=2,
+            batch_size=64,
+            out=str(tmp_path / "ood"),
+            tracking_uri=_store(tmp_path),
+        )
+    )
     # The AUROC of the exact density, computed here from the closed form, is what the stage must report.
     dist = sh.open_dataset(gmm).meta["toy"]["distribution"]
-    exact = auroc(-toy_log_density(dist, load_split(gmm, "test")[0]), -toy_log_density(dist, load_split(other, "test")[0]))
+    exact = auroc(
+        -toy_log_density(dist, load_split(gmm, "test")[0]), -toy_log_density(dist, load_split(other, "test")[0])
+    )
     assert result.auroc == pytest.approx(exact, abs=1e-12) and result.auroc > 0.8
     assert result.summary["ood"]["nll_bpd"] > result.summary["in"]["nll_bpd"]
     assert (tmp_path / "ood" / "ood_histogram.png").stat().st_size > 1000
@@ -182,5 +227,6 @@ def test_ood_auroc_is_that_of_the_exact_density(ray_session, gmm, exact_checkpoi
     got = mlflow.tracking.MlflowClient(_store(tmp_path)).get_run(result.run_id)
     assert got.data.metrics["eval/ood_auroc"] == pytest.approx(result.auroc)
     assert got.data.tags["cdm.train_run_id"] == "train-run-123"  # linked to the run that trained the checkpoint
-    assert "ood_histogram.png" in [a.path for a in mlflow.tracking.MlflowClient(_store(tmp_path)).list_artifacts(result.run_id)]
-
+    assert "ood_histogram.png" in [
+        a.path for a in mlflow.tracking.MlflowClient(_store(tmp_path)).list_artifacts(result.run_id)
+    ]

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import CIFAR_CLASSES, prepare_quick, tar_gz_folder, write_cifar10, write_image_folder
 
-from pipelines import shards as sh
-from pipelines.errors import UserError
-from pipelines.readers import load_split
+from pipelines.common.errors import UserError
+from pipelines.data import shards as sh
+from pipelines.data.readers import load_split
 
 
 def _meta(out) -> dict:
@@ -33,13 +33,20 @@ def _files(out) -> dict[str, bytes]:
 
 
 def test_mnist5k_real(tmp_path):
-    from pipelines.sources import load_mnist5k
+    from pipelines.data.sources import load_mnist5k
 
     out = tmp_path / "mnist"
     result = prepare_quick("mnist5k", out)
     meta = _meta(out)
     assert result.counts == {"train": 4500, "test": 500} and not result.up_to_date
-    assert meta["sample"] == {"kind": "image", "encoding": "png", "labeled": True, "height": 28, "width": 28, "channels": 1}
+    assert meta["sample"] == {
+        "kind": "image",
+        "encoding": "png",
+        "labeled": True,
+        "height": 28,
+        "width": 28,
+        "channels": 1,
+    }
     assert meta["num_classes"] == 10 and meta["class_names"] == [str(d) for d in range(10)]
     assert [s["name"] for s in meta["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(5)]
     assert [s["count"] for s in meta["splits"]["train"]["shards"]] == [1000] * 4 + [500]
@@ -49,7 +56,17 @@ def test_mnist5k_real(tmp_path):
 
     images, labels, _ = load_mnist5k()
     manifest = _manifest(out)
-    assert list(manifest.columns) == ["key", "split", "shard", "index", "label", "height", "width", "channels", "source_id"]
+    assert list(manifest.columns) == [
+        "key",
+        "split",
+        "shard",
+        "index",
+        "label",
+        "height",
+        "width",
+        "channels",
+        "source_id",
+    ]
     assert len(manifest) == 5000
     for split, per_class in (("train", 450), ("test", 50)):
         x, y = load_split(out, split)
@@ -121,7 +138,14 @@ def test_imagefolder_class_folders(tmp_path):
     meta = _meta(out)
     assert meta["class_names"] == ["cat", "dog"] and meta["counts"] == {"train": 12}
     assert meta["ignored_files"] == 1
-    assert meta["sample"] == {"kind": "image", "encoding": "png", "labeled": True, "height": 12, "width": 10, "channels": 3}
+    assert meta["sample"] == {
+        "kind": "image",
+        "encoding": "png",
+        "labeled": True,
+        "height": 12,
+        "width": 10,
+        "channels": 3,
+    }
     assert [s["count"] for s in meta["splits"]["train"]["shards"]] == [4, 4, 4]
     x, y = load_split(out, "train")
     ids = _manifest(out).sort_values("index").source_id.tolist()
@@ -183,12 +207,18 @@ def test_imagefolder_celeba_preset(tmp_path):
 
 @pytest.mark.parametrize("name", ["gmm", "gmm8", "gmm25", "checkerboard", "two_moons"])
 def test_toy2d(tmp_path, name):
-    from pipelines.sources import toy_log_density
+    from pipelines.data.sources import toy_log_density
 
     out = tmp_path / name
     prepare_quick("toy2d", out, name=name, num_train=400, num_test=100, samples_per_shard=150)
     meta = _meta(out)
-    assert meta["sample"] == {"kind": "vector", "encoding": "npy", "labeled": name != "checkerboard", "shape": [2], "dtype": "float32"}
+    assert meta["sample"] == {
+        "kind": "vector",
+        "encoding": "npy",
+        "labeled": name != "checkerboard",
+        "shape": [2],
+        "dtype": "float32",
+    }
     assert meta["counts"] == {"train": 400, "test": 100}
     x, y = load_split(out, "test")
     assert x.dtype == np.float32 and x.shape == (100, 2) and np.abs(x).max() < 6
@@ -227,7 +257,12 @@ def test_byte_identical_and_rerun_skips(tmp_path):
     with tarfile.open(a / "train-000000.tar") as tar:
         infos = tar.getmembers()
     assert {i.mtime for i in infos} == {0} and {i.uname for i in infos} == {"cdm"}
-    assert [i.name for i in infos[:4]] == ["train-00000000.cls", "train-00000000.npy", "train-00000001.cls", "train-00000001.npy"]
+    assert [i.name for i in infos[:4]] == [
+        "train-00000000.cls",
+        "train-00000000.npy",
+        "train-00000001.cls",
+        "train-00000001.npy",
+    ]
 
     before = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
     again = prepare_quick("toy2d", a, name="gmm8", num_train=300, num_test=50, samples_per_shard=128)
@@ -332,7 +367,7 @@ def test_config_file_with_cli_overrides(tmp_path):
     from typer.testing import CliRunner
 
     from pipelines.cli import app
-    from pipelines.prepare import load_config
+    from pipelines.data.prepare import load_config
 
     cfg = tmp_path / "toy.toml"
     cfg.write_text('[prepare]\nsource = "toy2d"\nname = "gmm8"\nnum_train = 30\nnum_test = 5\ntrack = false\n')

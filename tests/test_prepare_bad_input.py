@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from conftest import png_bytes, prepare_quick, write_cifar10, write_image_folder
 
-from pipelines import shards as sh
-from pipelines.errors import UserError
-from pipelines.readers import LocalReader
+from pipelines.common.errors import UserError
+from pipelines.data import shards as sh
+from pipelines.data.readers import LocalReader
 
 CDM = str(Path(sys.executable).with_name("cdm"))
 
@@ -321,7 +321,9 @@ def test_imagefolder_mixed_layout(tmp_path):
     shutil.copy(tmp_path / "src" / "a" / "000.png", tmp_path / "src" / "loose.png")
     with pytest.raises(UserError, match=r"src: has images directly inside \(loose.png"):
         prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "src"))
-    assert prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "src"), labels="none").counts == {"train": 3}
+    assert prepare_quick("imagefolder", tmp_path / "o", path=str(tmp_path / "src"), labels="none").counts == {
+        "train": 3
+    }
 
 
 # --------------------------------------------------------------------------- the real console script
@@ -347,10 +349,36 @@ def test_cli_errors_have_no_traceback(ds, tmp_path):
 
 
 def test_cli_prepare_and_verify_ok(tmp_path):
-    r = _cdm("prepare", "toy2d", "--name", "gmm8", "--num-train", "50", "--num-test", "10", "--out", "d", "--no-track", cwd=tmp_path)
+    r = _cdm(
+        "prepare",
+        "toy2d",
+        "--name",
+        "gmm8",
+        "--num-train",
+        "50",
+        "--num-test",
+        "10",
+        "--out",
+        "d",
+        "--no-track",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote:" in r.stdout and "train 50, test 10" in r.stdout
     r = _cdm("verify", "d", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("ok:") and "60 samples decoded" in r.stdout
-    r = _cdm("prepare", "toy2d", "--name", "gmm8", "--num-train", "50", "--num-test", "10", "--out", "d", "--no-track", cwd=tmp_path)
+    r = _cdm(
+        "prepare",
+        "toy2d",
+        "--name",
+        "gmm8",
+        "--num-train",
+        "50",
+        "--num-test",
+        "10",
+        "--out",
+        "d",
+        "--no-track",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and r.stdout.startswith("up to date:")

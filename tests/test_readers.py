@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import prepare_quick
 
-from pipelines.readers import LocalReader, from_model_input, padded_order, share, to_model_input
+from pipelines.data.readers import LocalReader, from_model_input, padded_order, share, to_model_input
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 17, 100])
@@ -69,7 +69,9 @@ def test_distributed_batches_cover_split(digits_dataset):
     for world in (1, 2, 3, 4):
         seen, sizes = [], []
         for rank in range(world):
-            idx = torch.cat([b["index"][~b["pad"]] for b in reader.batches(16, rank=rank, world_size=world, shuffle=True, epoch=3)])
+            idx = torch.cat(
+                [b["index"][~b["pad"]] for b in reader.batches(16, rank=rank, world_size=world, shuffle=True, epoch=3)]
+            )
             n = sum(len(b["x"]) for b in reader.batches(16, rank=rank, world_size=world, shuffle=True, epoch=3))
             seen += idx.tolist()
             sizes.append(n)

@@ -17,8 +17,8 @@ from conftest import prepare_quick, write_image_folder
 
 ray = pytest.importorskip("ray")
 
-from pipelines.errors import UserError  # noqa: E402
-from pipelines.readers import LocalReader, from_model_input, ray_dataset  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+from pipelines.data.readers import LocalReader, from_model_input, ray_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,9 @@ def test_round_trip_matches_plain_reader(ray_session, uneven):
 
     batch = next(iter(ds.iter_torch_batches(batch_size=8)))
     assert set(batch) == {"x", "label", "index", "pad"}
-    assert batch["x"].dtype == torch.float32 and batch["label"].dtype == torch.int64 and batch["pad"].dtype == torch.bool
+    assert (
+        batch["x"].dtype == torch.float32 and batch["label"].dtype == torch.int64 and batch["pad"].dtype == torch.bool
+    )
 
 
 def test_flip(ray_session, uneven):
@@ -101,10 +103,10 @@ def test_streaming_split_equal_disjoint_complete(ray_session, uneven, one_shard,
 
             def consume(rank):
                 got = {"index": [], "pad": []}
-                for b in its[rank].iter_batches(batch_size=4):
+                for b in its[rank].iter_batches(batch_size=4):  # noqa: B023
                     got["index"] += b["index"].tolist()
                     got["pad"] += b["pad"].tolist()
-                shares[rank] = got
+                shares[rank] = got  # noqa: B023
 
             threads = [threading.Thread(target=consume, args=(r,), daemon=True) for r in range(world)]
             for t in threads:
@@ -203,4 +205,3 @@ def test_bad_sample_fails_loudly_inside_ray(ray_session, uneven, tmp_path):
     (bad / "train-000002.tar").write_bytes(buf.getvalue())
     with pytest.raises(Exception, match=r"train-000002\.tar: sample train-00000015: sample has no \.png member"):
         ray_dataset(bad, "train", verify=False).materialize()
-

@@ -23,25 +23,36 @@ from cdm_core.analytic import GaussianMixtureLogits  # noqa: E402
 from cdm_core.checkpoint import save_checkpoint  # noqa: E402
 from cdm_core.mixture import toy_mixture  # noqa: E402
 from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset  # noqa: E402
-from pipelines import shards as sh  # noqa: E402
-from pipelines.errors import UserError  # noqa: E402
-from pipelines.readers import load_split  # noqa: E402
-from pipelines.sample import SampleConfig, generate, run  # noqa: E402
+from pipelines.common.config import nest  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+from pipelines.data import shards as sh  # noqa: E402
+from pipelines.data.readers import load_split  # noqa: E402
+from pipelines.evaluate.config import SampleConfig  # noqa: E402
+from pipelines.evaluate.sample import generate, run  # noqa: E402
 
 CDM = str(Path(sys.executable).with_name("cdm"))
 
 
 def config_for(kind: str, t: int, num_labels=None, schedule: str = "linear") -> dict:
-    return {"model": {"kind": kind}, "schedule": {"name": schedule, "T": t}, "loss": {"prior": None},
-            "data": {"num_labels": num_labels}}
+    return {
+        "model": {"kind": kind},
+        "schedule": {"name": schedule, "T": t},
+        "loss": {"prior": None},
+        "data": {"num_labels": num_labels},
+    }
 
 
 @pytest.fixture(scope="module")
 def unet(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("unet") / "checkpoint.pt"
-    save_checkpoint(path, model=UNetClassifier(unet_preset("tiny", 1, 8), 20), step=7, config=config_for("cdm", 20),
-                    extra={"mlflow_run_id": "train-run-abc"})
+    save_checkpoint(
+        path,
+        model=UNetClassifier(unet_preset("tiny", 1, 8), 20),
+        step=7,
+        config=config_for("cdm", 20),
+        extra={"mlflow_run_id": "train-run-abc"},
+    )
     return path.parent
 
 
@@ -59,13 +70,13 @@ def conditional_unet(tmp_path_factory):
 
 def _sample(ckpt, out, **kw):
     kw.setdefault("track", False)
-    return run(SampleConfig(checkpoint=str(ckpt), out=str(out), **kw))
+    return run(nest(SampleConfig, checkpoint=str(ckpt), out=str(out), **kw))
 
 
 def direct(ckpt, indices, **settings) -> np.ndarray:
     """What a worker computes for these sample indices, here in the test process with one thread (as workers use)."""
-    from pipelines.models import load_trained_model
-    from pipelines.readers import from_model_input
+    from pipelines.common.checkpoints import load_trained_model
+    from pipelines.data.readers import from_model_input
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -97,7 +108,9 @@ def test_samples_per_seed_do_not_depend_on_worker_count(ray_session, unet, tmp_p
 
 def test_exact_mixture_samples_follow_the_mixture(ray_session, tmp_path):
     mixture = toy_mixture(2)
-    model = GaussianMixtureLogits(mixture.weights.tolist(), mixture.means.tolist(), mixture.covs.tolist(), "cosine", 100)
+    model = GaussianMixtureLogits(
+        mixture.weights.tolist(), mixture.means.tolist(), mixture.covs.tolist(), "cosine", 100
+    )
     ckpt = tmp_path / "exact" / "checkpoint.pt"
     save_checkpoint(ckpt, model=model, step=0, config=config_for("cdm", 100, schedule="cosine"))
     result = _sample(ckpt, tmp_path / "out", n=600, batch_size=150, steps=40, sampler="ddim", workers=2)
@@ -144,7 +157,9 @@ def test_ddm_checkpoints_sample_through_the_same_stage(ray_session, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "ddm" / "checkpoint.pt"
     save_checkpoint(ckpt, model=UNetDenoiser(unet_preset("tiny", 1, 8), 20), step=0, config=config_for("ddm", 20))
-    a = load_split(_sample(ckpt, tmp_path / "a", n=4, batch_size=2, steps=5, sampler="dpm2", workers=2).uri, "samples")[0]
+    a = load_split(_sample(ckpt, tmp_path / "a", n=4, batch_size=2, steps=5, sampler="dpm2", workers=2).uri, "samples")[
+        0
+    ]
     assert np.array_equal(a[2:], direct(ckpt, range(2, 4), sampler="dpm2", steps=5, seed=0))
 
 
@@ -167,6 +182,12 @@ def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path):
     assert again.up_to_date
 
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
-    r = subprocess.run([CDM, "sample", str(unet), "--out", str(tmp_path / "c"), "--sampler", "heun", "--no-track"],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [CDM, "sample", str(unet), "--out", str(tmp_path / "c"), "--sampler", "heun", "--no-track"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "--sampler 'heun'" in r.stderr and "Traceback" not in r.stderr

@@ -28,7 +28,9 @@ CLI_TIMEOUT_S = 240  # generous: a loaded 2-core machine
 
 pytestmark = [
     pytest.mark.timeout(900),
-    pytest.mark.skipif(shutil.which("setsid") is None or not (BIN / "ray").exists(), reason="needs setsid and the ray CLI"),
+    pytest.mark.skipif(
+        shutil.which("setsid") is None or not (BIN / "ray").exists(), reason="needs setsid and the ray CLI"
+    ),
 ]
 
 
@@ -57,7 +59,14 @@ def _cdm(*args: str, env: dict[str, str], cwd: Path, timeout: float = CLI_TIMEOU
 
 
 def _without_ray_settings(env: dict[str, str]) -> dict[str, str]:
-    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI")
+    drop = (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+    )
     return {k: v for k, v in env.items() if k not in drop}
 
 
@@ -92,7 +101,9 @@ def cluster():
     workdir.mkdir()
     (workdir / "payload.txt").write_text("payload-from-working-dir\n")
 
-    started = subprocess.run([str(SCRIPT), "start"], env=cluster_env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    started = subprocess.run(
+        [str(SCRIPT), "start"], env=cluster_env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S
+    )
     try:
         assert started.returncode == 0, f"local_cluster.sh start failed:\n{started.stdout}\n{started.stderr}"
         yield {
@@ -146,7 +157,9 @@ def test_jobs_logs_status_and_list_show_the_job(cluster, finished_job):
     logs = _cdm("jobs", "logs", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
     assert logs.returncode == 0, logs.stderr
     assert "hello from cdm job payload-from-working-dir" in logs.stdout
-    followed = _cdm("jobs", "logs", "--follow", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
+    followed = _cdm(
+        "jobs", "logs", "--follow", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"]
+    )
     assert followed.returncode == 0 and "hello from cdm job" in followed.stdout
     # RAY_ADDRESS is how most users point at a cluster.
     env = cluster["env"] | {"RAY_ADDRESS": cluster["address"]}
@@ -181,17 +194,36 @@ def test_no_wait_returns_the_id_and_stop_ends_the_job(cluster):
     stopped = _cdm("jobs", "stop", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     # Following a stopped job ends at once, with the job's outcome as the exit code.
-    followed = _cdm("jobs", "logs", "-f", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
+    followed = _cdm(
+        "jobs", "logs", "-f", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"]
+    )
     assert followed.returncode == 1 and "STOPPED" in followed.stderr
 
 
 def test_wrong_or_missing_token_is_a_clear_error(cluster):
-    wrong = _cdm("jobs", "list", "--address", cluster["address"], env=cluster["env"] | {"RAY_AUTH_TOKEN": "not-the-token"}, cwd=cluster["workdir"])
+    wrong = _cdm(
+        "jobs",
+        "list",
+        "--address",
+        cluster["address"],
+        env=cluster["env"] | {"RAY_AUTH_TOKEN": "not-the-token"},
+        cwd=cluster["workdir"],
+    )
     assert wrong.returncode == 2
-    assert "rejected the token from the RAY_AUTH_TOKEN variable" in wrong.stderr and "ray get-auth-token" in wrong.stderr
+    assert (
+        "rejected the token from the RAY_AUTH_TOKEN variable" in wrong.stderr and "ray get-auth-token" in wrong.stderr
+    )
     empty_home = cluster["workdir"] / "empty-home"
     empty_home.mkdir(exist_ok=True)
-    missing = _cdm("submit", "--address", cluster["address"], "--", "true", env=cluster["env"] | {"HOME": str(empty_home)}, cwd=cluster["workdir"])
+    missing = _cdm(
+        "submit",
+        "--address",
+        cluster["address"],
+        "--",
+        "true",
+        env=cluster["env"] | {"HOME": str(empty_home)},
+        cwd=cluster["workdir"],
+    )
     assert missing.returncode == 2
     assert "no token was found" in missing.stderr and "~/.ray/auth_token" in missing.stderr
     for result in (wrong, missing):
@@ -199,8 +231,20 @@ def test_wrong_or_missing_token_is_a_clear_error(cluster):
 
 
 def test_unknown_job_is_a_clear_error(cluster):
-    result = _cdm("jobs", "logs", "raysubmit_doesnotexist", "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
-    assert result.returncode == 2 and "no job 'raysubmit_doesnotexist'" in result.stderr and "Traceback" not in result.stderr
+    result = _cdm(
+        "jobs",
+        "logs",
+        "raysubmit_doesnotexist",
+        "--address",
+        cluster["address"],
+        env=cluster["env"],
+        cwd=cluster["workdir"],
+    )
+    assert (
+        result.returncode == 2
+        and "no job 'raysubmit_doesnotexist'" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_unreachable_cluster_is_a_clear_error(tmp_path):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.errors import UserError
-from pipelines.jobs_api import DEFAULT_ADDRESS, ClusterToken, find_token, resolve_address
-from pipelines.submit import (
+from pipelines.cluster.jobs_api import DEFAULT_ADDRESS, ClusterToken, find_token, resolve_address
+from pipelines.cluster.submit import (
     DEFAULT_EXCLUDES,
     build_runtime_env,
     entrypoint_command,
@@ -16,11 +15,19 @@ from pipelines.submit import (
     load_runtime_env_file,
     parse_env,
 )
+from pipelines.common.errors import UserError
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+    for var in (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+    ):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -136,5 +143,7 @@ def test_tracking_uri_travels_with_the_job(tmp_path, clean_env):
     # A cluster on this machine gets this directory's store, so `cdm ui` here shows its runs.
     local, notes = job_env_vars("http://127.0.0.1:8265", {}, tmp_path, environ={})
     assert local == {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"} and notes
-    explicit, _ = job_env_vars("http://127.0.0.1:8265", {"MLFLOW_TRACKING_URI": "sqlite:////x.db"}, tmp_path, environ={})
+    explicit, _ = job_env_vars(
+        "http://127.0.0.1:8265", {"MLFLOW_TRACKING_URI": "sqlite:////x.db"}, tmp_path, environ={}
+    )
     assert explicit == {"MLFLOW_TRACKING_URI": "sqlite:////x.db"}

@@ -9,7 +9,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from pipelines.tracking import default_tracking_uri, flatten_params, mlflow_run  # noqa: E402
+from pipelines.common.tracking import default_tracking_uri, flatten_params, mlflow_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import torch
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
-from pipelines import config as cfg  # noqa: E402
-from pipelines.train import NonFiniteLossError, resume, run  # noqa: E402
-from pipelines.train_config import TrainConfig  # noqa: E402
+from pipelines.common import config as cfg  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
+from pipelines.train.trainer import NonFiniteLossError, resume, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -39,10 +39,18 @@ def store(tmp_path_factory):
 
 def tiny_config(dataset, store, name: str, *overrides: str) -> TrainConfig:
     root, uri = store
-    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", [
-        f"data.uri={dataset}", f"run.storage_path={root / 'runs'}", f"run.name={name}",
-        f"tracking.tracking_uri={uri}", f"train.steps={STEPS}", *overrides,
-    ])
+    return cfg.load(
+        TrainConfig,
+        ROOT / "configs" / "train_tiny.toml",
+        [
+            f"data.uri={dataset}",
+            f"run.storage_path={root / 'runs'}",
+            f"run.name={name}",
+            f"tracking.tracking_uri={uri}",
+            f"train.steps={STEPS}",
+            *overrides,
+        ],
+    )
 
 
 def client(store):
@@ -63,8 +71,15 @@ def loss_curve(store, run_id: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def two_workers(ray_session, digits_dataset, store, tmp_path_factory):
     marker = tmp_path_factory.mktemp("fault") / "failed-once"
-    config = tiny_config(digits_dataset, store, "two-workers", "scaling.num_workers=2", "run.max_failures=1",
-                         "run.log_model=true", f"sampling.every={STEPS}")
+    config = tiny_config(
+        digits_dataset,
+        store,
+        "two-workers",
+        "scaling.num_workers=2",
+        "run.max_failures=1",
+        "run.log_model=true",
+        f"sampling.every={STEPS}",
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CDM_FAIL_AT_STEP", "25")
         env.setenv("CDM_FAIL_RANK", "1")
@@ -81,8 +96,14 @@ def one_worker(ray_session, digits_dataset, store):
         with pytest.raises(NonFiniteLossError) as failure:
             run(config)
     run_dir = Path(store[0] / "runs" / "one-worker")
-    run_id = client(store).search_runs([client(store).get_experiment_by_name("cdm").experiment_id],
-                                       filter_string="tags.`cdm.run_name` = 'one-worker'")[0].info.run_id
+    run_id = (
+        client(store)
+        .search_runs(
+            [client(store).get_experiment_by_name("cdm").experiment_id],
+            filter_string="tags.`cdm.run_name` = 'one-worker'",
+        )[0]
+        .info.run_id
+    )
     after_failure = {
         "status": client(store).get_run(run_id).info.status,
         "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint_0*")),
@@ -121,13 +142,16 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 
 def test_resume_continues_at_the_right_step_with_the_optimizer_state(one_worker, store):
     from cdm_core.checkpoint import load_checkpoint
-    from pipelines.train_step import lr_factor
+    from pipelines.train.step import lr_factor
 
     _, _, resumed = one_worker
     assert resumed.step == STEPS
     info = client(store).get_run(resumed.mlflow_run_id)
     assert info.info.status == "FINISHED"
-    assert "cdm.restarted_from_step.20" in info.data.tags and info.data.tags["cdm.restarted_from_step.20"] == "rng restored"
+    assert (
+        "cdm.restarted_from_step.20" in info.data.tags
+        and info.data.tags["cdm.restarted_from_step.20"] == "rng restored"
+    )
     assert steps_of(store, resumed.mlflow_run_id, "train/loss") == list(range(1, STEPS + 1))
 
     final = load_checkpoint(Path(resumed.checkpoint) / "checkpoint.pt")
@@ -159,20 +183,31 @@ def test_one_and_two_workers_give_close_loss_curves(one_worker, two_workers, sto
 
 def test_mlflow_run_holds_params_metrics_artifacts_and_model(two_workers, store, digits_dataset):
     from cdm_core.objective import bits_per_dim
-    from pipelines.models import load_trained_model
-    from pipelines.readers import LocalReader
+    from pipelines.common.checkpoints import load_trained_model
+    from pipelines.data.readers import LocalReader
 
     result, _ = two_workers
     c = client(store)
     info = c.get_run(result.mlflow_run_id)
     params, tags, metrics = info.data.params, info.data.tags, info.data.metrics
     assert params["model.kind"] == "cdm" and params["schedule.name"] == "linear" and params["schedule.T"] == "20"
-    assert params["scaling.num_workers"] == "2" and params["train.batch_size"] == "32" and params["loss.w_ce"] == "0.001"
+    assert (
+        params["scaling.num_workers"] == "2" and params["train.batch_size"] == "32" and params["loss.w_ce"] == "0.001"
+    )
     assert params["data.uri"] == str(digits_dataset)
     assert tags["cdm.dataset"] == str(digits_dataset) and tags["cdm.checkpoint_dir"] == result.run_dir
     assert "log2(127.5)" in tags["cdm.bpd_convention"]
-    assert {"train/loss", "train/ce", "train/mse", "train/lr", "train/grad_norm", "train/images_per_s",
-            "val/nll_bpd", "val/ce", "val/mse"} <= set(metrics)
+    assert {
+        "train/loss",
+        "train/ce",
+        "train/mse",
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_s",
+        "val/nll_bpd",
+        "val/ce",
+        "val/mse",
+    } <= set(metrics)
     artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
     assert {"val_mse_per_t.png", "val_mse_per_t.json"} <= artifacts
     assert [a.path for a in c.list_artifacts(result.mlflow_run_id, "samples")] == ["samples/step_00000040.png"]
@@ -186,16 +221,21 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(two_workers, store,
 
     # The MLflow model (the final EMA network) loads back and scores data the same way.
     mlflow.set_tracking_uri(store[1])
-    models = mlflow.search_logged_models(experiment_ids=[info.info.experiment_id], output_format="list",
-                                         filter_string=f"source_run_id = '{result.mlflow_run_id}'")
+    models = mlflow.search_logged_models(
+        experiment_ids=[info.info.experiment_id],
+        output_format="list",
+        filter_string=f"source_run_id = '{result.mlflow_run_id}'",
+    )
     assert len(models) == 1
     loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
-    assert bits_per_dim(loaded, x[:50]).mean().item() == pytest.approx(bits_per_dim(trained.model, x[:50]).mean().item(), abs=1e-4)
+    assert bits_per_dim(loaded, x[:50]).mean().item() == pytest.approx(
+        bits_per_dim(trained.model, x[:50]).mean().item(), abs=1e-4
+    )
 
 
 def test_checkpoints_follow_the_contract_and_keep_the_best(two_workers):
     from cdm_core.checkpoint import load_checkpoint
-    from pipelines.models import load_trained_model
+    from pipelines.common.checkpoints import load_trained_model
 
     result, _ = two_workers
     run_dir = Path(result.run_dir)
@@ -225,9 +265,9 @@ def _make_grad_worker():
 
         from cdm_core.networks import unwrap_model
         from cdm_core.objective import cdm_loss
-        from pipelines.config import from_dict
-        from pipelines.train_config import TrainConfig
-        from pipelines.train_step import build_network, build_schedule
+        from pipelines.common.config import from_dict
+        from pipelines.train.config import TrainConfig
+        from pipelines.train.step import build_network, build_schedule
 
         torch.set_num_threads(1)
         config = from_dict(TrainConfig, loop_config["config"])
@@ -239,7 +279,9 @@ def _make_grad_worker():
         schedule = build_schedule(config).to(dtype=torch.float32)
         parts = cdm_loss(model, x[share], schedule, t=t[share], noise=noise[share])
         parts.total.backward()
-        return {name: p.grad.numpy().copy() for name, p in unwrap_model(model).named_parameters()}  # no tensors through Ray
+        return {
+            name: p.grad.numpy().copy() for name, p in unwrap_model(model).named_parameters()
+        }  # no tensors through Ray
 
     return grad_worker
 
@@ -250,7 +292,7 @@ def test_ddp_gradients_of_the_double_backward_match_one_process(ray_session, dig
     from ray.train.torch import TorchTrainer
 
     from cdm_core.objective import cdm_loss
-    from pipelines.train_step import build_network, build_schedule
+    from pipelines.train.step import build_network, build_schedule
 
     config = tiny_config(digits_dataset, store, "grads")
     g = torch.Generator().manual_seed(1)

@@ -49,18 +49,27 @@ def test_missing_dataset_through_the_console_script(tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--set", "optim.lrr=1e-4"], "optim.lrr: unknown setting (did you mean 'lr'?)"),
-    (["--set", "train.steps=ten"], "train.steps: 'ten' is not an integer"),
-    (["--set", "optim.lr=-1"], "optim.lr: -1.0 must be > 0"),
-    (["--set", "scaling.num_workers=3"], "train.batch_size: 32 is not divisible by scaling.num_workers=3"),
-    (["--set", "loss.prior=[0.5, 0.5]"], "loss.prior: has 2 entries; schedule.T=20 needs T+2 = 22"),
-    (["--set", "model.attn_resolutions=[16]"], "attn_resolutions [16] do not occur in this U-Net"),
-    (["--set", "model.conditional=true", "--set", "train.batch_size=4096"], "each worker's share of split 'train' has only 1618"),
-    (["--set", "data.val_split=valid"], "data.val_split: 'valid' is not a split of"),
-    (["--set", "run.init_from=/nowhere/checkpoint_00000010"], "run.init_from: no checkpoint.pt in /nowhere/checkpoint_00000010"),
-    (["--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "optim.lrr=1e-4"], "optim.lrr: unknown setting (did you mean 'lr'?)"),
+        (["--set", "train.steps=ten"], "train.steps: 'ten' is not an integer"),
+        (["--set", "optim.lr=-1"], "optim.lr: -1.0 must be > 0"),
+        (["--set", "scaling.num_workers=3"], "train.batch_size: 32 is not divisible by scaling.num_workers=3"),
+        (["--set", "loss.prior=[0.5, 0.5]"], "loss.prior: has 2 entries; schedule.T=20 needs T+2 = 22"),
+        (["--set", "model.attn_resolutions=[16]"], "attn_resolutions [16] do not occur in this U-Net"),
+        (
+            ["--set", "model.conditional=true", "--set", "train.batch_size=4096"],
+            "each worker's share of split 'train' has only 1618",
+        ),
+        (["--set", "data.val_split=valid"], "data.val_split: 'valid' is not a split of"),
+        (
+            ["--set", "run.init_from=/nowhere/checkpoint_00000010"],
+            "run.init_from: no checkpoint.pt in /nowhere/checkpoint_00000010",
+        ),
+        (["--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
+    ],
+)
 def test_config_mistakes(argv, message, digits_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out = _main(["train", TINY, "--set", f"data.uri={digits_dataset}", *argv], capsys, monkeypatch)
@@ -88,7 +97,11 @@ def test_bad_files_and_resume_targets(tmp_path, capsys, monkeypatch):
 def test_print_config_applies_overrides(capsys, monkeypatch):
     import json
 
-    code, out = _main(["train", TINY, "--set", "optim.lr=1e-4", "--set", "schedule.name=ot", "--print-config"], capsys, monkeypatch)
+    code, out = _main(
+        ["train", TINY, "--set", "optim.lr=1e-4", "--set", "schedule.name=ot", "--print-config"], capsys, monkeypatch
+    )
     assert code == 0
     printed = json.loads(out)
-    assert printed["optim"]["lr"] == 1e-4 and printed["schedule"]["name"] == "ot" and printed["model"]["preset"] == "tiny"
+    assert (
+        printed["optim"]["lr"] == 1e-4 and printed["schedule"]["name"] == "ot" and printed["model"]["preset"] == "tiny"
+    )

@@ -9,10 +9,10 @@ import torch
 
 from cdm_core.ema import EMA
 from cdm_core.objective import bits_per_dim
-from pipelines import config as cfg
-from pipelines.train_config import TrainConfig
-from pipelines.train_step import TrainStep, build_network, build_optimizer, build_schedule, lr_factor
-from pipelines.train_validation import Validator, t_grid
+from pipelines.common import config as cfg
+from pipelines.train.config import TrainConfig
+from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule, lr_factor
+from pipelines.train.validation import Validator, t_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,17 @@ def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
     torch.manual_seed(seed)
     model = build_network(config, 1, 8)
     opt, sched = build_optimizer(model, config.optim)
-    return TrainStep(config, model, EMA(model, config.ema.decay), opt, sched, build_schedule(config), None,
-                     torch.device("cpu"), torch.Generator().manual_seed(seed))
+    return TrainStep(
+        config,
+        model,
+        EMA(model, config.ema.decay),
+        opt,
+        sched,
+        build_schedule(config),
+        None,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(seed),
+    )
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -80,8 +89,14 @@ def _batches(x, labels, batch, pad_every=None):
         pad = torch.zeros(len(idx), dtype=torch.bool)
         out.append({"x": x[idx], "label": labels[idx], "index": idx, "pad": pad})
     if pad_every:  # reader padding: repeated samples flagged pad=True must not count
-        out.append({"x": x[:pad_every], "label": labels[:pad_every], "index": torch.arange(pad_every),
-                    "pad": torch.ones(pad_every, dtype=torch.bool)})
+        out.append(
+            {
+                "x": x[:pad_every],
+                "label": labels[:pad_every],
+                "index": torch.arange(pad_every),
+                "pad": torch.ones(pad_every, dtype=torch.bool),
+            }
+        )
     return out
 
 
@@ -126,15 +141,19 @@ def test_final_model_is_logged_to_mlflow_for_every_kind(overrides, digits_datase
     The unconditional CDM is covered end to end by tests/test_train.py."""
     mlflow = pytest.importorskip("mlflow")
     from cdm_core.checkpoint import save_checkpoint
-    from pipelines.train import _log_final_model
+    from pipelines.train.trainer import log_final_model
 
     config = tiny(f"data.uri={digits_dataset}", *overrides)
     model = build_network(config, 1, 8)
-    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", model=model, step=1, config=cfg.to_dict(config), ema=EMA(model))
+    save_checkpoint(
+        tmp_path / "ckpt" / "checkpoint.pt", model=model, step=1, config=cfg.to_dict(config), ema=EMA(model)
+    )
     mlflow.set_tracking_uri(mlflow_store)
     with mlflow.start_run() as active:
-        _log_final_model(str(tmp_path / "ckpt"), str(digits_dataset), "test", "", active.info.run_id)
-    (logged,) = mlflow.search_logged_models(filter_string=f"source_run_id = '{active.info.run_id}'", output_format="list")
+        log_final_model(str(tmp_path / "ckpt"), str(digits_dataset), "test")
+    (logged,) = mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{active.info.run_id}'", output_format="list"
+    )
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     x = torch.rand(7, 1, 8, 8) * 2 - 1
     args = [x]

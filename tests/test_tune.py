@@ -21,9 +21,10 @@ import pytest
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
-from pipelines import config as cfg  # noqa: E402
-from pipelines import tune, tune_space  # noqa: E402
-from pipelines.train_config import TrainConfig  # noqa: E402
+from pipelines.common import config as cfg  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
+from pipelines.tune import space as tune_space  # noqa: E402
+from pipelines.tune import sweep as tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -52,32 +53,64 @@ def steps_of(store, run_id: str, key: str) -> list[int]:
 
 def sweep(dataset, store, name: str, space: dict, settings: dict, *overrides: str):
     root, uri = store
-    config = cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", [
-        f"data.uri={dataset}", f"run.storage_path={root / 'sweeps'}", f"tracking.tracking_uri={uri}",
-        f"train.steps={STEPS}", "validation.every=10", "checkpoint.every=10", *overrides])
+    config = cfg.load(
+        TrainConfig,
+        ROOT / "configs" / "train_tiny.toml",
+        [
+            f"data.uri={dataset}",
+            f"run.storage_path={root / 'sweeps'}",
+            f"tracking.tracking_uri={uri}",
+            f"train.steps={STEPS}",
+            "validation.every=10",
+            "checkpoint.every=10",
+            *overrides,
+        ],
+    )
     sweep_file = tune_space.parse({"space": space, "tune": {"name": name, "max_concurrent": 2, **settings}}, config)
     return tune.run(config, sweep_file, config_name="tiny")
 
 
 @pytest.fixture(scope="module")
 def schedules(ray_session, digits_dataset, store):
-    return sweep(digits_dataset, store, "schedules",
-                 {"schedule.name": {"grid": ["linear", "ot"]}, "loss.w_ce": {"grid": [1e-3, 1e-2]}},
-                 {"scheduler": "fifo"})
+    return sweep(
+        digits_dataset,
+        store,
+        "schedules",
+        {"schedule.name": {"grid": ["linear", "ot"]}, "loss.w_ce": {"grid": [1e-3, 1e-2]}},
+        {"scheduler": "fifo"},
+    )
 
 
 @pytest.fixture(scope="module")
 def mixed(ray_session, digits_dataset, store):
-    return sweep(digits_dataset, store, "mixed", {"optim.lr": {"grid": [5e-3, 1e4, 1e-7]}},
-                 {"scheduler": "asha", "grace_period": 10, "reduction_factor": 2, "metric": "weighted",
-                  "weights": {"val/nll_bpd": 1.0, "val/mse": 2.0}}, "train.steps=30", "loss.w_ce=0.1")
+    return sweep(
+        digits_dataset,
+        store,
+        "mixed",
+        {"optim.lr": {"grid": [5e-3, 1e4, 1e-7]}},
+        {
+            "scheduler": "asha",
+            "grace_period": 10,
+            "reduction_factor": 2,
+            "metric": "weighted",
+            "weights": {"val/nll_bpd": 1.0, "val/mse": 2.0},
+        },
+        "train.steps=30",
+        "loss.w_ce=0.1",
+    )
 
 
 @pytest.fixture(scope="module")
 def pbt(ray_session, digits_dataset, store):
-    return sweep(digits_dataset, store, "pbt", {"optim.lr": {"grid": [5e-3, 1e-7]}},
-                 {"scheduler": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5, "seed": 0},
-                 "train.steps=60", "loss.w_ce=0.1")
+    return sweep(
+        digits_dataset,
+        store,
+        "pbt",
+        {"optim.lr": {"grid": [5e-3, 1e-7]}},
+        {"scheduler": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5, "seed": 0},
+        "train.steps=60",
+        "loss.w_ce=0.1",
+    )
 
 
 def row_of(result, lr: str):
@@ -138,7 +171,7 @@ def test_table_is_sorted_by_the_metric(schedules):
 
 
 def test_from_best_continues_the_best_trials_run(schedules, store):
-    from pipelines.tune_best import train_from_best
+    from pipelines.tune.best import train_from_best
 
     result = train_from_best(schedules.sweep_dir, ["train.steps=30"], continue_run=True)
     assert result.mlflow_run_id == schedules.best.run_id and result.step == 30

@@ -43,10 +43,29 @@ def killed_and_resumed(digits_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-resume")
     (root / "space.toml").write_text('[space]\n"loss.w_ce" = { grid = [1e-3, 1e-2] }\n\n[tune]\nmax_concurrent = 1\n')
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [str(CDM), "tune", str(ROOT / "configs" / "train_tiny.toml"), "--space", "space.toml", "--name", NAME,
-            "--scheduler", "fifo", "--set", f"data.uri={digits_dataset}", "--set", f"run.storage_path={root / 'sweeps'}",
-            "--set", f"tracking.tracking_uri={uri}", "--set", f"train.steps={STEPS}",
-            "--set", "validation.every=10", "--set", "checkpoint.every=10"]
+    args = [
+        str(CDM),
+        "tune",
+        str(ROOT / "configs" / "train_tiny.toml"),
+        "--space",
+        "space.toml",
+        "--name",
+        NAME,
+        "--scheduler",
+        "fifo",
+        "--set",
+        f"data.uri={digits_dataset}",
+        "--set",
+        f"run.storage_path={root / 'sweeps'}",
+        "--set",
+        f"tracking.tracking_uri={uri}",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "validation.every=10",
+        "--set",
+        "checkpoint.every=10",
+    ]
     env = {**os.environ, "CDM_TUNE_VERBOSE": "0"}
     env.pop("RAY_ADDRESS", None)
     trials = root / "sweeps" / NAME / "trials"
@@ -112,7 +131,8 @@ def test_resume_finishes_the_sweep_without_redoing_the_finished_trial(killed_and
 
 def test_resume_refuses_a_changed_sweep(killed_and_resumed):
     root, *_, args = killed_and_resumed
-    out = subprocess.run(args + ["--resume", "--set", "train.steps=99"], cwd=root, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        args + ["--resume", "--set", "train.steps=99"], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert "--resume: the sweep was started with different settings" in out.stderr and "train.steps" in out.stderr

@@ -29,8 +29,8 @@ import pytest
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
-from pipelines.workflow import prepare_plan, run_workflow  # noqa: E402
-from pipelines.workflow_progress import TrainingProgress  # noqa: E402
+from pipelines.workflow.progress import TrainingProgress  # noqa: E402
+from pipelines.workflow.runner import prepare_plan, run_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CDM = str(Path(sys.executable).with_name("cdm"))
@@ -48,7 +48,7 @@ source = "digits"
 samples_per_shard = 500
 
 [train]
-extends = "{ROOT / 'configs' / 'train_tiny.toml'}"
+extends = "{ROOT / "configs" / "train_tiny.toml"}"
 
 [train.train]
 steps = 30
@@ -96,8 +96,14 @@ def ray_address():
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_GCS_SERVER_PORT", str(port))
         env.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     assert ray.get_runtime_context().gcs_address == address
     yield address
@@ -128,8 +134,14 @@ def children(workdir: Path, parent_id: str) -> list:
 
 
 def cli(workdir: Path, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args],
-                          capture_output=True, text=True, env=env or os.environ.copy(), timeout=600, **kw)
+    return subprocess.run(
+        [CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        timeout=600,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +206,9 @@ def test_a_rerun_skips_every_stage_and_reuses_the_parent(first_run, workdir):
 def registered_checkpoints(train_dir: Path) -> list[str]:
     """The checkpoints Ray Train has recorded for the run (what a resumed run can start from)."""
     try:
-        return sorted(set(re.findall(r"checkpoint_\d{8}", (train_dir / "checkpoint_manager_snapshot.json").read_text())))
+        return sorted(
+            set(re.findall(r"checkpoint_\d{8}", (train_dir / "checkpoint_manager_snapshot.json").read_text()))
+        )
     except OSError:
         return []
 
@@ -207,8 +221,13 @@ def killed_and_resumed(first_run, ray_address, workdir):
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     log = workdir / "killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *overrides],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *overrides],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.time() + 420
         try:
             while not registered_checkpoints(train_dir):
@@ -227,8 +246,15 @@ def killed_and_resumed(first_run, ray_address, workdir):
 
     lines: list[str] = []
     result = run_workflow(workdir / "tiny.toml", KILLED, workdir=workdir, echo=lines.append)
-    return {"result": result, "lines": lines, "killed_checkpoints": killed_checkpoints, "train_run_id": train_run_id,
-            "prepare_record": prepare_record, "prepare_mtime": prepare_mtime, "dry": dry}
+    return {
+        "result": result,
+        "lines": lines,
+        "killed_checkpoints": killed_checkpoints,
+        "train_run_id": train_run_id,
+        "prepare_record": prepare_record,
+        "prepare_mtime": prepare_mtime,
+        "dry": dry,
+    }
 
 
 def test_a_killed_run_resumes_training_from_its_checkpoint_without_redoing_earlier_stages(killed_and_resumed, workdir):
@@ -254,7 +280,11 @@ def test_a_killed_run_resumes_training_from_its_checkpoint_without_redoing_earli
 
     parent = client(workdir).get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert sorted(r.data.tags["cdm.workflow_stage"] for r in children(workdir, result.parent_run_id)) == ["nll", "prepare", "train"]
+    assert sorted(r.data.tags["cdm.workflow_stage"] for r in children(workdir, result.parent_run_id)) == [
+        "nll",
+        "prepare",
+        "train",
+    ]
 
 
 def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run, workdir):
@@ -268,9 +298,20 @@ def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run,
         assert record["output"] in done.stdout
     changed = cli(workdir, "--dry-run", "--set", "sample.steps=4")
     assert changed.returncode == 0, changed.stderr
-    status = {line.split()[1]: line.split()[3] for line in changed.stdout.splitlines() if line.strip()[:2].rstrip(".").isdigit()}
-    assert status == {"prepare": "skip", "nll_untrained": "skip", "train": "skip", "sample": "run", "nll": "skip",
-                      "features": "skip", "fid": "run"}
+    status = {
+        line.split()[1]: line.split()[3]
+        for line in changed.stdout.splitlines()
+        if line.strip()[:2].rstrip(".").isdigit()
+    }
+    assert status == {
+        "prepare": "skip",
+        "nll_untrained": "skip",
+        "train": "skip",
+        "sample": "run",
+        "nll": "skip",
+        "features": "skip",
+        "fid": "run",
+    }
 
 
 def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir):
@@ -279,7 +320,9 @@ def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir):
     assert "Traceback" not in bad.stderr
     bad = cli(workdir, "--dry-run", "--set", "prepare.source=cifar10")
     assert bad.returncode == 2 and "prepare.path" in bad.stderr and "Traceback" not in bad.stderr
-    bad = cli(workdir, "--dry-run", "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
+    bad = cli(
+        workdir, "--dry-run", "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth"
+    )
     assert bad.returncode == 0 and "cannot run as it is: fid.features" in bad.stdout  # a dry run lists it
     bad = cli(workdir, "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
     assert bad.returncode == 2 and "fid.features" in bad.stderr and "Traceback" not in bad.stderr
@@ -298,8 +341,14 @@ max_concurrent = 2
 
 def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
     (workdir / "sweep.toml").write_text(SWEEP)
-    overrides = [f"tune.space={workdir / 'sweep.toml'}", "train.train.steps=10", "train.validation.every=10",
-                 "nll.enabled=false", "sample.enabled=false", "fid.enabled=false"]
+    overrides = [
+        f"tune.space={workdir / 'sweep.toml'}",
+        "train.train.steps=10",
+        "train.validation.every=10",
+        "nll.enabled=false",
+        "sample.enabled=false",
+        "fid.enabled=false",
+    ]
     lines: list[str] = []
     result = run_workflow(workdir / "tiny.toml", overrides, workdir=workdir, echo=lines.append)
     assert result.ran == ["tune", "train"]  # the data is the first run's (same prepare key)
@@ -314,4 +363,3 @@ def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
     trials = children(workdir, sweep_run)
     assert sorted(r.data.params["schedule.name"] for r in trials) == ["linear", "ot"]
     assert run_workflow(workdir / "tiny.toml", overrides, workdir=workdir, echo=lines.append).ran == []
-

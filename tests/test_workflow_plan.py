@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError
-from pipelines.errors import UserError
-from pipelines.workflow import prepare_plan
-from pipelines.workflow_config import load
+from pipelines.common.config import ConfigError
+from pipelines.common.errors import UserError
+from pipelines.workflow.config import load
+from pipelines.workflow.runner import prepare_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -31,22 +31,25 @@ def test_the_demo_plan_has_every_stage_in_order_with_absolute_outputs(tmp_path):
     assert keys(CONFIGS / "demo.toml", workdir=tmp_path / "elsewhere") == {s.name: s.key for s in plan.stages}
 
 
-@pytest.mark.parametrize("override, changed", [
-    ("train.optim.lr=1e-3", {"train", "sample", "nll", "fid"}),
-    ("train.model.base_channels=8", {"nll_untrained", "train", "sample", "nll", "fid"}),
-    ("sample.steps=10", {"sample", "fid"}),
-    ("nll.dequantize=true", {"nll_untrained", "nll"}),
-    ("prepare.seed=1", {"prepare", "nll_untrained", "train", "sample", "nll", "features", "fid"}),
-    ("features.epochs=4", {"features", "fid"}),
-    ("fid.reference_split=test", {"fid"}),
-    # Settings that cannot change a result leave every key alone.
-    ("sample.workers=1", set()),
-    ("nll.batch_size=100", set()),
-    ("train.scaling.num_workers=2", set()),
-    ("train.train.log_every=5", set()),
-    ("train.checkpoint.every=100", set()),
-    ("tracking.experiment=other", set()),
-])
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ("train.optim.lr=1e-3", {"train", "sample", "nll", "fid"}),
+        ("train.model.base_channels=8", {"nll_untrained", "train", "sample", "nll", "fid"}),
+        ("sample.steps=10", {"sample", "fid"}),
+        ("nll.dequantize=true", {"nll_untrained", "nll"}),
+        ("prepare.seed=1", {"prepare", "nll_untrained", "train", "sample", "nll", "features", "fid"}),
+        ("features.epochs=4", {"features", "fid"}),
+        ("fid.reference_split=test", {"fid"}),
+        # Settings that cannot change a result leave every key alone.
+        ("sample.workers=1", set()),
+        ("nll.batch_size=100", set()),
+        ("train.scaling.num_workers=2", set()),
+        ("train.train.log_every=5", set()),
+        ("train.checkpoint.every=100", set()),
+        ("tracking.experiment=other", set()),
+    ],
+)
 def test_a_setting_changes_the_keys_of_its_stage_and_of_everything_downstream(tmp_path, override, changed):
     before = keys(CONFIGS / "demo.toml", workdir=tmp_path)
     after = keys(CONFIGS / "demo.toml", override, workdir=tmp_path)
@@ -55,8 +58,8 @@ def test_a_setting_changes_the_keys_of_its_stage_and_of_everything_downstream(tm
 
 def test_train_extends_a_training_config_and_the_workflow_states_only_what_differs(tmp_path):
     config, _ = load(CONFIGS / "run" / "mnist.toml")
-    from pipelines import config as cfg
-    from pipelines.train_config import TrainConfig
+    from pipelines.common import config as cfg
+    from pipelines.train.config import TrainConfig
 
     standalone = cfg.load(TrainConfig, CONFIGS / "mnist.toml")
     ours, theirs = cfg.to_dict(config.train), cfg.to_dict(standalone)
@@ -76,15 +79,21 @@ def test_every_shipped_workflow_plans(tmp_path):
     faces.mkdir()
     for name in ("mnist", "mnist_tune", "cifar10", "cifar10_uniform", "cifar10_ot", "cifar10_cond", "celeba64"):
         path = faces if name == "celeba64" else data
-        plan, _ = prepare_plan(CONFIGS / "run" / f"{name}.toml", [f"prepare.path={path}"] if "cifar" in name or
-                               name == "celeba64" else [], workdir=tmp_path, strict=False)
+        plan, _ = prepare_plan(
+            CONFIGS / "run" / f"{name}.toml",
+            [f"prepare.path={path}"] if "cifar" in name or name == "celeba64" else [],
+            workdir=tmp_path,
+            strict=False,
+        )
         assert plan.name == name and plan.has("train") and plan.has("nll")
 
 
 def test_a_workflow_on_an_already_prepared_dataset_has_no_prepare_stage(tmp_path, digits_dataset):
     config = tmp_path / "wf.toml"
-    config.write_text(f'[train]\nextends = "{CONFIGS / "train_tiny.toml"}"\n[train.data]\nuri = "{digits_dataset}"\n'
-                      '[fid]\nenabled = false\n[sample]\nenabled = false\n')
+    config.write_text(
+        f'[train]\nextends = "{CONFIGS / "train_tiny.toml"}"\n[train.data]\nuri = "{digits_dataset}"\n'
+        "[fid]\nenabled = false\n[sample]\nenabled = false\n"
+    )
     plan, _ = prepare_plan(config, workdir=tmp_path)
     assert [s.name for s in plan.stages] == ["nll_untrained", "train", "nll"]
     assert plan.dataset_uri == str(Path(digits_dataset).resolve())
@@ -107,7 +116,8 @@ def test_mistakes_name_the_setting(tmp_path):
     with pytest.raises(UserError, match=r"prepare\.path: .* does not exist"):
         prepare_plan(CONFIGS / "run" / "cifar10.toml", ["prepare.path=/no/such/file"], workdir=tmp_path)
     with pytest.raises(UserError, match=r"train\.data\.uri: .*Prepare it first"):
-        prepare_plan(CONFIGS / "demo.toml", ["prepare.source=none", f"train.data.uri={tmp_path / 'missing'}"],
-                     workdir=tmp_path)
+        prepare_plan(
+            CONFIGS / "demo.toml", ["prepare.source=none", f"train.data.uri={tmp_path / 'missing'}"], workdir=tmp_path
+        )
     with pytest.raises(UserError, match=r"--workdir"):
         prepare_plan(CONFIGS / "demo.toml", workdir="s3://bucket/cdm")

@@ -1,0 +1,5 @@
+"""`python -m pipelines …` is `cdm …`."""
+
+from pipelines.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""`cdm train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipelines.common import config as cfg
+from pipelines.common.errors import UserError
+from pipelines.train.config import TrainConfig
+
+
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Training config, TOML or YAML (see configs/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=1e-4 (repeatable)."),
+    resume_run: Optional[str] = typer.Option(
+        None, "--resume", help="Continue RUN (its folder, or its MLflow run id) from its latest checkpoint."
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the config with overrides applied, as JSON, and exit."
+    ),
+    list_settings: bool = typer.Option(
+        False, "--list-settings", help="List every setting with its type, default and meaning."
+    ),
+    from_best: Optional[str] = typer.Option(
+        None,
+        "--from-best",
+        help="Train the best trial of SWEEP (a `cdm tune` folder or its MLflow parent run id) as a new run; --set changes it.",
+    ),
+    continue_best: bool = typer.Option(
+        False,
+        "--continue-best",
+        help="With --from-best: continue the best trial's own run from its latest checkpoint instead.",
+    ),
+) -> None:
+    """Train a CDM (or the DDM baseline) with Ray Train, tracked in MLflow.
+
+    Examples:
+      cdm train configs/mnist.toml
+      cdm train configs/cifar10.toml --set scaling.num_workers=4 --set scaling.use_gpu=true
+      cdm train configs/train_tiny.toml --set optim.lr=1e-3 --set train.steps=200
+      cdm train --resume outputs/runs/mnist-20250101-120000 --set train.steps=20000
+      cdm train --from-best outputs/runs/mnist-sweep-20250101-120000 --set train.steps=100000
+    """
+    if list_settings:
+        for key, kind, default, doc in cfg.describe(TrainConfig):
+            typer.echo(f"{key:28} {kind:44} {default!s:13} {doc}")
+        return
+    if continue_best and from_best is None:
+        raise UserError("--continue-best needs --from-best SWEEP")
+    if from_best is not None and (config is not None or resume_run is not None):
+        raise UserError("give --from-best SWEEP alone (the sweep's best trial brings its config); change it with --set")
+    if resume_run is not None and config is not None:
+        raise UserError(
+            "give either CONFIG or --resume RUN, not both (a resumed run keeps its own config; change it with --set)"
+        )
+    if from_best is None and resume_run is None:
+        if config is None:
+            raise UserError(
+                "cdm train needs a CONFIG file (e.g. configs/mnist.toml) or --resume RUN; see `cdm train --help`"
+            )
+        train_config = cfg.load(TrainConfig, config, set_)
+        if print_config:
+            typer.echo(json.dumps(cfg.to_dict(train_config), indent=2))
+            return
+    # Deferred: the trainer imports torch, Ray Train and MLflow (seconds); `cdm --help` should not wait.
+    from pipelines.train import trainer
+    from pipelines.tune.best import train_from_best
+
+    if from_best is not None:
+        result = train_from_best(from_best, set_, continue_run=continue_best)
+    elif resume_run is not None:
+        result = trainer.resume(resume_run, set_)
+    else:
+        result = trainer.run(train_config, config_name=config.stem)
+    typer.echo(f"run: {result.run_name}  folder: {result.run_dir}  mlflow run: {result.mlflow_run_id}")
+    typer.echo(f"finished at step {result.step} in {result.seconds:.0f} s")
+    for key, value in sorted(result.metrics.items()):
+        typer.echo(f"  {key} = {value:.4f}")
+    typer.echo(f"latest checkpoint: {result.checkpoint}")
+    if result.best_checkpoint:
+        typer.echo(f"best checkpoint:   {result.best_checkpoint}")

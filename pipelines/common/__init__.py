@@ -1,0 +1,1 @@
+"""What every stage shares: errors, typed configs, storage, MLflow tracking, the Ray session, trained models."""

@@ -1,0 +1,101 @@
+"""Trained models as the stages after training see them: loading a checkpoint, and the run that made it.
+
+The contract between `cdm train` and everything downstream: a checkpoint in
+the `cdm_core.checkpoint` format whose `config` holds the training config as
+nested plain dicts, with at least
+
+    config["model"]["kind"]          "cdm" | "ddm"
+    config["schedule"]["name"], config["schedule"]["T"], config["schedule"].get("params", {})
+    config["loss"].get("prior")      None (uniform) or a list of T+2 probabilities
+    config["data"].get("num_labels") None or the number of classes
+
+A checkpoint path may be the `.pt` file or a folder holding `checkpoint.pt`
+(a Ray Train checkpoint directory).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdm_core.checkpoint import load_checkpoint, model_from_checkpoint
+from cdm_core.samplers import EpsFn, cdm_eps_fn, ddm_eps_fn
+from cdm_core.schedules import Schedule, get_schedule
+from pipelines.common.errors import UserError
+
+CHECKPOINT_FILENAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module
+    kind: str  # "cdm" or "ddm"
+    schedule: Schedule  # float64; cast with .to() where used
+    prior: torch.Tensor | None
+    num_labels: int | None
+    config: dict[str, Any]
+    step: int
+    path: str
+
+    def eps_fn(self, y: torch.Tensor | None = None, dtype=torch.float32, device=None) -> EpsFn:
+        """The ε-predictor the samplers take, for either kind of model."""
+        if self.kind == "cdm":
+            return cdm_eps_fn(self.model, self.schedule.to(device=device, dtype=dtype), y)
+        return ddm_eps_fn(self.model, y)
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILENAME
+    if not p.is_file():
+        raise UserError(f"no checkpoint at {path}: expected a {CHECKPOINT_FILENAME} file or a folder containing one")
+    return p
+
+
+def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device: str = "cpu") -> TrainedModel:
+    """Rebuild the network (EMA weights by default), its schedule and prior from a checkpoint."""
+    file = checkpoint_file(path)
+    try:
+        ckpt = load_checkpoint(file)
+        model = model_from_checkpoint(ckpt, use_ema=use_ema and ckpt.get("ema") is not None)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"{file}: cannot load checkpoint ({err})") from None
+    config = ckpt["config"]
+    try:
+        kind = config["model"]["kind"]
+        sched_cfg = config["schedule"]
+        schedule = get_schedule(sched_cfg["name"], int(sched_cfg["T"]), **sched_cfg.get("params", {}))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{file}: checkpoint config lacks a usable model kind or schedule ({err!r})") from None
+    prior = config.get("loss", {}).get("prior")
+    return TrainedModel(
+        model=model.to(device).eval(),
+        kind=kind,
+        schedule=schedule,
+        prior=None if prior is None else torch.tensor(prior, dtype=torch.float64),
+        num_labels=config.get("data", {}).get("num_labels"),
+        config=config,
+        step=int(ckpt["step"]),
+        path=str(file),
+    )
+
+
+def training_run_id(checkpoint_file: str | os.PathLike) -> str | None:
+    """The MLflow run that trained this checkpoint, if the checkpoint records it.
+
+    Looked up in `extra["mlflow_run_id"]`, then `config["tracking"]["run_id"]`;
+    mmap'd, so the weights are not read.
+    """
+    try:
+        ckpt: dict[str, Any] = torch.load(Path(checkpoint_file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    run_id = (ckpt.get("extra") or {}).get("mlflow_run_id")
+    if run_id is None:
+        run_id = ((ckpt.get("config") or {}).get("tracking") or {}).get("run_id")
+    return str(run_id) if run_id else None

@@ -1,0 +1,63 @@
+"""The one way a cdm command starts or joins Ray.
+
+`ensure_ray(address, …)` joins the cluster at `address` (or $RAY_ADDRESS) if one
+is named, else starts a local Ray, and reuses a session already started in this
+process (a workflow runs every stage in one session; tests start their own).
+
+A local Ray gets at least `min_cpus` logical CPUs: training reserves one CPU per
+worker, and Ray Data's read tasks need a whole CPU more, or they wait forever and
+training never gets its first batch.
+
+Ray Data prints several INFO lines per epoch ("Starting execution of Dataset …")
+from its SplitCoordinator actor, where the driver's `logging` settings do not
+reach; each Ray Data process reads its logging config from the YAML file named by
+RAY_DATA_LOGGING_CONFIG. A local Ray's workers inherit the driver's environment,
+so setting the variable before `ray.init` covers them. A user's own
+RAY_DATA_LOGGING_CONFIG wins; on a cluster the job's runtime_env decides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+def quiet_ray_data_console() -> None:
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The cluster to join: `address`, else $RAY_ADDRESS; None means a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def ensure_ray(
+    address: str | None = None, *, min_cpus: int = 1, num_cpus: int | None = None, dashboard: bool = True
+) -> None:
+    """Join `address` / $RAY_ADDRESS, else start a local Ray; do nothing if Ray is already up.
+
+    Local only: `num_cpus` logical CPUs (default: the machine's cores, at least
+    `min_cpus`); `dashboard=False` skips the dashboard (batch stages need no State
+    API; Ray Train's placement-group monitor does).
+    """
+    if ray.is_initialized():
+        return
+    quiet_ray_data_console()
+    joined = cluster_address(address)
+    if joined:
+        runtime_env = None
+        if "://" not in joined and joined not in ("auto", "local"):
+            # Ray's state API inside workers (Ray Train's placement-group clean-up monitor asks it whether the
+            # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
+            runtime_env = {"env_vars": {"RAY_ADDRESS": joined}}
+        ray.init(address=joined, runtime_env=runtime_env)
+        return
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or max(os.cpu_count() or 1, min_cpus),
+        include_dashboard=None if dashboard else False,
+    )

@@ -1,0 +1,171 @@
+"""Paths and URIs, the one place: where a stage's files are, whether they exist, JSON in and out, SHA-256.
+
+Every stage reads and writes through a `Location`: a root on some filesystem
+(pyarrow.fs, so Ray Data reads the same URIs; fsspec for schemes pyarrow lacks).
+A local path and `s3://`, `gs://`, `hdfs://`, `file://`, `memory://` URIs work
+alike. Local paths are made absolute (`~` expanded, symlinks resolved) before
+they are recorded anywhere, because Ray Tune runs trials in other working
+directories and a cluster's nodes do not share ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+from pipelines.common.errors import UserError
+
+
+def absolute(uri: str | os.PathLike) -> str:
+    """A URI as given; a local path made absolute (expanded, symlinks resolved)."""
+    text = os.fspath(uri)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def join(uri: str, *names: str) -> str:
+    """`uri/name/…` for paths and URIs alike."""
+    return "/".join([uri.rstrip("/"), *names])
+
+
+@dataclass
+class Location:
+    """A folder on some filesystem (pyarrow.fs API) and the files in it, by name."""
+
+    uri: str
+    fs: Any  # pyarrow.fs.FileSystem
+    root: str
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}" if self.root else name
+
+    def where(self, name: str) -> str:
+        """The URI of `name`, for messages and records."""
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def info(self, name: str | None = None) -> Any:
+        return self.fs.get_file_info(self.path(name) if name else self.root)
+
+    def kind(self, name: str | None = None) -> str:
+        """ "dir", "file" or "missing": of the root, or of `name` inside it."""
+        kind = self.info(name).type
+        return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(kind, "missing")
+
+    def root_kind(self) -> str:
+        return self.kind()
+
+    def exists(self, name: str) -> bool:
+        """Whether `name` is a file in this folder."""
+        return self.kind(name) == "file"
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def open(self, name: str) -> Any:
+        """A sequential stream (tar files, hashing)."""
+        return self.fs.open_input_stream(self.path(name))
+
+    def open_seekable(self, name: str) -> Any:
+        """A random-access file (torch.load of a zip checkpoint needs one)."""
+        return self.fs.open_input_file(self.path(name))
+
+    def list_names(self) -> list[str]:
+        if self.kind() != "dir":
+            return []
+        selector = pafs.FileSelector(self.root, recursive=False)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+    def makedirs(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write `name` so that readers never see a half-written file (temp name, then rename)."""
+        tmp = f".{name}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(self.path(tmp)) as f:
+            f.write(data)
+        try:
+            self.fs.move(self.path(tmp), self.path(name))
+        except Exception:
+            self.fs.delete_file(self.path(tmp))
+            raise
+
+    def delete(self, name: str) -> None:
+        self.fs.delete_file(self.path(name))
+
+    def sha256(self, name: str) -> str:
+        h = hashlib.sha256()
+        with self.open(name) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def read_json(self, name: str) -> Any | None:
+        """The parsed JSON file `name`, or None if there is no such file."""
+        if not self.exists(name):
+            return None
+        return json.loads(self.read_bytes(name).decode())
+
+    def write_json(self, name: str, data: Any) -> None:
+        """`name` as indented JSON (values JSON cannot hold become strings), atomically; the folder is created."""
+        self.makedirs()
+        self.write_bytes(name, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def resolve(uri: str | os.PathLike) -> Location:
+    """The folder at a path or URI (pyarrow's filesystems, else fsspec's)."""
+    text = os.fspath(uri)
+    if "://" not in text:
+        local = absolute(text)
+        return Location(uri=local, fs=pafs.LocalFileSystem(), root=local)
+    try:
+        fs, root = pafs.FileSystem.from_uri(text)
+    except Exception:
+        try:
+            ffs, root = fsspec.core.url_to_fs(text)
+        except Exception as err:
+            raise UserError(
+                f"{text}: unsupported URI ({err}); use a local path or s3://, gs://, hdfs://, file://"
+            ) from None
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
+    return Location(uri=text, fs=fs, root=root.rstrip("/") or "/")
+
+
+def _parent_and_name(uri: str) -> tuple[Location, str]:
+    parent, _, name = absolute(uri).rstrip("/").rpartition("/")
+    return resolve(parent or "/"), name
+
+
+def exists(uri: str) -> bool:
+    """Whether anything (a file or a folder) is at `uri`."""
+    return resolve(uri).kind() != "missing"
+
+
+def read_json(uri: str) -> Any | None:
+    """The JSON file at `uri`, or None if there is none."""
+    folder, name = _parent_and_name(uri)
+    return folder.read_json(name)
+
+
+def write_json(uri: str, data: Any) -> None:
+    """The JSON file at `uri`, written atomically (its folder is created)."""
+    folder, name = _parent_and_name(uri)
+    folder.write_json(name, data)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

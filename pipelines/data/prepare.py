@@ -1,0 +1,245 @@
+"""The prepare stage: a real dataset → WebDataset shards + manifest + dataset.json, one MLflow run.
+
+`run(PrepareConfig(...))` is the stage; `prepare_command` is its `cdm prepare` CLI.
+Outputs are deterministic (same inputs and options → byte-identical shards), and a
+rerun whose outputs are already complete and intact does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+
+from pipelines.common import config as cfg
+from pipelines.common import storage
+from pipelines.common.errors import UserError
+from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.data import shards as sh
+from pipelines.data.config import SOURCES, PrepareConfig
+from pipelines.data.preview import save_preview
+from pipelines.data.sources import BadInputs, Source, build_source
+
+_OUR_FILES = re.compile(r"^([A-Za-z0-9_]+-\d{6}\.tar|manifest\.parquet|dataset\.json|\..*\.tmp-\d+)$")
+
+
+def _check_type(name: str, value: Any, where: str) -> Any:
+    """Check one value of a prepare TOML file against its setting's type (bool, int, float, str, optional)."""
+    tp = cfg.flat_fields(PrepareConfig)[name][2]
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if args else tp
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where}: '{name}' must not be empty")
+    kind = {bool: "bool", int: "int", float: "float", str: "str"}[base]
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise UserError(f"{where}: '{name}' must be {kind}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PrepareConfig:
+    """A PrepareConfig from a TOML file (top level or a [prepare] table), then `overrides` on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file does not exist")
+    try:
+        data = cfg.tomllib.loads(path.read_text())
+    except (cfg.tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid TOML ({err})") from None
+    table = data.get("prepare", data)
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: [prepare] must be a table")
+    names = set(cfg.flat_fields(PrepareConfig))
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise UserError(f"{path}: unknown prepare option(s) {unknown}; valid: {sorted(names)}")
+    values = {k: _check_type(k, v, str(path)) for k, v in table.items()}
+    values.update(overrides or {})
+    missing = [k for k in ("source", "out") if k not in values]
+    if missing:
+        raise UserError(f"{path}: needs {' and '.join(missing)} (in the file or on the command line)")
+    return cfg.nest(PrepareConfig, **values)
+
+
+@dataclass
+class PrepareResult:
+    uri: str
+    meta: dict[str, Any]
+    up_to_date: bool
+    seconds: float
+    run_id: Optional[str] = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: int(v["count"]) for s, v in self.meta["splits"].items()}
+
+
+def _fingerprint(source: Source, config: PrepareConfig) -> str:
+    blob = {
+        "format": sh.FORMAT,
+        "source": source.name,
+        "options": source.options,
+        "inputs": source.inputs,
+        "samples_per_shard": config.samples_per_shard,
+        "skip_bad": config.skip_bad,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_intact(ds: sh.Dataset) -> bool:
+    if sh.check_shard_files(ds):
+        return False
+    manifest = ds.meta.get("manifest") or {}
+    return ds.loc.exists(sh.MANIFEST) and ds.loc.sha256(sh.MANIFEST) == manifest.get("sha256")
+
+
+def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str) -> dict[str, Any]:
+    bad = BadInputs(skip=config.skip_bad)
+    spec: sh.SampleSpec | None = None
+    splits_meta: dict[str, Any] = {}
+    manifest_rows: list[dict[str, Any]] = []
+    written: set[str] = set()
+    for split, generate in source.splits.items():
+        writer: sh.SplitWriter | None = None
+        try:
+            for record in generate(bad):
+                if spec is None:
+                    shape = source.shape or tuple(record.data.shape)
+                    spec = sh.SampleSpec(source.kind, tuple(shape), source.labeled, source.num_classes)
+                if writer is None:
+                    writer = sh.SplitWriter(loc, split, spec, config.samples_per_shard)
+                writer.add(record.data, record.label, record.source_id)
+        except BaseException:
+            if writer is not None:
+                writer.abort()  # close the half-built shard's tar stream; it is never written
+            raise
+        if writer is None or writer.count == 0:
+            raise UserError(
+                f"{config.options.path or config.source}: split {split!r} has no usable samples"
+                + (f" ({bad.count} skipped as bad)" if bad.count else "")
+            )
+        splits_meta[split] = writer.close()
+        manifest_rows += writer.manifest_rows
+        written |= {s.name for s in writer.shards}
+    assert spec is not None
+    # Shards left from an earlier, larger version of this dataset would confuse directory readers.
+    for name in loc.list_names():
+        if name.endswith(".tar") and _OUR_FILES.match(name) and name not in written:
+            loc.delete(name)
+    manifest = sh.write_manifest(loc, manifest_rows)
+    meta: dict[str, Any] = {
+        "format": sh.FORMAT,
+        "source": source.name,
+        "options": source.options,
+        "inputs": source.inputs,
+        "fingerprint": fingerprint,
+        "sample": spec.to_json(),
+        "num_classes": source.num_classes,
+        "class_names": source.class_names,
+        "samples_per_shard": config.samples_per_shard,
+        "counts": {s: m["count"] for s, m in splits_meta.items()},
+        "stats_units": "pixel values / 255 (images); raw values (vectors)",
+        "splits": splits_meta,
+        "manifest": manifest,
+        "skipped": {"count": bad.count, "skip_bad": config.skip_bad, "examples": bad.items},
+        **source.extra,
+    }
+    sh.write_dataset_json(loc, meta)
+    return meta
+
+
+def run(config: PrepareConfig) -> PrepareResult:
+    """Prepare `config.source` into shards at `config.out`; skip if an intact identical copy is there."""
+    if config.source not in SOURCES:
+        raise UserError(f"unknown source {config.source!r}; choose one of {', '.join(SOURCES)}")
+    if config.samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {config.samples_per_shard}: must be ≥ 1")
+    start = time.perf_counter()
+    source = build_source(config.source, config.options)
+    fingerprint = _fingerprint(source, config)
+    loc = storage.resolve(config.out)
+    kind = loc.root_kind()
+    if kind == "file":
+        raise UserError(f"{loc.uri}: is a file; --out must be a directory (it is created if missing)")
+
+    existing = sh.open_dataset(loc.uri) if kind == "dir" and loc.exists(sh.DATASET_JSON) else None
+    up_to_date = (
+        existing is not None
+        and not config.force
+        and existing.meta.get("fingerprint") == fingerprint
+        and _is_intact(existing)
+    )
+    if not up_to_date and kind == "dir" and existing is None:
+        strangers = [n for n in loc.list_names() if not _OUR_FILES.match(n)]
+        if strangers:
+            raise UserError(
+                f"{loc.uri}: not empty and not a prepared dataset (has {', '.join(strangers[:3])}"
+                f"{', …' if len(strangers) > 3 else ''}); choose an empty or new --out"
+            )
+
+    def work() -> dict[str, Any]:
+        if up_to_date:
+            return existing.meta
+        loc.makedirs()
+        if loc.exists(sh.DATASET_JSON):
+            loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset
+        for name in loc.list_names():
+            if name.startswith(".") and _OUR_FILES.match(name):
+                loc.delete(name)  # temp files of an interrupted earlier run
+        return _write(source, config, loc, fingerprint)
+
+    if not config.track:
+        meta = work()
+        return PrepareResult(loc.uri, meta, up_to_date, time.perf_counter() - start)
+
+    uri = store_uri(config.tracking)
+    params = {
+        "source": config.source,
+        "out": loc.uri,
+        "samples_per_shard": config.samples_per_shard,
+        "skip_bad": config.skip_bad,
+        "path": config.options.path,
+        "options": source.options,
+    }
+    tags = {"cdm.stage": "prepare", "cdm.dataset": loc.uri, "cdm.fingerprint": fingerprint}
+    with mlflow_run(
+        config.tracking.experiment, f"prepare-{config.source}", uri, params, tags, config.tracking.parent_run_id
+    ) as active:
+        meta = work()
+        seconds = time.perf_counter() - start
+        metrics = {f"data/{s}_count": float(v["count"]) for s, v in meta["splits"].items()}
+        all_shards = [s for v in meta["splits"].values() for s in v["shards"]]
+        metrics.update(
+            {
+                "data/num_shards": float(len(all_shards)),
+                "data/bytes": float(sum(s["bytes"] for s in all_shards)),
+                "data/skipped_bad": float(meta["skipped"]["count"]),
+                "data/seconds": seconds,
+                "data/up_to_date": float(up_to_date),
+            }
+        )
+        mlflow.log_metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / sh.DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+            mlflow.log_artifact(str(Path(tmp) / sh.DATASET_JSON))
+            grid = Path(tmp) / "samples.png"
+            save_preview(sh.open_dataset(loc.uri), grid)
+            mlflow.log_artifact(str(grid))
+        run_id = active.info.run_id
+    return PrepareResult(loc.uri, meta, up_to_date, seconds, run_id)

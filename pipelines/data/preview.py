@@ -1,0 +1,62 @@
+"""Pictures of data: a grid of images (or a scatter plot of 2-D points) as a PNG, for MLflow and the console.
+
+Used for a prepared dataset's preview, a sample stage's grid.png and the sample
+grids logged during training. matplotlib's object API (no pyplot) needs no
+display backend, so this works the same in a Ray worker as on a laptop.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipelines.data import shards as sh
+
+
+def image_grid(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """uint8 (N, H, W, C) images as one uint8 (rows·(H+1)+1, cols·(W+1)+1, C) grid, 1-pixel black lines between."""
+    n = len(images)
+    h, w, c = images[0].shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * (h + 1) + 1 : r * (h + 1) + 1 + h, q * (w + 1) + 1 : q * (w + 1) + 1 + w] = im
+    return grid
+
+
+def save_png(grid: np.ndarray, path: str | Path, min_side: int = 256) -> None:
+    """A uint8 (H, W, C) picture as PNG, enlarged by a whole factor (nearest neighbour) to about `min_side`."""
+    scale = max(1, min_side // max(grid.shape[:2]))
+    img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def save_preview(ds: sh.Dataset, path: Path, n: int = 64) -> None:
+    """A PNG grid of the first n training images (a scatter plot for vector data)."""
+    split = "train" if "train" in ds.splits else ds.splits[0]
+    if ds.spec.kind == "vector":
+        pts = np.stack([x for _, _, x, _ in _take(ds, split, 5000)])
+        fig = Figure(figsize=(4, 4), dpi=100)
+        ax = fig.subplots()
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"{ds.meta['source']} {ds.meta.get('toy', {}).get('name', '')} ({split}, {len(pts)} points)")
+        fig.savefig(path)
+        return
+    save_png(image_grid([x for _, _, x, _ in _take(ds, split, n)]), path)
+
+
+def _take(ds: sh.Dataset, split: str, n: int) -> list[tuple[str, int, Any, int]]:
+    out = []
+    for item in sh.iter_split(ds, split):
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out

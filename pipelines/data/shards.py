@@ -1,0 +1,580 @@
+"""A prepared dataset on disk: WebDataset shards, a Parquet manifest and `dataset.json`.
+
+Layout under the dataset URI (a local path, `file://`, or any pyarrow/fsspec
+filesystem such as `s3://`, `gs://`, `memory://`)::
+
+    train-000000.tar  train-000001.tar  …  test-000000.tar  …
+    manifest.parquet   one row per sample: key, split, shard, index, label,
+                       height, width, channels, source_id
+    dataset.json       source, options, counts, sample shape, per-channel
+                       mean/std, SHA-256 of every shard; written last, so its
+                       presence means the dataset is complete
+
+Each sample in a shard is `<key>.png` (images, uint8, mode L or RGB) or
+`<key>.npy` (float32 vectors, e.g. toy 2-D data) plus `<key>.cls` (the integer
+label, absent for unlabeled data). Keys are `<split>-<index:08d>`, `index` being
+the sample's position in its split; shards hold consecutive indices.
+
+Shards are written with `webdataset.TarWriter` with a fixed mtime/owner/mode and
+samples in a fixed order, so the same inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines.common.errors import UserError
+from pipelines.common.storage import Location, resolve
+
+FORMAT = "cdm-webdataset/1"
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.parquet"
+SHARD_MTIME = 0  # fixed, so shards do not depend on when they were written
+_TAR_USER = "cdm"
+IMAGE_ENCODING = "png"
+VECTOR_ENCODING = "npy"
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def sample_key(split: str, index: int) -> str:
+    return f"{split}-{index:08d}"
+
+
+def index_from_key(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) with C in {1, 3} → PNG bytes (deterministic: no timestamps)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected uint8 (H, W, 1|3), got {image.dtype} {image.shape}")
+    pil = Image.fromarray(image[:, :, 0], mode="L") if image.shape[2] == 1 else Image.fromarray(image, mode="RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_npy(vector: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What every sample of a dataset looks like (from dataset.json `sample`)."""
+
+    kind: str  # "image" | "vector"
+    shape: tuple[int, ...]  # (H, W, C) for images, (D,) for vectors
+    labeled: bool
+    num_classes: int | None = None
+
+    @property
+    def encoding(self) -> str:
+        return IMAGE_ENCODING if self.kind == "image" else VECTOR_ENCODING
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "encoding": self.encoding, "labeled": self.labeled}
+        if self.kind == "image":
+            out.update(height=self.shape[0], width=self.shape[1], channels=self.shape[2])
+        else:
+            out.update(shape=list(self.shape), dtype="float32")
+        return out
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any], num_classes: int | None) -> SampleSpec:
+        if meta["kind"] == "image":
+            shape: tuple[int, ...] = (int(meta["height"]), int(meta["width"]), int(meta["channels"]))
+        else:
+            shape = tuple(int(d) for d in meta["shape"])
+        return cls(kind=meta["kind"], shape=shape, labeled=bool(meta["labeled"]), num_classes=num_classes)
+
+
+def decode_png(data: bytes, spec: SampleSpec, where: str) -> np.ndarray:
+    """PNG bytes → uint8 (H, W, C), checked against the dataset's declared shape and mode."""
+    try:
+        pil = Image.open(io.BytesIO(data))
+        pil.load()
+    except Exception as err:
+        raise UserError(f"{where}: PNG does not decode ({err}); the shard is corrupt, re-run `cdm prepare`") from None
+    h, w, c = spec.shape
+    want_mode = "L" if c == 1 else "RGB"
+    if pil.mode != want_mode or pil.size != (w, h):
+        raise UserError(
+            f"{where}: image is {pil.size[0]}x{pil.size[1]} mode {pil.mode}, "
+            f"dataset.json declares {w}x{h} mode {want_mode}; the shard does not belong to this dataset, re-run `cdm prepare`"
+        )
+    arr = np.asarray(pil, dtype=np.uint8)
+    return arr[:, :, None] if c == 1 else arr
+
+
+def decode_npy(data: bytes, spec: SampleSpec, where: str) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as err:
+        raise UserError(f"{where}: .npy does not decode ({err}); the shard is corrupt, re-run `cdm prepare`") from None
+    if arr.shape != spec.shape or arr.dtype != np.float32:
+        raise UserError(
+            f"{where}: array is {arr.dtype}{list(arr.shape)}, dataset.json declares float32{list(spec.shape)}"
+        )
+    return arr
+
+
+def decode_sample(members: dict[str, bytes], spec: SampleSpec, where: str) -> tuple[np.ndarray, int]:
+    """One sample's tar members → (data, label); label is -1 for unlabeled datasets."""
+    enc = spec.encoding
+    if enc not in members:
+        raise UserError(
+            f"{where}: sample has no .{enc} member (has: {sorted(members) or 'nothing'}); the shard is damaged"
+        )
+    data = decode_png(members[enc], spec, where) if enc == IMAGE_ENCODING else decode_npy(members[enc], spec, where)
+    label = -1
+    if spec.labeled:
+        if "cls" not in members:
+            raise UserError(f"{where}: labeled dataset but the sample has no .cls member; the shard is damaged")
+        try:
+            label = int(members["cls"].decode("ascii"))
+        except ValueError:
+            raise UserError(f"{where}: .cls is {members['cls'][:20]!r}, not an integer label") from None
+        if spec.num_classes is not None and not 0 <= label < spec.num_classes:
+            raise UserError(f"{where}: label {label} outside 0..{spec.num_classes - 1}")
+    return data, label
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    first_index: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": self.count,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "first_index": self.first_index,
+        }
+
+
+@dataclass
+class _Stats:
+    """Running per-channel sum / sum of squares in float64 (values scaled to [0, 1] for images)."""
+
+    n: int = 0
+    s: np.ndarray | None = None
+    ss: np.ndarray | None = None
+
+    def add(self, values: np.ndarray) -> None:  # values: (..., C)
+        flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        if self.s is None:
+            self.s = np.zeros(flat.shape[1])
+            self.ss = np.zeros(flat.shape[1])
+        self.n += flat.shape[0]
+        self.s += flat.sum(0)
+        self.ss += (flat * flat).sum(0)
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if not self.n:
+            return [], []
+        mean = self.s / self.n
+        std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+@dataclass
+class SplitWriter:
+    """Writes one split as `{split}-{i:06d}.tar` shards of `samples_per_shard` samples each."""
+
+    loc: Location
+    split: str
+    spec: SampleSpec
+    samples_per_shard: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+    count: int = 0
+    _stats: _Stats = field(default_factory=_Stats)
+    _buf: io.BytesIO | None = None
+    _writer: Any = None
+    _in_shard: int = 0
+
+    def add(self, data: np.ndarray, label: int | None, source_id: str) -> None:
+        if self._writer is None:
+            # Deferred: webdataset takes about a second to import, and only writers need it (readers and
+            # Ray Data's read tasks parse the tar files themselves).
+            import webdataset as wds  # noqa: PLC0415
+
+            self._buf = io.BytesIO()
+            self._writer = wds.TarWriter(
+                self._buf, encoder=False, mtime=SHARD_MTIME, user=_TAR_USER, group=_TAR_USER, mode=0o444
+            )
+            self._in_shard = 0
+        if tuple(data.shape) != self.spec.shape:
+            raise ValueError(f"{source_id}: shape {data.shape} != {self.spec.shape}")
+        key = sample_key(self.split, self.count)
+        sample: dict[str, Any] = {"__key__": key}
+        if self.spec.kind == "image":
+            sample[IMAGE_ENCODING] = encode_png(data)
+            self._stats.add(data.astype(np.float64) / 255.0)
+        else:
+            sample[VECTOR_ENCODING] = encode_npy(data)
+            self._stats.add(data[None, :])
+        if self.spec.labeled:
+            if label is None or label < 0:
+                raise ValueError(f"{source_id}: labeled dataset but no label")
+            sample["cls"] = str(int(label)).encode("ascii")
+        self._writer.write(sample)
+        h, w, c = self.spec.shape if self.spec.kind == "image" else (None, None, None)
+        self.manifest_rows.append(
+            {
+                "key": key,
+                "split": self.split,
+                "shard": shard_name(self.split, len(self.shards)),
+                "index": self.count,
+                "label": int(label) if self.spec.labeled else -1,
+                "height": h,
+                "width": w,
+                "channels": c,
+                "source_id": source_id,
+            }
+        )
+        self.count += 1
+        self._in_shard += 1
+        if self._in_shard >= self.samples_per_shard:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        data = self._buf.getvalue()
+        name = shard_name(self.split, len(self.shards))
+        self.loc.write_bytes(name, data)
+        self.shards.append(
+            ShardInfo(name, self._in_shard, len(data), hashlib.sha256(data).hexdigest(), self.count - self._in_shard)
+        )
+        self._writer = None
+        self._buf = None
+
+    def abort(self) -> None:
+        """Drop the shard being built (after an error), closing its tar stream cleanly."""
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self._buf = None
+
+    def close(self) -> dict[str, Any]:
+        self._finish_shard()
+        mean, std = self._stats.result()
+        return {"count": self.count, "mean": mean, "std": std, "shards": [s.to_json() for s in self.shards]}
+
+
+def write_manifest(loc: Location, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("split", pa.string()),
+            ("shard", pa.string()),
+            ("index", pa.int64()),
+            ("label", pa.int64()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("channels", pa.int32()),
+            ("source_id", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    loc.write_bytes(MANIFEST, data)
+    return {"name": MANIFEST, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_dataset_json(loc: Location, meta: dict[str, Any]) -> None:
+    loc.write_bytes(DATASET_JSON, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset: its location and parsed, validated `dataset.json`."""
+
+    loc: Location
+    meta: dict[str, Any]
+
+    @property
+    def spec(self) -> SampleSpec:
+        return SampleSpec.from_json(self.meta["sample"], self.meta.get("num_classes"))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def split(self, split: str) -> dict[str, Any]:
+        if split not in self.meta["splits"]:
+            raise UserError(f"{self.loc.where(DATASET_JSON)}: no split {split!r}; it has {self.splits}")
+        return self.meta["splits"][split]
+
+    def count(self, split: str) -> int:
+        return int(self.split(split)["count"])
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        return list(self.split(split)["shards"])
+
+
+_REQUIRED = ("format", "source", "sample", "splits")
+
+
+def open_dataset(uri: str | os.PathLike) -> Dataset:
+    """Parse `dataset.json`; a clear UserError if the URI is not a prepared dataset."""
+    loc = resolve(uri)
+    kind = loc.root_kind()
+    if kind == "missing":
+        raise UserError(f"{loc.uri}: no such directory; run `cdm prepare SOURCE --out {loc.uri}` first")
+    if kind == "file":
+        raise UserError(f"{loc.uri}: is a file; pass the dataset directory (the one holding {DATASET_JSON})")
+    if not loc.exists(DATASET_JSON):
+        raise UserError(
+            f"{loc.uri}: not a prepared dataset (no {DATASET_JSON}; an interrupted `cdm prepare` leaves none); "
+            f"run `cdm prepare SOURCE --out {loc.uri}`"
+        )
+    where = loc.where(DATASET_JSON)
+    try:
+        meta = json.loads(loc.read_bytes(DATASET_JSON))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: not valid JSON ({err}); re-run `cdm prepare` to rewrite it") from None
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {missing}; re-run `cdm prepare` to rewrite it")
+    if meta["format"] != FORMAT:
+        raise UserError(f"{where}: format {meta['format']!r}, this cdm reads {FORMAT!r}; re-run `cdm prepare`")
+    return Dataset(loc=loc, meta=meta)
+
+
+def check_shard_files(ds: Dataset, splits: list[str] | None = None, checksums: bool = True) -> list[str]:
+    """Problems with the shard files themselves (missing, wrong size, SHA-256 mismatch)."""
+    problems = []
+    for split in splits or ds.splits:
+        for shard in ds.shards(split):
+            name, where = shard["name"], ds.loc.where(shard["name"])
+            info = ds.loc.info(name)
+            if info.type.name != "File":
+                problems.append(f"{where}: missing (dataset.json lists it); re-run `cdm prepare`")
+                continue
+            if info.size is not None and info.size != shard["bytes"]:
+                problems.append(
+                    f"{where}: {info.size} bytes, dataset.json says {shard['bytes']} (truncated or replaced); re-run `cdm prepare`"
+                )
+                continue
+            if checksums:
+                digest = ds.loc.sha256(name)
+                if digest != shard["sha256"]:
+                    problems.append(
+                        f"{where}: SHA-256 {digest[:12]}… does not match dataset.json ({shard['sha256'][:12]}…); "
+                        "the file changed since `cdm prepare` wrote it; re-run `cdm prepare --force`"
+                    )
+    return problems
+
+
+def require_valid_shards(ds: Dataset, splits: list[str] | None = None, checksums: bool = True) -> None:
+    problems = check_shard_files(ds, splits, checksums)
+    if problems:
+        raise UserError(summarise(problems))
+
+
+def summarise(problems: list[str], limit: int = 10) -> str:
+    head = "\n  ".join(problems[:limit])
+    more = f"\n  … and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{len(problems)} problem(s):\n  {head}{more}"
+
+
+def iter_tar_samples(loc: Location, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) for each sample of one shard, with errors that name the file.
+
+    Members must be contiguous per key (the WebDataset rule). A truncated or
+    corrupt tar raises UserError instead of silently ending early.
+    """
+    where = loc.where(name)
+    try:
+        stream = loc.open(name)
+    except FileNotFoundError:
+        raise UserError(f"{where}: missing; re-run `cdm prepare`") from None
+    size = loc.info(name).size
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    seen: set[str] = set()
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    raise UserError(f"{where}: member {info.name!r} has no extension; not a WebDataset shard")
+                k, suffix = base.split(".", 1)
+                data = tar.extractfile(info).read()
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    if k in seen:
+                        raise UserError(
+                            f"{where}: members of sample {k!r} are not contiguous; not a valid WebDataset shard"
+                        )
+                    seen.add(k)
+                    key, members = k, {}
+                if suffix in members:
+                    raise UserError(f"{where}: sample {k!r} has two .{suffix} members")
+                members[suffix] = data
+            # Python's tarfile silently stops at a cut-off header; a complete tar
+            # ends with two zero blocks after the last member.
+            if size is not None and size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"ends at byte {size} without the end-of-archive marker")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(
+            f"{where}: corrupt or truncated tar ({err}); re-run `cdm prepare --force` or restore the file"
+        ) from None
+    if key is not None:
+        yield key, members
+
+
+def iter_shard(
+    ds: Dataset, split: str, shard: dict[str, Any], *, decode: bool = True
+) -> Iterator[tuple[str, int, Any, int]]:
+    """(key, index, data, label) for each sample of one shard, checked against dataset.json.
+
+    The key sequence and the sample count must match what dataset.json
+    records, so a short or reordered shard is an error, never a silent drop.
+    """
+    spec = ds.spec
+    expected = int(shard["first_index"])
+    got = 0
+    for key, members in iter_tar_samples(ds.loc, shard["name"]):
+        where = f"{ds.loc.where(shard['name'])}: sample {key}"
+        want_key = sample_key(split, expected)
+        if key != want_key:
+            raise UserError(f"{where}: expected key {want_key} next (dataset.json order); the shard was altered")
+        if decode:
+            data, label = decode_sample(members, spec, where)
+            yield key, expected, data, label
+        else:
+            yield key, expected, members, -1
+        expected += 1
+        got += 1
+    if got != shard["count"]:
+        raise UserError(
+            f"{ds.loc.where(shard['name'])}: has {got} samples, dataset.json says {shard['count']} (truncated?); "
+            "re-run `cdm prepare --force`"
+        )
+
+
+def iter_split(ds: Dataset, split: str, *, decode: bool = True) -> Iterator[tuple[str, int, Any, int]]:
+    """(key, index, data, label) for every sample of a split, in index order; data is uint8 (H, W, C) or float32 (D,)."""
+    for shard in ds.shards(split):
+        yield from iter_shard(ds, split, shard, decode=decode)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    counts: dict[str, int]
+    shards: int
+    bytes: int
+    decoded: int
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(uri: str | os.PathLike, *, decode: bool = True) -> VerifyReport:
+    """Check a prepared dataset end to end; collects every problem instead of stopping at the first.
+
+    dataset.json parses and is consistent; every shard exists with the recorded
+    size and SHA-256; the manifest matches; and (decode=True) every sample has its
+    image/array and label, decodes, and has the declared shape, mode and key.
+    """
+    ds = open_dataset(uri)
+    problems: list[str] = []
+    counts = {s: ds.count(s) for s in ds.splits}
+    shards = [sh for s in ds.splits for sh in ds.shards(s)]
+    for split in ds.splits:
+        first = 0
+        for sh in ds.shards(split):
+            if int(sh["first_index"]) != first:
+                problems.append(
+                    f"{ds.loc.where(DATASET_JSON)}: shard {sh['name']} starts at index {sh['first_index']}, expected {first}"
+                )
+            first += int(sh["count"])
+        if first != counts[split]:
+            problems.append(
+                f"{ds.loc.where(DATASET_JSON)}: split {split} count {counts[split]} != sum of its shards {first}"
+            )
+    problems += check_shard_files(ds)
+
+    manifest = ds.meta.get("manifest") or {}
+    if not ds.loc.exists(MANIFEST):
+        problems.append(f"{ds.loc.where(MANIFEST)}: missing; re-run `cdm prepare`")
+    else:
+        if manifest.get("sha256") and ds.loc.sha256(MANIFEST) != manifest["sha256"]:
+            problems.append(
+                f"{ds.loc.where(MANIFEST)}: SHA-256 does not match dataset.json; re-run `cdm prepare --force`"
+            )
+        try:
+            table = pq.read_table(io.BytesIO(ds.loc.read_bytes(MANIFEST)))
+            if table.num_rows != sum(counts.values()):
+                problems.append(
+                    f"{ds.loc.where(MANIFEST)}: {table.num_rows} rows, dataset.json counts {sum(counts.values())}"
+                )
+        except Exception as err:
+            problems.append(f"{ds.loc.where(MANIFEST)}: unreadable Parquet ({err})")
+
+    decoded = 0
+    bad_files = {p.split(": ", 1)[0] for p in problems}
+    if decode:
+        for split in ds.splits:
+            for shard in ds.shards(split):
+                if ds.loc.where(shard["name"]) in bad_files:
+                    continue  # already reported; decoding would only repeat it
+                try:
+                    for _ in iter_shard(ds, split, shard):
+                        decoded += 1
+                except UserError as err:
+                    problems.append(str(err))
+    return VerifyReport(
+        uri=ds.loc.uri,
+        counts=counts,
+        shards=len(shards),
+        bytes=sum(int(sh["bytes"]) for sh in shards),
+        decoded=decoded,
+        problems=problems,
+    )

@@ -1,0 +1,145 @@
+"""The configs of the evaluation stages (sample, nll, ood, fid, train-features), composed of shared sections.
+
+    SampleConfig(checkpoint, out, n, sampler, …, pool=PoolSection(), tracking=TrackingSection())
+    NllConfig(checkpoint, dataset, split, …, scoring=ScoringSection(), pool=…, tracking=…)
+
+Light on purpose (no torch, no Ray): the CLI and the workflow read help texts and
+defaults from these fields before any stage module is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipelines.common.config import TrackingSection, option
+
+SAMPLERS = ("ddpm", "ddim", "dpm2", "euler")
+CONVENTIONS = ("standard", "official", "continuous")
+
+
+@dataclass
+class PoolSection:
+    """The Ray workers of a batch stage (`pool`): each loads the model once, then takes batch after batch."""
+
+    workers: Optional[int] = option(None, doc="Ray workers (default: one per GPU, else one per CPU).")
+    gpus_per_worker: Optional[float] = option(
+        None, doc="GPUs per worker (default: 1 where the cluster has GPUs, else none)."
+    )
+    address: Optional[str] = option(None, doc="Ray cluster address (default: RAY_ADDRESS or a local Ray).")
+
+
+@dataclass
+class ScoringSection:
+    """How samples are scored (`scoring`); shared by `cdm nll` and `cdm ood`."""
+
+    bpd_convention: Optional[str] = option(
+        None, doc="standard (+log2 127.5), official (+7) or continuous; default standard for images."
+    )
+    dequantize: bool = option(False, doc="Uniform dequantization x + u·2/255 (8-bit images).")
+    conditional: bool = option(False, doc="Score log p(x|y) with each sample's label (conditional models).")
+    seed: int = option(0, doc="Seed of the dequantization noise.")
+    batch_size: int = option(256, doc="Images per forward pass.")
+    use_ema: bool = option(True, doc="Score with the EMA weights (false: the raw weights).")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = option(doc="A checkpoint.pt or the folder holding one (a `cdm train` output).")
+    out: str = option(doc="Output folder or URI for the sample shards and grid.png.")
+    n: int = option(64, doc="Number of samples.")
+    sampler: str = option("ddim", doc=f"One of: {', '.join(SAMPLERS)}.")
+    steps: int = option(50, doc="Sampler steps (ε̂ evaluations; each is a forward and a backward pass for a CDM).")
+    seed: int = option(0, doc="Base seed; sample i uses a stream derived from (seed, i).")
+    batch_size: int = option(64, doc="Samples per batch on a worker.")
+    cfg: float = option(0.0, doc="Classifier-free guidance scale w: ε = (1+w)·ε_cond − w·ε_uncond.")
+    label: Optional[int] = option(
+        None, doc="Draw every sample for this class (conditional models); default: classes in turn."
+    )
+    use_ema: bool = option(True, doc="Sample with the EMA weights (false: the raw weights).")
+    clip_x0: Optional[float] = option(
+        None, doc="Clip the predicted x̂0 to ±this (default 1 for images, none for vectors)."
+    )
+    samples_per_shard: int = option(1000, doc="Samples per tar shard of the output.")
+    force: bool = option(False, doc="Sample again even if --out holds an identical, intact run.")
+    train_run_id: Optional[str] = option(
+        None, doc="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."
+    )
+    track: bool = option(True, doc="Log an MLflow run.")
+    pool: PoolSection = field(default_factory=PoolSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass
+class NllConfig:
+    checkpoint: str = option("", doc="A checkpoint.pt or the folder holding one (a CDM; `cdm train` output).")
+    dataset: str = option("", doc="A prepared dataset (`cdm prepare` or `cdm sample` output).")
+    split: str = option("test", doc="Which split to score.")
+    out: Optional[str] = option(
+        None, doc="Folder for scores.parquet and summary.json (default outputs/nll/<dataset>-<split>)."
+    )
+    train_run_id: Optional[str] = option(
+        None, doc="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."
+    )
+    track: bool = option(True, doc="Log an MLflow run.")
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    pool: PoolSection = field(default_factory=PoolSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass
+class OodConfig:
+    checkpoint: str = option("", doc="A CDM checkpoint.pt or the folder holding one.")
+    in_dataset: str = option("", doc="The in-distribution dataset (what the model was trained on).")
+    out_dataset: str = option("", doc="The out-of-distribution dataset (same sample shape).")
+    in_split: str = option("test", doc="Split of IN_DATASET to score.")
+    out_split: str = option("test", doc="Split of OUT_DATASET to score.")
+    out: Optional[str] = option(None, doc="Folder for scores, summary.json and the histogram.")
+    train_run_id: Optional[str] = option(
+        None, doc="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."
+    )
+    track: bool = option(True, doc="Log an MLflow run.")
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    pool: PoolSection = field(default_factory=PoolSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass
+class FidConfig:
+    samples: str = option(doc="Generated samples: a `cdm sample` output (or any prepared dataset).")
+    reference: str = option(doc="The reference dataset (`cdm prepare` output).")
+    features: str = option("inception", doc="inception (FID), classifier:PATH (from `cdm train-features`) or raw.")
+    samples_split: Optional[str] = option(None, doc="Split of SAMPLES (default: its only split).")
+    reference_split: str = option("train", doc="Split of REFERENCE.")
+    inception_weights: Optional[str] = option(
+        None, doc="Path to pt_inception-2015-12-05-6726825d.pth (default: $CDM_WEIGHTS_DIR or ~/.cache/cdm/weights)."
+    )
+    inception_sha256: Optional[str] = option(
+        None, doc="Full SHA-256 the Inception file must have (default: the published prefix 6726825d)."
+    )
+    cache_dir: Optional[str] = option(
+        None, doc="Where reference statistics are cached (default $CDM_CACHE_DIR/fid-stats or ~/.cache/cdm/fid-stats)."
+    )
+    use_cache: bool = option(True, doc="Read and write the cached reference statistics.")
+    batch_size: int = option(100, doc="Images per feature batch.")
+    track: bool = option(True, doc="Log an MLflow run.")
+    pool: PoolSection = field(default_factory=PoolSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+@dataclass
+class TrainFeaturesConfig:
+    dataset: str = option(doc="A labelled, prepared image dataset (e.g. `cdm prepare mnist5k` output).")
+    out: Optional[str] = option(None, doc="Where to write classifier.pt (default outputs/features/<dataset>/).")
+    epochs: int = option(8, doc="Training epochs.")
+    batch_size: int = option(128, doc="Batch size.")
+    lr: float = option(3e-3, doc="Peak learning rate (one-cycle schedule).")
+    seed: int = option(0, doc="Seed for initialisation and shuffling.")
+    train_split: str = option("train", doc="Split to train on.")
+    test_split: str = option("test", doc="Split to measure the test accuracy on.")
+    width_mult: int = option(16, doc="Channels of the first conv stage (the second has twice as many).")
+    device: Optional[str] = option(None, doc="cpu or cuda (default: cuda when available).")
+    # CPU: the network is too small to gain from more threads, and loses under load.
+    threads: int = option(1, doc="torch threads on CPU.")
+    track: bool = option(True, doc="Log an MLflow run.")
+    tracking: TrackingSection = field(default_factory=TrackingSection)

@@ -1,0 +1,221 @@
+"""`cdm train-features`: the small CNN whose penultimate layer is the space `fd_<dataset>` is measured in.
+
+`train_features(TrainFeaturesConfig(...))` (also `run`) trains it on a labelled
+dataset's train split, reports its test accuracy, and writes `classifier.pt`;
+`load_classifier` reads it back for `cdm fid --features classifier:PATH`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.common.errors import UserError
+from pipelines.common.storage import sha256_file
+from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.data import shards as sh
+from pipelines.data.readers import LocalReader
+from pipelines.evaluate.config import TrainFeaturesConfig
+
+CLASSIFIER_FORMAT = "cdm-feature-classifier"
+
+
+class FeatureClassifier(nn.Module):
+    """Two conv stages (conv→ReLU→2×2 max-pool), a hidden layer of `feature_dim` units, a linear head (LeNet-like).
+
+    Small on purpose: a few epochs on MNIST-sized digits reach ~97% test
+    accuracy within a minute on two CPU cores, and the features only need to
+    tell the dataset's classes apart well.
+    """
+
+    def __init__(
+        self, in_channels: int, height: int, width: int, num_classes: int, width_mult: int = 16, feature_dim: int = 128
+    ):
+        super().__init__()
+        self.config = {
+            "in_channels": in_channels,
+            "height": height,
+            "width": width,
+            "num_classes": num_classes,
+            "width_mult": width_mult,
+            "feature_dim": feature_dim,
+        }
+        c1, c2 = width_mult, 2 * width_mult
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        flat = c2 * (height // 4) * (width // 4)
+        if flat == 0:
+            raise UserError(f"images of {height}×{width} are too small for the feature classifier (need ≥ 4×4)")
+        self.hidden = nn.Sequential(nn.Linear(flat, feature_dim), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hidden(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_classifier(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any], str]:
+    """(model in eval mode, the checkpoint's metadata, its SHA-256) from a `cdm train-features` file."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "classifier.pt"
+    if not file.is_file():
+        raise UserError(f"{path}: no feature classifier there; make one with `cdm train-features DATASET --out {path}`")
+    digest = sha256_file(file)
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{file}: not a cdm feature classifier ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CLASSIFIER_FORMAT:
+        raise UserError(f"{file}: not a cdm feature classifier (written by `cdm train-features`)")
+    model = FeatureClassifier(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict",)}
+    return model.to(device).eval(), meta, digest
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class TrainFeaturesResult:
+    path: str
+    test_accuracy: float
+    train_seconds: float
+    dataset_name: str
+    run_id: Optional[str] = None
+
+
+def dataset_name(ds: sh.Dataset) -> str:
+    """A metric-safe name for a dataset: its source (mnist5k, digits, cifar10), or the folder name for imagefolder."""
+    source = str(ds.meta.get("source", "dataset"))
+    name = source if source not in ("imagefolder", "samples") else ds.loc.root.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "dataset"
+
+
+def accuracy(model: Any, x: np.ndarray, labels: np.ndarray, device: str, batch: int = 512) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            xb = torch.from_numpy(x[s : s + batch]).to(device)
+            correct += int((model(xb).argmax(1).cpu().numpy() == labels[s : s + batch]).sum())
+    return correct / max(1, len(x))
+
+
+def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
+    """Train the feature classifier on the train split; report its accuracy on the test split; save it."""
+    ds = sh.open_dataset(config.dataset)
+    spec = ds.spec
+    if spec.kind != "image":
+        raise UserError(
+            f"{ds.loc.uri}: holds vectors; the feature classifier is for images (use --features raw for vectors)"
+        )
+    if not spec.labeled or not spec.num_classes:
+        raise UserError(f"{ds.loc.uri}: has no labels; a feature classifier needs a labelled dataset")
+    for split in (config.train_split, config.test_split):
+        ds.split(split)  # a clear error for a missing split
+    if config.epochs < 1 or config.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be ≥ 1")
+    name = dataset_name(ds)
+    out = Path(config.out) if config.out else Path("outputs") / "features" / name / "classifier.pt"
+    if out.suffix != ".pt":
+        out = out / "classifier.pt"
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, config.threads))
+    torch.manual_seed(config.seed)
+    train = LocalReader(config.dataset, config.train_split)
+    test = LocalReader(config.dataset, config.test_split)
+    x_test = test.inputs(np.arange(len(test)))
+    h, w, c = spec.shape
+    model = FeatureClassifier(c, h, w, spec.num_classes, width_mult=config.width_mult).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+    losses = []
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        total, seen = 0.0, 0
+        for batch in train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch):
+            x, y = batch["x"].to(device), batch["label"].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        losses.append(total / seen)
+    seconds = time.perf_counter() - start
+    test_acc = accuracy(model, x_test, test.labels, device)
+
+    ckpt = {
+        "format": CLASSIFIER_FORMAT,
+        "version": 1,
+        "config": model.config,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "dataset_name": name,
+        "dataset": ds.loc.uri,
+        "dataset_fingerprint": ds.meta.get("fingerprint"),
+        "test_accuracy": test_acc,
+        "test_count": len(test),
+        "epochs": config.epochs,
+        "train_losses": losses,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+    result = TrainFeaturesResult(str(out), test_acc, seconds, name)
+    if not config.track:
+        return result
+
+    uri = store_uri(config.tracking)
+    params = {
+        "dataset": ds.loc.uri,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "width_mult": config.width_mult,
+        "feature_dim": model.feature_dim,
+        "device": device,
+    }
+    tags = {"cdm.stage": "train-features", "cdm.dataset": ds.loc.uri, "cdm.output": str(out)}
+    with mlflow_run(
+        config.tracking.experiment, f"train-features-{name}", uri, params, tags, config.tracking.parent_run_id
+    ) as active:
+        for epoch, loss in enumerate(losses):
+            mlflow.log_metric("features/train_loss", loss, step=epoch)
+        mlflow.log_metrics({"features/test_accuracy": test_acc, "features/train_seconds": seconds})
+        result.run_id = active.info.run_id
+    return result
+
+
+run = train_features

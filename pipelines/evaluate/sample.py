@@ -1,0 +1,383 @@
+"""The sample stage: draw N samples from a trained CDM (or DDM) on a pool of Ray workers.
+
+`run(SampleConfig(...))` is the stage (`cdm sample` in pipelines.cli).
+
+Reproducibility per seed: sample i starts from its own torch.Generator seeded
+from (seed, i) and keeps that stream through every sampler step, and the N
+samples are cut into fixed batches [0, B), [B, 2B), … whatever the number of
+workers. So sample i is the same with 1 worker or 8 (CPU workers run one
+torch thread each, so not even reduction order changes).
+
+Output: a prepared dataset (the same format as `cdm prepare`, split
+`samples`), so `cdm fid` and `cdm nll` read it like any other, plus
+`grid.png` beside the shards. Images are stored as 8-bit PNG; vector data as
+float32 .npy. Conditional models store the label each sample was drawn for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import numpy as np
+import ray
+import torch
+from ray.util import ActorPool
+
+from cdm_core.samplers import classifier_free_guidance, initial_noise, sample
+from pipelines.common import config as cfg
+from pipelines.common import storage
+from pipelines.common.checkpoints import checkpoint_file, load_trained_model, training_run_id
+from pipelines.common.errors import UserError
+from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.data import shards as sh
+from pipelines.data.preview import save_preview
+from pipelines.data.readers import from_model_input
+from pipelines.evaluate.config import SAMPLERS, SampleConfig
+from pipelines.evaluate.workers import plan_pool, run_tags
+
+SPLIT = "samples"
+GRID = "grid.png"
+# The settings that make the samples what they are (the output's fingerprint and dataset.json options).
+SAMPLE_SETTINGS = ("n", "sampler", "steps", "seed", "batch_size", "cfg", "label", "use_ema", "clip_x0")
+
+
+@dataclass
+class SampleResult:
+    uri: str
+    count: int
+    seconds: float
+    images_per_s: float
+    grid: Optional[str]
+    up_to_date: bool
+    run_id: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- per-sample randomness
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run with `seed`: distinct streams for distinct (seed, index)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def sample_generators(seed: int, indices: range) -> list[Any]:
+    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+
+
+def sample_labels(indices: range, num_labels: Optional[int], label: Optional[int]) -> Optional[np.ndarray]:
+    """The label each sample is drawn for: `label` if given, else classes in turn (balanced); None if unconditional."""
+    if num_labels is None:
+        if label is not None:
+            raise UserError(f"--label {label}: the model is unconditional (trained without labels)")
+        return None
+    if label is not None:
+        if not 0 <= label < num_labels:
+            raise UserError(f"--label {label}: the model knows labels 0..{num_labels - 1}")
+        return np.full(len(indices), label, dtype=np.int64)
+    return np.asarray([i % num_labels for i in indices], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def default_clip(data_shape: tuple[int, ...], clip_x0: Optional[float]) -> Optional[float]:
+    return clip_x0 if clip_x0 is not None else (1.0 if len(data_shape) == 3 else None)
+
+
+def generate(
+    trained: Any,
+    indices: range,
+    *,
+    sampler: str,
+    steps: int,
+    seed: int,
+    cfg: float = 0.0,
+    label: Optional[int] = None,
+    clip_x0: Optional[float] = None,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Samples `indices` of a run: {"index", "x" float32 (B, *data_shape), "label"} (label −1 if unconditional)."""
+    shape = tuple(trained.model.data_shape)
+    labels = sample_labels(indices, trained.num_labels, label)
+    generators = sample_generators(seed, indices)
+    schedule = trained.schedule.to(device=device, dtype=torch.float32)
+    if labels is None:
+        eps_fn = trained.eps_fn(None, device=device)
+    else:
+        y = torch.from_numpy(labels).to(device)
+        null = torch.full_like(y, trained.num_labels)
+        eps_fn = classifier_free_guidance(trained.eps_fn(y, device=device), trained.eps_fn(null, device=device), cfg)
+    x = initial_noise((len(indices), *shape), schedule, generators, device=device)
+    out = sample(sampler, eps_fn, x, schedule, steps, generator=generators, clip_x0=default_clip(shape, clip_x0))
+    return {
+        "index": np.asarray(indices, dtype=np.int64),
+        "x": out.detach().float().cpu().numpy(),
+        "label": labels if labels is not None else np.full(len(indices), -1, dtype=np.int64),
+    }
+
+
+class SampleWorker:
+    """A Ray actor: loads the model once, then generates batches of samples by index range."""
+
+    def __init__(self, checkpoint: str, use_ema: bool, device: str, threads: int, settings: dict[str, Any]):
+        torch.set_num_threads(threads)
+        self.device = device
+        self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
+        self.settings = settings
+
+    def generate(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return generate(self.trained, range(start, stop), device=self.device, **self.settings)
+
+
+# --------------------------------------------------------------------------- writing a dataset
+
+
+def spec_for(data_shape: tuple[int, ...], num_labels: Optional[int]) -> sh.SampleSpec:
+    """Dataset spec for model-shaped data: (C, H, W) images become 8-bit PNG, (D,) vectors .npy."""
+    if len(data_shape) == 3:
+        c, h, w = data_shape
+        if c not in (1, 3):
+            raise UserError(f"the model makes {c}-channel images; only 1 (grey) or 3 (RGB) can be stored as PNG")
+        return sh.SampleSpec("image", (h, w, c), num_labels is not None, num_labels)
+    if len(data_shape) == 1:
+        return sh.SampleSpec("vector", tuple(data_shape), num_labels is not None, num_labels)
+    raise UserError(f"cannot store samples of shape {data_shape}")
+
+
+def write_dataset(
+    out: str,
+    split: str,
+    spec: sh.SampleSpec,
+    batches: Iterator[dict[str, np.ndarray]],
+    *,
+    source: str,
+    options: dict[str, Any],
+    fingerprint: str,
+    samples_per_shard: int = 1000,
+    extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Write model-space batches ({"x": images in [-1, 1] (B, C, H, W) or vectors (B, D), "label"}) as a prepared dataset.
+
+    The result reads like any `cdm prepare` output (shards, manifest.parquet,
+    dataset.json written last). Returns dataset.json's content.
+    """
+    loc = storage.resolve(out)
+    if loc.root_kind() == "file":
+        raise UserError(f"{loc.uri}: is a file; --out must be a directory")
+    loc.makedirs()
+    if loc.exists(sh.DATASET_JSON):
+        loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset
+    writer = sh.SplitWriter(loc, split, spec, samples_per_shard)
+    try:
+        for batch in batches:
+            x = batch["x"]
+            data = from_model_input(x) if spec.kind == "image" else np.asarray(x, dtype=np.float32)
+            labels = batch.get("label")
+            for j in range(len(data)):
+                label = int(labels[j]) if spec.labeled else None
+                writer.add(data[j], label, f"{source}:{writer.count}")
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.count == 0:
+        raise UserError("no samples to write")
+    split_meta = writer.close()
+    written = {s.name for s in writer.shards}
+    for name in loc.list_names():  # shards of an earlier, larger run in the same folder
+        if name.endswith(".tar") and name.startswith(f"{split}-") and name not in written:
+            loc.delete(name)
+    manifest = sh.write_manifest(loc, writer.manifest_rows)
+    meta = {
+        "format": sh.FORMAT,
+        "source": source,
+        "options": options,
+        "inputs": {},
+        "fingerprint": fingerprint,
+        "sample": spec.to_json(),
+        "num_classes": spec.num_classes,
+        "class_names": [str(c) for c in range(spec.num_classes)] if spec.num_classes else None,
+        "samples_per_shard": samples_per_shard,
+        "counts": {split: writer.count},
+        "stats_units": "pixel values / 255 (images); raw values (vectors)",
+        "splits": {split: split_meta},
+        "manifest": manifest,
+        "skipped": {"count": 0, "skip_bad": False, "examples": []},
+        **(extra or {}),
+    }
+    sh.write_dataset_json(loc, meta)
+    return meta
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _validate(config: SampleConfig) -> None:
+    if config.sampler not in SAMPLERS:
+        raise UserError(f"--sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if config.n < 1:
+        raise UserError(f"--n {config.n}: must be ≥ 1")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size {config.batch_size}: must be ≥ 1")
+    if config.steps < 1:
+        raise UserError(f"--steps {config.steps}: must be ≥ 1")
+    if config.cfg < 0:
+        raise UserError(f"--cfg {config.cfg}: the guidance scale must be ≥ 0")
+
+
+def _settings(config: SampleConfig, names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.flat_values(config).items() if k in names}
+
+
+def _fingerprint(config: SampleConfig, checkpoint_sha256: str) -> str:
+    settings = _settings(config, (*SAMPLE_SETTINGS, "samples_per_shard"))
+    blob = {"format": sh.FORMAT, "checkpoint_sha256": checkpoint_sha256, **settings}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _existing(out: str, fingerprint: str) -> Optional[dict[str, Any]]:
+    """dataset.json of an intact earlier run with the same inputs and settings, else None."""
+    loc = storage.resolve(out)
+    if loc.root_kind() != "dir" or not loc.exists(sh.DATASET_JSON):
+        return None
+    try:
+        ds = sh.open_dataset(out)
+    except UserError:
+        return None
+    if ds.meta.get("fingerprint") != fingerprint or sh.check_shard_files(ds):
+        return None
+    return ds.meta
+
+
+def _check_writable(out: str) -> None:
+    """--out must be new, empty, or an earlier sample output: never overwrite a real dataset or other files."""
+    loc = storage.resolve(out)
+    if loc.root_kind() != "dir":
+        return
+    if loc.exists(sh.DATASET_JSON):
+        try:
+            source = sh.open_dataset(out).meta.get("source")
+        except UserError:
+            source = None
+        if source != "samples":
+            raise UserError(
+                f"{loc.uri}: holds a prepared dataset (source {source!r}), not samples; choose another --out"
+            )
+    ours = lambda n: n.endswith(".tar") or n in (sh.MANIFEST, sh.DATASET_JSON, GRID) or n.startswith(".")  # noqa: E731
+    strangers = [n for n in loc.list_names() if not ours(n)]
+    if strangers:
+        raise UserError(f"{loc.uri}: holds other files ({', '.join(strangers[:3])}); choose an empty or new --out")
+
+
+def run(config: SampleConfig) -> SampleResult:
+    """Draw `config.n` samples on Ray workers and write them as a dataset at `config.out`."""
+    _validate(config)
+    ckpt = checkpoint_file(config.checkpoint)
+    trained = load_trained_model(ckpt, use_ema=config.use_ema)  # on the driver only to learn the data shape and labels
+    shape = tuple(trained.model.data_shape)
+    spec = spec_for(shape, trained.num_labels)
+    sample_labels(range(1), trained.num_labels, config.label)  # fail early on a bad --label
+    if config.cfg > 0 and trained.num_labels is None:
+        raise UserError(f"--cfg {config.cfg}: guidance needs a class-conditional model; this one is unconditional")
+    if not 1 <= config.steps <= trained.schedule.T:
+        raise UserError(f"--steps {config.steps}: must be between 1 and the model's T={trained.schedule.T}")
+    fingerprint = _fingerprint(config, storage.sha256_file(ckpt))
+    loc = storage.resolve(config.out)
+    existing = None if config.force else _existing(config.out, fingerprint)
+    if existing is None:
+        _check_writable(config.out)
+
+    options = _settings(config, SAMPLE_SETTINGS)
+    options["clip_x0"] = default_clip(shape, config.clip_x0)
+    options["model_kind"] = trained.kind
+    options["checkpoint"] = str(ckpt)
+    options["checkpoint_step"] = trained.step
+    options["train_run_id"] = config.train_run_id or training_run_id(ckpt)
+
+    def work() -> tuple[float, Optional[str]]:
+        start = time.perf_counter()
+        if existing is None:
+            write_dataset(
+                config.out,
+                SPLIT,
+                spec,
+                _generate_on_ray(config, str(ckpt)),
+                source="samples",
+                options=options,
+                fingerprint=fingerprint,
+                samples_per_shard=config.samples_per_shard,
+            )
+        seconds = time.perf_counter() - start
+        grid = _save_grid(config.out)
+        return seconds, grid
+
+    if not config.track:
+        seconds, grid = work()
+        return SampleResult(
+            loc.uri, config.n, seconds, config.n / seconds if existing is None else 0.0, grid, existing is not None
+        )
+
+    uri = store_uri(config.tracking)
+    tags = run_tags("sample", ckpt, config.train_run_id) | {"cdm.output": loc.uri, "cdm.fingerprint": fingerprint}
+    params = {**options, "workers": config.pool.workers, "samples_per_shard": config.samples_per_shard, "out": loc.uri}
+    with mlflow_run(
+        config.tracking.experiment,
+        f"sample-{config.sampler}-{config.steps}",
+        uri,
+        params,
+        tags,
+        config.tracking.parent_run_id,
+    ) as active:
+        seconds, grid = work()
+        rate = config.n / seconds if existing is None else 0.0
+        mlflow.log_metrics(
+            {
+                "sample/count": float(config.n),
+                "sample/seconds": seconds,
+                "sample/images_per_s": rate,
+                "sample/up_to_date": float(existing is not None),
+            }
+        )
+        if grid:
+            mlflow.log_artifact(grid)
+        run_id = active.info.run_id
+    return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, run_id)
+
+
+def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str, np.ndarray]]:
+    """Batches in index order from a pool of SampleWorker actors (ActorPool.map keeps the order)."""
+    ranges = [(s, min(s + config.batch_size, config.n)) for s in range(0, config.n, config.batch_size)]
+    plan = plan_pool(config.pool, max_useful=len(ranges))
+    settings = {
+        "sampler": config.sampler,
+        "steps": config.steps,
+        "seed": config.seed,
+        "cfg": config.cfg,
+        "label": config.label,
+        "clip_x0": config.clip_x0,
+    }
+    remote = ray.remote(SampleWorker).options(**plan.actor_options())
+    actors = [
+        remote.remote(checkpoint, config.use_ema, plan.device, plan.threads, settings) for _ in range(plan.workers)
+    ]
+    try:
+        yield from ActorPool(actors).map(lambda actor, r: actor.generate.remote(*r), ranges)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _save_grid(out: str) -> Optional[str]:
+    """grid.png (or a scatter plot for 2-D data) of the first samples, beside the shards when the output is local."""
+    loc = storage.resolve(out)
+    if not loc.is_local():
+        return None
+    path = Path(loc.root) / GRID
+    save_preview(sh.open_dataset(out), path)
+    return str(path)

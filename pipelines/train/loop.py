@@ -1,0 +1,333 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Every worker builds the same network (same seed), restores the latest checkpoint
+if Ray hands it one (a restart after a failure, or `cdm train --resume`), wraps
+the model in DDP through `ray.train.torch.prepare_model`, and trains on its
+share of the training split. Rank 0 alone writes to MLflow and writes the
+checkpoint; all workers call `ray.train.report` together at checkpoint steps
+(it is a barrier).
+
+Fault injection for tests (read by the driver from the environment, handed over
+in the loop config):
+  CDM_FAIL_AT_STEP=k, CDM_FAIL_RANK=r   worker r dies (os._exit) at step k, once per marker file
+  CDM_FAIL_MARKER=path                  the marker (default: in the temp dir, named after the run)
+  CDM_NAN_AT_STEP=k                     the loss becomes NaN at step k (on rank CDM_FAIL_RANK, default 0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from cdm_core.checkpoint import load_checkpoint, restore, save_checkpoint
+from cdm_core.ema import EMA
+from pipelines.common import storage
+from pipelines.common.checkpoints import CHECKPOINT_FILENAME
+from pipelines.common.config import from_dict, to_dict
+from pipelines.data.preview import save_png
+from pipelines.train.config import TrainConfig
+from pipelines.train.run_logger import RunLogger
+from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
+from pipelines.train.validation import Validator, plot_curve, sample_grid, t_grid
+
+
+def _seed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
+    # Distinct streams per rank (different t and noise on each worker), and a fresh
+    # one after a restart whose RNG state could not be restored.
+    generator.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+    torch.manual_seed(generator.initial_seed() + 1)  # dropout
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _all_gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values
+
+
+def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, step: int) -> None:
+    """Make a restored optimiser follow the current config (a resumed run may change optim.*)."""
+    optim = config.optim
+    scheduler.base_lrs = [optim.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(
+            lr=optim.lr * lr_factor(optim, step + 1),
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+
+
+class _Faults:
+    def __init__(self, spec: dict[str, Any], rank: int):
+        self.spec = spec or {}
+        self.rank = rank
+
+    def before_step(self, step: int, train_step: TrainStep) -> None:
+        s = self.spec
+        if s.get("nan_at_step") == step and self.rank == s.get("rank", 0):
+            train_step.poison_loss = True
+        if s.get("fail_at_step") == step and self.rank == s.get("rank", 0):
+            marker = Path(s["marker"])
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"injected failure at step {step} on rank {self.rank}\n")
+                os._exit(1)  # the worker process dies, as on a lost node or an OOM kill
+
+
+def _restore_latest(
+    checkpoint, model, ema, optimizer, scheduler, generator, config: TrainConfig, rank: int, world: int, device
+) -> tuple[int, int, bool]:
+    """Load Ray's latest checkpoint into the live objects; returns (step, epoch, rng_restored)."""
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location=device)
+    step = restore(state, model, ema, optimizer, scheduler)
+    _apply_hyperparameters(optimizer, scheduler, config, step)
+    extra = state["extra"]
+    # Each worker's RNG streams come back only if the worker count is unchanged.
+    same_world = extra.get("world_size") == world and "rng" in extra
+    if same_world:
+        _set_rng_state(generator, extra["rng"][rank])
+    return step, int(extra.get("epoch", 0)), same_world
+
+
+def _start_from(folder: str, model, ema, optimizer, scheduler, config: TrainConfig, device) -> int:
+    """run.init_from: another run's checkpoint as this run's starting point; returns its step."""
+    with storage.resolve(folder).open_seekable(CHECKPOINT_FILENAME) as f:
+        state = load_checkpoint(f, map_location=device)
+    step = restore(state, model, ema, optimizer, scheduler)
+    _apply_hyperparameters(optimizer, scheduler, config, step)
+    return step
+
+
+def _report_checkpoint(
+    step: int,
+    epoch: int,
+    metrics: dict[str, float],
+    *,
+    rank: int,
+    world: int,
+    model,
+    ema,
+    optimizer,
+    scheduler,
+    generator,
+    config: TrainConfig,
+    mlflow_run_id: str,
+) -> None:
+    """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt."""
+    extra = {
+        "rng": _all_gather(_rng_state(generator), world),
+        "world_size": world,
+        "epoch": epoch,
+        "mlflow_run_id": mlflow_run_id,
+    }
+    report = {"step": step, "epoch": epoch, **metrics}
+    name = f"checkpoint_{step:08d}"
+    if rank != 0:
+        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(
+            Path(folder) / CHECKPOINT_FILENAME,
+            model=model,
+            step=step,
+            config=to_dict(config),
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra=extra,
+        )
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scratch: str) -> None:
+    grid = t_grid(config.schedule.T, config.validation.t_points)
+    png, js = os.path.join(scratch, "val_mse_per_t.png"), os.path.join(scratch, "val_mse_per_t.json")
+    plot_curve(
+        grid, validator.curve, png, f"{config.model.kind} {config.schedule.name} T={config.schedule.T}, step {step}"
+    )
+    Path(js).write_text(json.dumps({"t": grid.tolist(), "mse": validator.curve, "step": step}))
+    logger.artifact(png)
+    logger.artifact(js)
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended."""
+    config = from_dict(TrainConfig, loop_config["config"])
+    channels, size = loop_config["data_shape"][0], loop_config["data_shape"][1]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every worker
+    model = build_network(config, channels, size).to(device)
+    ema = EMA(model, config.ema.decay, config.ema.start_step)
+    optimizer, scheduler = build_optimizer(model, config.optim)
+    generator = torch.Generator(device=device)
+    schedule, prior = build_schedule(config), build_prior(config)
+
+    step, epoch, resumed_from, rng_restored = 0, 0, None, False
+    checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
+    if checkpoint is not None:
+        step, epoch, rng_restored = _restore_latest(
+            checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world, device
+        )
+        resumed_from = step
+    elif config.run.init_from:  # a new run that continues another's training (PBT); fresh RNG streams
+        step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config, device)
+    if not rng_restored:
+        _seed(generator, config.train.seed, rank, step)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+
+    train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
+    validator = Validator(config, schedule, prior, device)
+    faults = _Faults(loop_config.get("faults", {}), rank)
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+
+    nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
+    if logger:
+        logger.tags({"cdm.world_size": world, "cdm.worker_nodes": ",".join(nodes), "cdm.num_nodes": len(set(nodes))})
+        if config.run.init_from and resumed_from is None:
+            logger.tags({"cdm.init_from": config.run.init_from, "cdm.init_step": step})
+        if resumed_from is not None:
+            logger.tags(
+                {f"cdm.restarted_from_step.{resumed_from}": f"rng {'restored' if rng_restored else 'reseeded'}"}
+            )
+
+    # The validation share is small: read it once and keep it (all workers read together).
+    validator.load(
+        ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config.validation.batch_size, device="cpu")
+    )
+    train_data = ray.train.get_dataset_shard("train")
+    per_worker = config.train.batch_size // world
+    shape = (channels, size, size)
+
+    def log(metrics: dict[str, float], at: int) -> None:
+        if logger and metrics:
+            logger.metrics(metrics, at)
+
+    def finish(status: str, **info: Any) -> dict[str, Any]:
+        return {"status": status, "step": step, "epoch": epoch, "resumed_from": resumed_from, **info}
+
+    last_val: dict[str, float] = {}
+    window = torch.zeros(4, dtype=torch.float64)  # sums of loss, ce, mse, grad_norm since the last log
+    window_steps, window_time = 0, 0.0  # time in data loading and steps only, not in logging/validation
+    steps = config.train.steps
+    with tempfile.TemporaryDirectory() as scratch:
+        while step < steps:
+            batches = 0
+            tick = time.perf_counter()
+            for batch in train_data.iter_torch_batches(
+                batch_size=per_worker,
+                drop_last=True,
+                device="cpu",
+                local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            ):
+                batches += 1
+                step += 1
+                faults.before_step(step, train_step)
+                x = batch["x"].to(device, non_blocking=True)
+                labels = batch["label"].to(device) if config.model.conditional else None
+                result = train_step(x, labels)
+                if not result.finite:  # every worker sees the same all-reduced gradient norm
+                    loss = _all_mean(result.loss.detach().double().cpu().reshape(1), world).item()
+                    if logger:
+                        logger.tags({"cdm.nonfinite_step": step})
+                    return finish("nonfinite", loss=loss, grad_norm=result.grad_norm)
+                parts = torch.stack([result.loss, result.ce, result.mse]).double().cpu()  # one device sync
+                window += torch.cat([parts, torch.tensor([result.grad_norm], dtype=torch.float64)])
+                window_steps += 1
+                window_time += time.perf_counter() - tick
+
+                if step % config.train.log_every == 0 or step == steps:
+                    means = _all_mean(window / window_steps, world).tolist()
+                    log(
+                        {
+                            "train/loss": means[0],
+                            "train/ce": means[1],
+                            "train/mse": means[2],
+                            "train/grad_norm": means[3],
+                            "train/lr": optimizer.param_groups[0]["lr"],
+                            "train/epoch": float(epoch),
+                            "train/images_per_s": window_steps * config.train.batch_size / max(window_time, 1e-9),
+                        },
+                        step,
+                    )
+                    window.zero_()
+                    window_steps, window_time = 0, 0.0
+
+                checkpoint_due = step % config.checkpoint.every == 0 or step == steps
+                if checkpoint_due or step % config.validation.every == 0:
+                    started = time.perf_counter()
+                    last_val = validator(ema.model)
+                    last_val["val/seconds"] = time.perf_counter() - started
+                    log(last_val, step)
+
+                every = config.sampling.every
+                if logger and every and (step % every == 0 or step == steps):
+                    path = os.path.join(scratch, f"step_{step:08d}.png")
+                    save_png(sample_grid(ema.model, config, schedule, shape, device), path)
+                    logger.artifact(path, "samples")
+
+                if checkpoint_due:
+                    _report_checkpoint(
+                        step,
+                        epoch,
+                        last_val,
+                        rank=rank,
+                        world=world,
+                        model=model,
+                        ema=ema,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        generator=generator,
+                        config=config,
+                        mlflow_run_id=loop_config["mlflow_run_id"],
+                    )
+                if step >= steps:
+                    break
+                tick = time.perf_counter()
+            if batches == 0:
+                raise RuntimeError(
+                    f"worker {rank} got no full batch of {per_worker} in epoch {epoch}; the split is too small"
+                )
+            if step < steps:
+                epoch += 1
+        if logger and validator.curve:
+            _log_validation_curve(logger, validator, config, step, scratch)
+    return finish("done", metrics={k: v for k, v in last_val.items() if math.isfinite(v)})

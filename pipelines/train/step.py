@@ -1,0 +1,143 @@
+"""What one training step is: the network, optimiser and learning-rate schedule a config describes,
+and the step itself (loss → backward → clip → Adam → EMA).
+
+Shared by the Ray Train worker loop and the plain single-process loop of
+benchmarks/train.py, so the benchmark measures Ray's overhead and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cdm_core.ddm import ddm_loss
+from cdm_core.ema import EMA
+from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset
+from cdm_core.objective import cdm_loss, drop_labels, log_prior
+from cdm_core.schedules import Schedule, get_schedule
+from pipelines.train.config import OptimSection, TrainConfig
+
+
+def build_network(config: TrainConfig, channels: int, image_size: int) -> nn.Module:
+    """The CDM classifier or DDM denoiser of `model.preset` with the config's overrides (raises ValueError)."""
+    m = config.model
+    unet = unet_preset(m.preset, channels, image_size, config.data.num_labels if m.conditional else None)
+    unet = dataclasses.replace(unet, **m.unet_overrides())  # re-runs UNetConfig's checks
+    cls = UNetClassifier if m.kind == "cdm" else UNetDenoiser
+    return cls(unet, config.schedule.T)
+
+
+def build_schedule(config: TrainConfig) -> Schedule:
+    return get_schedule(config.schedule.name, config.schedule.T, **config.schedule.params)
+
+
+def build_prior(config: TrainConfig) -> torch.Tensor | None:
+    """The class prior as float64, checked (positive mass at 0 and T+1, sums to 1); None = uniform."""
+    if config.loss.prior is None:
+        return None
+    return log_prior(torch.tensor(config.loss.prior, dtype=torch.float64), config.schedule.T + 2).exp()
+
+
+def lr_factor(optim: OptimSection, step: int) -> float:
+    """Multiplier of optim.lr for optimiser step number `step` (1-based): linear warm-up, then step decay."""
+    warm = min(1.0, step / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
+    decay = optim.decay_factor ** (step // optim.decay_every) if optim.decay_every > 0 else 1.0
+    return warm * decay
+
+
+def build_optimizer(
+    model: nn.Module, optim: OptimSection
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    cls = torch.optim.AdamW if optim.weight_decay > 0 else torch.optim.Adam
+    opt = cls(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    # LambdaLR calls the factor with the number of scheduler steps taken so far (0 before
+    # the first optimiser step), so +1 gives the 1-based number of the step about to run.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda done: lr_factor(optim, done + 1))
+    return opt, sched
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # detached scalars on the model's device
+    ce: torch.Tensor
+    mse: torch.Tensor
+    grad_norm: float  # the same on every worker under DDP (gradients are all-reduced)
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.grad_norm)
+
+
+class TrainStep:
+    """One optimiser step of a CDM (Algorithm 1) or DDM on a batch; skips the update if gradients are not finite.
+
+    The non-finite check uses the gradient norm: under DDP it is identical on every
+    worker, so all workers take the same decision without an extra collective.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        ema: EMA,
+        optimizer,
+        scheduler,
+        schedule: Schedule,
+        prior: torch.Tensor | None,
+        device: torch.device,
+        generator: torch.Generator,
+    ):
+        self.config = config
+        self.model = model  # possibly DDP-wrapped
+        self.ema = ema
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.schedule = schedule.to(device=device, dtype=torch.float32)
+        self.prior = prior
+        self.device = device
+        self.generator = generator  # on `device`: t, noise and label dropout
+        self.autocast = config.train.precision == "bf16"
+        self.null_label = config.data.num_labels if config.model.conditional else None
+        self.poison_loss = False  # set by fault injection (tests): turns the next loss into NaN
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        y = None
+        if self.null_label is not None:
+            y = drop_labels(labels, cfg.model.label_dropout, self.null_label, generator=self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if cfg.model.kind == "cdm":
+                logits_fn = self.model if y is None else (lambda z: self.model(z, y))
+                parts = cdm_loss(
+                    logits_fn,
+                    x,
+                    self.schedule,
+                    w_ce=cfg.loss.w_ce,
+                    w_mse=cfg.loss.w_mse,
+                    prior=self.prior,
+                    generator=self.generator,
+                )
+                return parts.total, parts.ce, parts.mse
+            eps_model = self.model if y is None else (lambda z, t: self.model(z, t, y))
+            mse = ddm_loss(eps_model, x, self.schedule, generator=self.generator)
+            return mse, torch.zeros_like(mse), mse
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, ce, mse = self.loss(x, labels)
+        if self.poison_loss:
+            loss = loss * float("nan")
+            self.poison_loss = False
+        loss.backward()
+        clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        result = StepResult(loss.detach(), ce.detach(), mse.detach(), float(norm))
+        if result.finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.model)
+        return result

@@ -1,0 +1,374 @@
+"""The training stage: `cdm train CONFIG [--set key=value …]` and `cdm train --resume RUN`.
+
+The driver resolves and checks the config against the dataset (so user mistakes
+fail here, before Ray starts anything), opens the MLflow run, and runs Ray
+Train's `TorchTrainer` with `pipelines.train.loop.train_worker` on every worker.
+It owns the run folder `<run.storage_path>/<run.name>` (pipelines.train.run_dir).
+
+Resuming relies on Ray Train V2: a trainer started with the same run name and
+storage path finds the snapshot and gives the workers its latest checkpoint.
+A worker failure is retried the same way within one `fit()` (run.max_failures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import numpy as np
+import ray
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import is_v2_enabled
+
+from pipelines.common import config as cfg
+from pipelines.common import storage
+from pipelines.common.checkpoints import CHECKPOINT_FILENAME, load_trained_model
+from pipelines.common.console import echo, warn
+from pipelines.common.errors import UserError
+from pipelines.common.ray_session import ensure_ray
+from pipelines.common.tracking import mlflow_run, reopened_run, store_uri
+from pipelines.data.readers import LocalReader, ray_dataset
+from pipelines.data.shards import open_dataset
+from pipelines.train.config import TrainConfig, resumable
+from pipelines.train.loop import train_worker
+from pipelines.train.run_dir import RUN_FILE, RUN_FORMAT, find_run_dir, read_run_file, write_run_file
+from pipelines.train.step import build_network, build_prior, build_schedule
+from pipelines.train.validation import BPD_CONVENTION
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf; training stopped, the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str
+    step: int
+    checkpoint: Optional[str]  # the latest checkpoint folder (holds checkpoint.pt)
+    best_checkpoint: Optional[str]  # the best by the score metric
+    metrics: dict[str, float] = field(default_factory=dict)  # the final validation
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- config → checked, resolved config
+
+
+def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
+    """Check the config against its dataset and the code; fill data.num_labels. Returns (config, (C, H, W))."""
+    ds = open_dataset(config.data.uri)
+    spec = ds.spec
+    if spec.kind != "image":
+        raise UserError(
+            f"data.uri: {ds.loc.uri} holds {spec.kind} data; cdm train trains U-Nets on images "
+            "(for 2-D toy data use `cdm demo`)"
+        )
+    height, width, channels = spec.shape
+    if height != width:
+        raise UserError(
+            f"data.uri: {ds.loc.uri} has {height}×{width} images; the U-Net needs square images (prepare with --size)"
+        )
+    for key in ("train_split", "val_split"):
+        split = getattr(config.data, key)
+        if split not in ds.splits:
+            raise UserError(f"data.{key}: {split!r} is not a split of {ds.loc.uri}; it has {', '.join(ds.splits)}")
+
+    num_labels = None
+    if config.model.conditional:
+        if not spec.labeled or not spec.num_classes:
+            raise UserError(f"model.conditional: true needs labels, but {ds.loc.uri} is unlabeled")
+        if config.data.num_labels not in (None, spec.num_classes):
+            raise UserError(
+                f"data.num_labels: {config.data.num_labels} but {ds.loc.uri} has {spec.num_classes} classes"
+            )
+        num_labels = int(spec.num_classes)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_labels=num_labels))
+
+    workers = config.scaling.num_workers
+    per_worker = config.train.batch_size // workers
+    share = -(-ds.count(config.data.train_split) // workers)
+    if share < per_worker:
+        raise UserError(
+            f"train.batch_size: {config.train.batch_size} over {workers} worker(s) is {per_worker} per worker, "
+            f"but each worker's share of split {config.data.train_split!r} has only {share} samples"
+        )
+    try:
+        build_network(config, channels, height)
+    except ValueError as err:
+        raise cfg.ConfigError(f"model: {err}") from None
+    try:
+        build_schedule(config)
+    except ValueError as err:
+        raise cfg.ConfigError(f"schedule: {err}") from None
+    try:
+        build_prior(config)
+    except ValueError as err:
+        raise cfg.ConfigError(f"loss.prior: {err}") from None
+    if config.run.init_from:
+        start = storage.absolute(config.run.init_from)
+        if not storage.resolve(start).exists(CHECKPOINT_FILENAME):
+            raise UserError(
+                f"run.init_from: no {CHECKPOINT_FILENAME} in {start}; give a checkpoint folder of a "
+                "cdm train run (…/checkpoint_00005000)"
+            )
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, init_from=start))
+    return config, (channels, height, width)
+
+
+# --------------------------------------------------------------------------- test hooks
+
+
+def _fault_injection(run_name: str) -> dict[str, Any]:
+    """Test hooks from the environment (see pipelines.train.loop); empty normally."""
+    env = os.environ
+    spec: dict[str, Any] = {}
+    for var, key in (
+        ("CDM_FAIL_AT_STEP", "fail_at_step"),
+        ("CDM_NAN_AT_STEP", "nan_at_step"),
+        ("CDM_FAIL_RANK", "rank"),
+    ):
+        if env.get(var):
+            spec[key] = int(env[var])
+    if "fail_at_step" in spec:
+        spec["marker"] = env.get("CDM_FAIL_MARKER") or os.path.join(tempfile.gettempdir(), f"cdm-fail-{run_name}")
+    return spec
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def log_final_model(checkpoint_dir: str, data_uri: str, split: str) -> None:
+    """The EMA network as an MLflow model (torch.export format, dynamic batch), with an input example."""
+    trained = load_trained_model(checkpoint_dir)
+    reader = LocalReader(data_uri, split, verify=False)
+    x = reader.inputs(np.arange(min(4, len(reader))))
+    # The signature is the exported program's: CDM model(x[, y]) -> logits over t = 0..T+1;
+    # DDM model(x, t[, y]) -> ε̂. The batch dimension (-1) stays dynamic.
+    example = [x]
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]), "x")]
+    if trained.kind == "ddm":
+        example.append(np.full(len(x), trained.schedule.T // 2, dtype=np.int64))
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "t"))
+    if trained.num_labels is not None:
+        example.append(np.clip(reader.labels[: len(x)], 0, None).astype(np.int64))
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
+    out_shape = (-1, trained.schedule.T + 2) if trained.kind == "cdm" else (-1, *x.shape[1:])
+    signature = ModelSignature(inputs=Schema(inputs), outputs=Schema([TensorSpec(np.dtype(np.float32), out_shape)]))
+    with torch.no_grad():
+        mlflow.pytorch.log_model(
+            trained.model,
+            name="model",
+            input_example=example if len(example) > 1 else x,
+            signature=signature,
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def check_ray_train_v2() -> None:
+    if not is_v2_enabled():
+        raise UserError("cdm train needs Ray Train V2 (the default since Ray 2.51); unset RAY_TRAIN_V2_ENABLED=0")
+
+
+def _fit(
+    config: TrainConfig, data_shape, run_name: str, storage_path: str, tracking_uri: str, run_id: str, callbacks=()
+):
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    shuffle = None if config.data.shuffle == "none" else config.data.shuffle
+    reserved = s.num_workers * s.cpus_per_worker
+    ensure_ray(config.run.ray_address, min_cpus=reserved + 1)
+    if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        warn(
+            f"warning: MLflow tracks to a local SQLite file ({tracking_uri}) on a multi-node cluster; the "
+            "rank-0 worker may run on another node and write elsewhere. Use an MLflow server "
+            "(tracking.tracking_uri or MLFLOW_TRACKING_URI) unless all nodes share that path."
+        )
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - reserved < 1:
+        warn(
+            f"warning: the {s.num_workers} worker(s) reserve {reserved:g} of the cluster's {total:g} CPUs; Ray Data "
+            "needs at least one more to read the dataset, so training waits until the cluster grows. Lower "
+            "scaling.cpus_per_worker or scaling.num_workers on a fixed-size cluster."
+        )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.to_dict(config),
+            "data_shape": list(data_shape),
+            "tracking_uri": tracking_uri,
+            "mlflow_run_id": run_id,
+            "faults": _fault_injection(run_name),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint.keep_best,
+                checkpoint_score_attribute=config.score_metric,
+                checkpoint_score_order="min",
+            ),
+            callbacks=list(callbacks),
+        ),
+        datasets={
+            "train": ray_dataset(
+                config.data.uri,
+                config.data.train_split,
+                flip=config.data.flip,
+                pad_to_multiple_of=s.num_workers,
+                shuffle=shuffle,
+            ),
+            "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=s.num_workers, verify=False),
+        },
+    )
+    return trainer.fit()
+
+
+def _finish(
+    result, config: TrainConfig, run_name: str, run_dir: str, run_id: str, tracking_uri: str, started: float
+) -> TrainResult:
+    outcome = result.return_value or {}
+    latest = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
+    if outcome.get("status") == "nonfinite":
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"training stopped at step {outcome['step']}: the loss is {outcome.get('loss')} (gradient norm "
+            f"{outcome.get('grad_norm')}); {where}. Lower optim.lr or set optim.grad_clip, then "
+            f"`cdm train --resume {run_dir} --set optim.lr=…`"
+        )
+    best = None
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if config.score_metric in m]
+    if scored:
+        best_ckpt = min(scored, key=lambda cm: cm[1][config.score_metric])[0]
+        best = storage.join(run_dir, Path(best_ckpt.path).name)
+    tags = {"cdm.final_step": outcome.get("step"), "cdm.last_checkpoint": latest, "cdm.best_checkpoint": best}
+    mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+    trained_now = outcome.get("resumed_from") != outcome.get("step")  # False: resumed a run that was already complete
+    if config.run.log_model and result.checkpoint is not None and trained_now:
+        with result.checkpoint.as_directory() as folder:
+            log_final_model(folder, config.data.uri, config.data.val_split)
+    return TrainResult(
+        run_name,
+        run_dir,
+        run_id,
+        int(outcome.get("step", 0)),
+        latest,
+        best,
+        dict(outcome.get("metrics", {})),
+        time.perf_counter() - started,
+    )
+
+
+def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
+    return {
+        "cdm.stage": "train",
+        "cdm.dataset": config.data.uri,
+        "cdm.run_name": run_name,
+        "cdm.checkpoint_dir": run_dir,
+        "cdm.model_kind": config.model.kind,
+        "cdm.bpd_convention": BPD_CONVENTION,
+    }
+
+
+def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> TrainResult:
+    """Train a new run; returns where its checkpoints are and its final validation metrics.
+
+    `callbacks` are Ray Train callbacks for the TorchTrainer's RunConfig (`cdm tune` passes
+    one that reports each checkpoint's validation metrics to the Ray Tune trial).
+    """
+    check_ray_train_v2()
+    started = time.perf_counter()
+    config, data_shape = resolve(config)
+    run_name = config.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name):
+        raise UserError(f"run.name: {run_name!r} may contain only letters, digits, '.', '_' and '-'")
+    storage_path = storage.absolute(config.run.storage_path)
+    run_dir = storage.join(storage_path, run_name)
+    if storage.exists(run_dir):
+        raise UserError(
+            f"run.name: {run_dir} already exists; continue it with `cdm train --resume {run_dir}` "
+            "or choose another run.name"
+        )
+    tracking_uri = store_uri(config.tracking)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=run_name))
+    params = cfg.to_dict(config)
+    with mlflow_run(
+        config.tracking.experiment,
+        run_name,
+        tracking_uri,
+        params,
+        _tags(config, run_name, run_dir),
+        config.tracking.parent_run_id,
+    ) as active:
+        run_id = active.info.run_id
+        echo(f"cdm train: run {run_name}, folder {run_dir}, MLflow run {run_id} ({tracking_uri})", err=True)
+        write_run_file(
+            run_dir,
+            {
+                "format": RUN_FORMAT,
+                "config": params,
+                "data_shape": list(data_shape),
+                "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id, "experiment": config.tracking.experiment},
+            },
+        )
+        result = _fit(config, data_shape, run_name, storage_path, tracking_uri, run_id, callbacks)
+        return _finish(result, config, run_name, run_dir, run_id, tracking_uri, started)
+
+
+def resume(
+    run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri: str | None = None, callbacks=()
+) -> TrainResult:
+    """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps."""
+    check_ray_train_v2()
+    started = time.perf_counter()
+    run_dir = find_run_dir(run, tracking_uri)
+    info = read_run_file(run_dir)
+    if info is None or info.get("format") != RUN_FORMAT:
+        raise UserError(f"--resume {run}: {storage.join(run_dir, RUN_FILE)} is missing or not a {RUN_FORMAT} file")
+    original = cfg.from_dict(TrainConfig, info["config"])
+    config = cfg.apply_overrides(original, overrides)
+    before, after = cfg.flatten(cfg.to_dict(original)), cfg.flatten(cfg.to_dict(config))
+    changed = {k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    fixed = sorted(k for k in changed if not resumable(k))
+    if fixed:
+        raise UserError(
+            f"--resume: {', '.join(fixed)} cannot change in a resumed run (it would be a different experiment); "
+            "start a new run instead"
+        )
+    config, data_shape = resolve(config)
+    mlflow_info = info["mlflow"]
+    uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
+    storage_path, run_name = run_dir.rstrip("/").rsplit("/", 1)
+    with reopened_run(uri, run_id):
+        if changed:
+            # MLflow params are immutable: record what this continuation changed as a tag.
+            mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))
+            info["config"] = cfg.to_dict(config)
+            write_run_file(run_dir, info)
+        result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks)
+        return _finish(result, config, run_name, run_dir, run_id, uri, started)

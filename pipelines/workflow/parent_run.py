@@ -1,0 +1,144 @@
+"""The workflow's MLflow parent run: one per plan, reopened when the same plan runs again.
+
+The parent is made with the client API and never becomes the process's
+active MLflow run, so the stages are free to start, nest and reopen their
+own runs (a resumed training run reopens its old run by id).
+
+`<workdir>/outputs/workflows/<name>/runs.json` maps each plan key to its
+parent run, so a rerun of an interrupted workflow continues the same parent
+(its earlier children stay; the stages that run now add theirs). A stage that
+was done before this parent existed (e.g. shared with another workflow) gets
+a short "cached" child that points to the run that made its output, so every
+parent has one child per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipelines.common.tracking import experiment_id, log_params
+
+STATE_FILE = "runs.json"
+STAGE_TAG = "cdm.workflow_stage"
+
+
+def workflow_dir(workdir: Path, name: str) -> Path:
+    return workdir / "outputs" / "workflows" / name
+
+
+class ParentRun:
+    def __init__(self, workdir: Path, name: str, plan_key: str, tracking_uri: str, experiment: str):
+        self.folder = workflow_dir(workdir, name)
+        self.name = name
+        self.plan_key = plan_key
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id: Optional[str] = None
+        self.reopened = False
+
+    # ----------------------------------------------------------------- state file
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{STATE_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, self.folder / STATE_FILE)
+
+    def _previous(self) -> Optional[str]:
+        entry = self._state().get(self.plan_key)
+        if not entry or entry.get("tracking_uri") != self.tracking_uri:
+            return None
+        try:
+            run = self.client.get_run(entry["run_id"])
+        except Exception:  # deleted store, or a run removed by hand: start a new parent
+            return None
+        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def open(self, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """Reopen this plan's parent run, or create it (with the workflow config as params)."""
+        previous = self._previous()
+        if previous is not None:
+            self.run_id, self.reopened = previous, True
+            self.client.update_run(previous, status="RUNNING")
+            return previous
+        exp = experiment_id(self.experiment, self.tracking_uri)
+        run = self.client.create_run(exp, run_name=self.name, tags={**tags, MLFLOW_RUN_NAME: self.name})
+        self.run_id = run.info.run_id
+        log_params(self.client, self.run_id, params)
+        state = self._state()
+        state[self.plan_key] = {
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        self._save_state(state)
+        self.client.log_batch(self.run_id, tags=[RunTag("cdm.plan", self.plan_key)])
+        return self.run_id
+
+    def close(self, status: str) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # ----------------------------------------------------------------- children and headline figures
+
+    def tag_child(self, run_id: Optional[str], stage: str, key: str) -> None:
+        if run_id:
+            self.client.set_tag(run_id, STAGE_TAG, stage)
+            self.client.set_tag(run_id, "cdm.stage_key", key)
+
+    def children_by_stage(self) -> dict[str, str]:
+        runs = self.client.search_runs(
+            [self.client.get_run(self.run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+            max_results=1000,
+        )
+        return {r.data.tags[STAGE_TAG]: r.info.run_id for r in runs if STAGE_TAG in r.data.tags}
+
+    def add_cached_child(self, stage: str, key: str, record: dict[str, Any]) -> str:
+        """A child for a stage whose output was made under another parent: its figures and a link to the run that made it."""
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.run_id,
+            STAGE_TAG: stage,
+            "cdm.stage_key": key,
+            "cdm.cached": "true",
+            "cdm.stage": stage,
+            "cdm.output": str(record.get("output", "")),
+        }
+        if record.get("mlflow_run_id"):
+            tags["cdm.cached_from_run"] = record["mlflow_run_id"]
+        exp = self.client.get_run(self.run_id).info.experiment_id
+        child = self.client.create_run(exp, run_name=f"{stage} (cached)", tags=tags)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in (record.get("metrics") or {}).items()]
+        if metrics:
+            self.client.log_batch(child.info.run_id, metrics=metrics)
+        self.client.set_terminated(child.info.run_id, status="FINISHED")
+        return child.info.run_id
+
+    def log_headline(self, metrics: dict[str, float], artifacts: list[str]) -> None:
+        """The workflow's figures on the parent; values it already holds are not logged again."""
+        held = self.client.get_run(self.run_id).data.metrics
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+        for path in artifacts:
+            if path and Path(path).is_file():
+                self.client.log_artifact(self.run_id, path)

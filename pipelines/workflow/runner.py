@@ -1,0 +1,354 @@
+"""`cdm run CONFIG`: prepare → (tune →) train → sample → NLL and FD/FID as one workflow, resumable.
+
+Each stage's output is addressed by a hash of its settings and its inputs
+(`pipelines.workflow.plan`), under `<workdir>/outputs/stages/<stage>-<key>/`.
+A stage whose record is already there is skipped, so running the same
+command again after a failure or a kill continues at the stage that did not
+finish (an interrupted training run continues from its latest checkpoint),
+and running it after a success does nothing but print the summary.
+
+MLflow: one parent run per plan with a child run per stage (each stage logs
+its own run, nested through `parent_run_id`), and the headline figures on
+the parent: `eval/nll_bpd`, `eval/nll_bpd_untrained`, `eval/fd_<dataset>`
+or `eval/fid`, and the sample grid as an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+
+from pipelines.common import config as cfg
+from pipelines.common import console, storage
+from pipelines.common.errors import UserError
+from pipelines.common.ray_session import ensure_ray
+from pipelines.common.tracking import default_tracking_uri
+from pipelines.train.run_dir import RUN_FILE
+from pipelines.workflow.config import WorkflowConfig, load
+from pipelines.workflow.parent_run import ParentRun, workflow_dir
+from pipelines.workflow.plan import Plan, Stage, make_plan
+from pipelines.workflow.progress import duration
+from pipelines.workflow.stages import RUNNERS, Context, check_dataset_fits
+
+# Stages that need no Ray (the others share one Ray session, started before the first of them).
+NO_RAY = ("prepare", "features")
+SUMMARY_FILE = "summary.json"
+GRID_FILE = "grid.png"
+
+
+@dataclass
+class WorkflowResult:
+    name: str
+    plan_key: str
+    parent_run_id: Optional[str]
+    tracking_uri: str
+    records: dict[str, dict[str, Any]]
+    ran: list[str]  # stages that ran this time (the others were skipped)
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def prepare_plan(
+    config_path: str | Path,
+    overrides: list[str] = (),
+    *,
+    workdir: str | Path | None = None,
+    tracking_uri: Optional[str] = None,
+    strict: bool = True,
+) -> tuple[Plan, str]:
+    """(the plan, the MLflow tracking URI) for a workflow config file: nothing runs, nothing is written."""
+    config, _ = load(config_path, list(overrides))
+    name = config.name or Path(config_path).stem
+    folder = str(workdir or ".")
+    if "://" in folder:
+        raise UserError(
+            f"--workdir {folder}: must be a folder (on a cluster, a shared one such as NFS that every node "
+            "mounts at the same path); stage outputs are files there"
+        )
+    root = Path(folder).expanduser().resolve()
+    uri = tracking_uri or config.tracking.tracking_uri or default_tracking_uri(root)
+    return make_plan(config, name, root, strict=strict), uri
+
+
+def stage_status(stage: Stage) -> tuple[str, str]:
+    """(run | skip | resume, why) of a stage as things stand on disk."""
+    if stage.record() is not None:
+        return "skip", "done"
+    folder = Path(stage.output)
+    if stage.name == "train" and (folder / RUN_FILE).is_file():
+        checkpoints = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
+        return (
+            "resume",
+            f"interrupted; continues from {checkpoints[-1]}"
+            if checkpoints
+            else "interrupted before its first checkpoint",
+        )
+    return "run", ""
+
+
+def print_plan(plan: Plan, tracking_uri: str, echo=console.echo) -> None:
+    echo(f"cdm run {plan.name}: plan {plan.key}")
+    echo(f"  workdir  {plan.workdir}")
+    echo(f"  MLflow   {tracking_uri} (experiment {plan.config.tracking.experiment!r})")
+    echo(f"  data     {plan.dataset_uri}")
+    width = max(len(s.name) for s in plan.stages)
+    for i, stage in enumerate(plan.stages, 1):
+        status, why = stage_status(stage)
+        echo(f"  {i}. {stage.name:<{width}}  {stage.key}  {status:<6}  {stage.about}{f' ({why})' if why else ''}")
+        echo(f"     {'':<{width}}  → {stage.output}")
+    for problem in plan.problems:
+        echo(f"  cannot run as it is: {problem}")
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_workflow(
+    config_path: str | Path,
+    overrides: list[str] = (),
+    *,
+    workdir: str | Path | None = None,
+    tracking_uri: Optional[str] = None,
+    echo=console.echo,
+) -> WorkflowResult:
+    """Run every stage of the workflow that is not done yet; returns the records and the summary."""
+    started = time.perf_counter()
+    plan, uri = prepare_plan(config_path, list(overrides), workdir=workdir, tracking_uri=tracking_uri)
+    config = plan.config
+    print_plan(plan, uri, echo)
+    parent = ParentRun(plan.workdir, plan.name, plan.key, uri, config.tracking.experiment)
+    parent.open(
+        cfg.to_dict(config),
+        {
+            "cdm.stage": "workflow",
+            "cdm.workflow": plan.name,
+            "cdm.config_file": str(Path(config_path).resolve()),
+            "cdm.workdir": str(plan.workdir),
+        },
+    )
+    ctx = Context(plan, uri, config.tracking.experiment, parent.run_id, echo=echo)
+    ran: list[str] = []
+    status = "FAILED"
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `cdm jobs stop`, kill: end the runs cleanly
+    data_checked = False
+    try:
+        for i, stage in enumerate(plan.stages, 1):
+            head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
+            with _stage_lock(stage, echo):
+                record = stage.record()
+                if record is not None:
+                    echo(f"{head}: done earlier ({duration(record.get('seconds', 0))}), skipped")
+                    ctx.records[stage.name] = record
+                    continue
+                if stage.name != "prepare" and not data_checked:
+                    check_dataset_fits(ctx)  # the splits and labels later stages read: fail before training, not after
+                    data_checked = True
+                if stage.name not in NO_RAY:
+                    _ensure_ray(config)
+                echo(f"{head}: {stage.about}")
+                record = _run_stage(stage, ctx, echo)
+            parent.tag_child(record.get("mlflow_run_id"), stage.name, stage.key)
+            ctx.records[stage.name] = record
+            ran.append(stage.name)
+            echo(f"{head}: done in {duration(record['seconds'])}{_figures(record)}")
+        summary = _finish(plan, ctx, parent, uri, time.perf_counter() - started)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (ours, or Ray's handler once Ray is up)
+        status = "KILLED"
+        echo("interrupted: run the same command again to continue where it stopped")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        parent.close(status)
+    result = WorkflowResult(
+        plan.name, plan.key, parent.run_id, uri, ctx.records, ran, summary, time.perf_counter() - started
+    )
+    print_summary(result, plan, echo)
+    return result
+
+
+def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
+    """Run one stage and write its record (the mark that it is done) atomically beside its output."""
+    t0 = time.perf_counter()
+    try:
+        record = RUNNERS[stage.name](stage, ctx)
+    except (Exception, KeyboardInterrupt) as err:
+        if not isinstance(err, UserError):
+            echo(f"stage {stage.name} failed after {duration(time.perf_counter() - t0)}: {type(err).__name__}: {err}")
+            echo("run the same command again to continue at this stage (finished stages are kept)")
+        raise
+    record = {
+        "stage": stage.name,
+        "key": stage.key,
+        "output": stage.output,
+        "settings": stage.settings,
+        "inputs": stage.inputs,
+        "seconds": time.perf_counter() - t0,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **record,
+    }
+    storage.write_json(str(stage.record_file), record)
+    return record
+
+
+@contextlib.contextmanager
+def _stage_lock(stage: Stage, echo) -> Iterator[None]:
+    """Hold `<stage>-<key>.lock`: two workflows sharing a stage (same key) never write its output at once.
+
+    The second one waits, then finds the record the first one wrote and skips the stage.
+    """
+    lock_file = Path(f"{stage.output}.lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"  waiting: another cdm run is running stage {stage.name} {stage.key} (same settings, same inputs)")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_ray(config: WorkflowConfig) -> None:
+    """One Ray session for every stage: RAY_ADDRESS / train.run.ray_address, else a local Ray (as `cdm train` starts it)."""
+    s = config.train.scaling
+    ensure_ray(
+        config.train.run.ray_address, min_cpus=s.num_workers * s.cpus_per_worker + 1, num_cpus=config.ray.num_cpus
+    )
+    # Ray Data's progress lines every few seconds would drown the workflow's own progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _figures(record: dict[str, Any]) -> str:
+    metrics = record.get("metrics") or {}
+    shown = [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("eval/", "val/nll", "features/"))]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+# --------------------------------------------------------------------------- the end: headline figures and summary
+
+
+def _finish(plan: Plan, ctx: Context, parent: ParentRun, uri: str, seconds: float) -> dict[str, Any]:
+    records = ctx.records
+    have = parent.children_by_stage()
+    for stage in plan.stages:
+        if stage.name not in have:
+            parent.add_cached_child(stage.name, stage.key, records[stage.name])
+    metrics: dict[str, float] = {}
+    for record in records.values():
+        metrics.update({k: float(v) for k, v in (record.get("metrics") or {}).items()})
+    metrics.update({f"workflow/{name}_seconds": float(r.get("seconds", 0)) for name, r in records.items()})
+    folder = workflow_dir(plan.workdir, plan.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = None
+    if "sample" in records and records["sample"]["outputs"].get("grid"):
+        grid = str(folder / GRID_FILE)
+        shutil.copyfile(records["sample"]["outputs"]["grid"], grid)
+    fid = records.get("fid", {}).get("summary") or {}
+    summary = {
+        "workflow": plan.name,
+        "plan": plan.key,
+        "workdir": str(plan.workdir),
+        "tracking_uri": uri,
+        "experiment": plan.config.tracking.experiment,
+        "parent_run_id": parent.run_id,
+        "dataset": plan.dataset_uri,
+        "metrics": metrics,
+        "grid": grid,
+        "nll": records.get("nll", {}).get("summary"),
+        "nll_untrained": records.get("nll_untrained", {}).get("summary"),
+        "fid": fid or None,
+        "stages": {
+            s.name: {
+                "key": s.key,
+                "output": s.output,
+                "seconds": records[s.name].get("seconds"),
+                "mlflow_run_id": records[s.name].get("mlflow_run_id"),
+            }
+            for s in plan.stages
+        },
+        "checkpoint": records.get("train", {}).get("outputs", {}).get("checkpoint"),
+    }
+    storage.write_json(str(folder / SUMMARY_FILE), summary)
+    parent.log_headline(metrics, [grid, str(folder / SUMMARY_FILE)])
+    return summary
+
+
+def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None:
+    s = result.summary
+    m = s.get("metrics", {})
+    skipped = len(plan.stages) - len(result.ran)
+    echo("")
+    echo(
+        f"cdm run {result.name}: finished in {duration(result.seconds)} "
+        f"({len(result.ran)} stage(s) run, {skipped} skipped as done)"
+    )
+    nll, base = s.get("nll"), s.get("nll_untrained")
+    if nll:
+        line = (
+            f"  NLL, {nll['split']} split ({nll['count']} images): {nll['nll_bpd']:.3f} ± {nll['nll_bpd_ci95']:.3f} "
+            f"bits/dim"
+        )
+        if base:
+            line += f"   (untrained network: {base['nll_bpd']:.3f})"
+        echo(line + f"   [{nll['bpd_convention']} convention, one forward pass per image]")
+    elif base:
+        echo(f"  NLL of the untrained network: {base['nll_bpd']:.3f} bits/dim")
+    fid = s.get("fid")
+    if fid:
+        metric = fid["metric"]
+        if metric == "eval/fid":
+            what = "FID (Inception-v3 features)"
+        elif metric.startswith("eval/fd_") and metric != "eval/fd_raw":
+            what = f"FD in the features of a classifier trained on {metric[len('eval/fd_') :]} ({metric}; not FID)"
+        else:
+            what = f"FD of the raw data ({metric})"
+        echo(
+            f"  {what}: {fid['value']:.3f}   ({fid['samples_count']} samples vs {fid['reference_count']} reference images)"
+        )
+    if s.get("grid"):
+        echo(f"  sample grid: {s['grid']}")
+    if s.get("checkpoint"):
+        echo(f"  model: {s['checkpoint']}")
+    echo(
+        f"  MLflow: parent run {result.parent_run_id} ({result.name!r}, experiment {plan.config.tracking.experiment!r}) "
+        f"in {result.tracking_uri}"
+    )
+    echo(f"  open the UI: {_ui_hint(plan.workdir, result.tracking_uri)}")
+    echo(f"  summary: {workflow_dir(plan.workdir, plan.name) / SUMMARY_FILE}")
+    if m:
+        times = ", ".join(
+            f"{k.split('/', 1)[1].removesuffix('_seconds')} {duration(v)}"
+            for k, v in m.items()
+            if k.startswith("workflow/")
+        )
+        echo(f"  stage times (when they ran): {times}")
+
+
+def _ui_hint(workdir: Path, tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    if tracking_uri != default_tracking_uri(workdir):
+        return f"mlflow ui --backend-store-uri {tracking_uri}"
+    here = Path.cwd().resolve() == workdir
+    return f"cdm ui{'' if here else f' --workdir {workdir}'}   (then http://127.0.0.1:5000)"
