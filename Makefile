@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,14 +18,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test]"
 	# torch-fidelity's Inception-v3 FID extractor: --no-deps because the package
 	# declares torchvision (for extractors we don't use), and PyPI's torchvision
-	# does not import beside the pinned CPU torch. pipelines/features.py loads
+	# does not import beside the pinned CPU torch. pipelines/evaluate/features.py loads
 	# the Inception module without torchvision.
 	$(PY) -m pip install --quiet --no-deps "torch-fidelity==0.4.0"
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# ruff (lint rules and formatter in pyproject.toml) and import-linter (the house's import contracts).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole pipeline on mnist5k with a local Ray and ./mlflow.db; rerunning skips finished stages.

@@ -1,11 +1,11 @@
 """Training benchmark: CDM training images/s through Ray Train with 1 and 2 workers, and Ray's overhead.
 
 The same model (the `tiny` U-Net preset, 32 channels), the same data (sklearn's
-8×8 digits, prepared here) and the same step (`pipelines.train_step.TrainStep`:
+8×8 digits, prepared here) and the same step (`pipelines.train.step.TrainStep`:
 CDM loss with its double backward, clipping, Adam, EMA) run
 
 - in a plain single-process loop over an in-memory `LocalReader`, on `--threads` cores,
-- through `cdm train` (`pipelines.train.run`) with 1 worker of `--threads` cores,
+- through `cdm train` (`pipelines.train.trainer.run`) with 1 worker of `--threads` cores,
 - through `cdm train` with 2 workers of `--threads` cores each (DDP over gloo), same global batch.
 
 One thread per worker is the default: on a 2-core machine that others share,
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cdm-bench-train-"))
     dataset = work / "digits"
     prepare(nest(PrepareConfig, source="digits", out=str(dataset), track=False))
-    # One logical CPU more than the workers take: Ray Data reads with it (see pipelines.train._fit).
+    # One logical CPU more than the workers take: Ray Data reads with it (see pipelines.common.ray_session).
     ray.init(
         address="local",
         num_cpus=max(cores, 2 * threads) + 1,

@@ -17,7 +17,7 @@ def _isolate_mlflow_tracking_uri():
     """Each test module starts from the MLflow environment the session started with.
 
     The stages take back what `mlflow.set_tracking_uri()` writes into os.environ
-    (pipelines.tracking.using_tracking_uri; tests/test_tracking.py checks it), but some tests
+    (pipelines.common.tracking.using_tracking_uri; tests/test_tracking.py checks it), but some tests
     call it themselves, and our default tracking URI honours MLFLOW_TRACKING_URI.
     """
     before = os.environ.get("MLFLOW_TRACKING_URI")

@@ -1,4 +1,4 @@
-"""The typed config system (pipelines.config) and the training config and files built on it."""
+"""The typed config system (pipelines.common.config) and the training config and files built on it."""
 
 from __future__ import annotations
 

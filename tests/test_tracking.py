@@ -1,4 +1,4 @@
-"""pipelines.tracking against a real MLflow SQLite store in a temp dir."""
+"""pipelines.common.tracking against a real MLflow SQLite store in a temp dir."""
 
 from __future__ import annotations
 

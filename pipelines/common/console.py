@@ -1,7 +1,7 @@
 """What a stage says on the console while it works, without a CLI library.
 
 Stages are libraries (Ray actors and notebooks import them), so they print
-through these two functions rather than through typer: progress goes to
+through these two functions rather than through a CLI library: progress goes to
 stdout or stderr as asked, warnings to stderr, in yellow on a terminal.
 """
 

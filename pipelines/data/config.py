@@ -34,11 +34,12 @@ class SourceOptions:
     num_test: Optional[int] = option(None, doc="toy2d: test points (default 2000).")
 
 
-@dataclass
-class PrepareConfig:
+@dataclass(kw_only=True)
+class PrepareConfig(SourceOptions):
+    """A source and its options (a `SourceOptions`), where the shards go, and MLflow."""
+
     source: str = option(doc=f"One of: {', '.join(SOURCES)}.")
     out: str = option(doc="Output directory or URI (file://, s3://, gs://, …).")
-    options: SourceOptions = field(default_factory=SourceOptions)
     samples_per_shard: int = option(1000, doc="Samples per tar shard.")
     skip_bad: bool = option(False, doc="Skip unreadable/mismatched inputs with a warning (counted in dataset.json).")
     force: bool = option(False, doc="Rewrite even if an intact identical dataset is already there.")

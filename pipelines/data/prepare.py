@@ -1,6 +1,6 @@
 """The prepare stage: a real dataset → WebDataset shards + manifest + dataset.json, one MLflow run.
 
-`run(PrepareConfig(...))` is the stage; `prepare_command` is its `cdm prepare` CLI.
+`run(PrepareConfig(...))` is the stage (`cdm prepare` in pipelines.cli).
 Outputs are deterministic (same inputs and options → byte-identical shards), and a
 rerun whose outputs are already complete and intact does no work.
 """
@@ -131,7 +131,7 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
             raise
         if writer is None or writer.count == 0:
             raise UserError(
-                f"{config.options.path or config.source}: split {split!r} has no usable samples"
+                f"{config.path or config.source}: split {split!r} has no usable samples"
                 + (f" ({bad.count} skipped as bad)" if bad.count else "")
             )
         splits_meta[split] = writer.close()
@@ -143,23 +143,19 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
         if name.endswith(".tar") and _OUR_FILES.match(name) and name not in written:
             loc.delete(name)
     manifest = sh.write_manifest(loc, manifest_rows)
-    meta: dict[str, Any] = {
-        "format": sh.FORMAT,
-        "source": source.name,
-        "options": source.options,
-        "inputs": source.inputs,
-        "fingerprint": fingerprint,
-        "sample": spec.to_json(),
-        "num_classes": source.num_classes,
-        "class_names": source.class_names,
-        "samples_per_shard": config.samples_per_shard,
-        "counts": {s: m["count"] for s, m in splits_meta.items()},
-        "stats_units": "pixel values / 255 (images); raw values (vectors)",
-        "splits": splits_meta,
-        "manifest": manifest,
-        "skipped": {"count": bad.count, "skip_bad": config.skip_bad, "examples": bad.items},
-        **source.extra,
-    }
+    meta = sh.dataset_meta(
+        source=source.name,
+        options=source.options,
+        inputs=source.inputs,
+        fingerprint=fingerprint,
+        spec=spec,
+        class_names=source.class_names,
+        samples_per_shard=config.samples_per_shard,
+        splits=splits_meta,
+        manifest=manifest,
+        skipped={"count": bad.count, "skip_bad": config.skip_bad, "examples": bad.items},
+        extra=source.extra,
+    )
     sh.write_dataset_json(loc, meta)
     return meta
 
@@ -171,7 +167,7 @@ def run(config: PrepareConfig) -> PrepareResult:
     if config.samples_per_shard < 1:
         raise UserError(f"--samples-per-shard {config.samples_per_shard}: must be ≥ 1")
     start = time.perf_counter()
-    source = build_source(config.source, config.options)
+    source = build_source(config.source, config)
     fingerprint = _fingerprint(source, config)
     loc = storage.resolve(config.out)
     kind = loc.root_kind()
@@ -214,7 +210,7 @@ def run(config: PrepareConfig) -> PrepareResult:
         "out": loc.uri,
         "samples_per_shard": config.samples_per_shard,
         "skip_bad": config.skip_bad,
-        "path": config.options.path,
+        "path": config.path,
         "options": source.options,
     }
     tags = {"cdm.stage": "prepare", "cdm.dataset": loc.uri, "cdm.fingerprint": fingerprint}

@@ -314,7 +314,42 @@ def write_manifest(loc: Location, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"name": MANIFEST, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def dataset_meta(
+    *,
+    source: str,
+    options: dict[str, Any],
+    inputs: dict[str, Any],
+    fingerprint: str,
+    spec: SampleSpec,
+    class_names: list[str] | None,
+    samples_per_shard: int,
+    splits: dict[str, Any],
+    manifest: dict[str, Any],
+    skipped: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The content of `dataset.json`, the same for a prepared dataset and a sample stage's output."""
+    return {
+        "format": FORMAT,
+        "source": source,
+        "options": options,
+        "inputs": inputs,
+        "fingerprint": fingerprint,
+        "sample": spec.to_json(),
+        "num_classes": spec.num_classes,
+        "class_names": class_names,
+        "samples_per_shard": samples_per_shard,
+        "counts": {s: m["count"] for s, m in splits.items()},
+        "stats_units": "pixel values / 255 (images); raw values (vectors)",
+        "splits": splits,
+        "manifest": manifest,
+        "skipped": skipped,
+        **(extra or {}),
+    }
+
+
 def write_dataset_json(loc: Location, meta: dict[str, Any]) -> None:
+    """Written last: its presence means the dataset is complete."""
     loc.write_bytes(DATASET_JSON, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
 
 

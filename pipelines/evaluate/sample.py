@@ -194,23 +194,19 @@ def write_dataset(
         if name.endswith(".tar") and name.startswith(f"{split}-") and name not in written:
             loc.delete(name)
     manifest = sh.write_manifest(loc, writer.manifest_rows)
-    meta = {
-        "format": sh.FORMAT,
-        "source": source,
-        "options": options,
-        "inputs": {},
-        "fingerprint": fingerprint,
-        "sample": spec.to_json(),
-        "num_classes": spec.num_classes,
-        "class_names": [str(c) for c in range(spec.num_classes)] if spec.num_classes else None,
-        "samples_per_shard": samples_per_shard,
-        "counts": {split: writer.count},
-        "stats_units": "pixel values / 255 (images); raw values (vectors)",
-        "splits": {split: split_meta},
-        "manifest": manifest,
-        "skipped": {"count": 0, "skip_bad": False, "examples": []},
-        **(extra or {}),
-    }
+    meta = sh.dataset_meta(
+        source=source,
+        options=options,
+        inputs={},
+        fingerprint=fingerprint,
+        spec=spec,
+        class_names=[str(c) for c in range(spec.num_classes)] if spec.num_classes else None,
+        samples_per_shard=samples_per_shard,
+        splits={split: split_meta},
+        manifest=manifest,
+        skipped={"count": 0, "skip_bad": False, "examples": []},
+        extra=extra,
+    )
     sh.write_dataset_json(loc, meta)
     return meta
 
