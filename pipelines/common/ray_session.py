@@ -40,7 +40,7 @@ def ensure_ray(
 ) -> None:
     """Join `address` / $RAY_ADDRESS, else start a local Ray; do nothing if Ray is already up.
 
-    Local only: `num_cpus` logical CPUs (default: the machine's cores, at least
+    Local only: `num_cpus` logical CPUs (default: the machine's cores, and at least
     `min_cpus`); `dashboard=False` skips the dashboard (batch stages need no State
     API; Ray Train's placement-group monitor does).
     """
@@ -56,8 +56,7 @@ def ensure_ray(
             runtime_env = {"env_vars": {"RAY_ADDRESS": joined}}
         ray.init(address=joined, runtime_env=runtime_env)
         return
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or max(os.cpu_count() or 1, min_cpus),
-        include_dashboard=None if dashboard else False,
-    )
+    if num_cpus is None and min_cpus > 1:
+        num_cpus = max(os.cpu_count() or 1, min_cpus)
+    # num_cpus None: Ray counts the cores itself (within a container's CPU limit).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dashboard else False)
