@@ -45,7 +45,7 @@ class GaussianMixture:
         a = schedule.a.to(torch.float64)[:, None, None]
         s = schedule.s.to(torch.float64)[:, None, None, None]
         means = a * self.means[None]
-        eye = torch.eye(self.dim, dtype=torch.float64)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.means.device)
         covs = a[..., None] ** 2 * self.covs[None] + s**2 * eye
         return means, covs
 
@@ -74,11 +74,11 @@ class GaussianMixture:
 
     def optimal_logits(self, x: torch.Tensor, schedule: Schedule, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The Bayes-optimal CDM logits ℓ_t(x) = log p_t(x) + log π(t), shape (B, T+2)."""
-        return self.noisy_log_prob(x, schedule) + log_prior(prior, schedule.num_classes)
+        return self.noisy_log_prob(x, schedule) + log_prior(prior, schedule.num_classes, device=x.device)
 
     def posterior_mean_noise(self, x: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """E[ε | x_t = x] in closed form, without autograd: Σ_k r_k(x) · s C_k⁻¹ (x − a μ_k)."""
-        t = torch.as_tensor(t).long().expand(x.shape[0])
+        t = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
         means, covs = self._noisy_components(schedule)
         if bool((t == t[0]).all()):  # a sampler step: one t for the whole batch, factorise once
             t = t[:1]

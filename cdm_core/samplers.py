@@ -12,6 +12,7 @@ final x̂_0. They start at class T, not T+1: at T+1 the signal scale is exactly
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -79,8 +80,15 @@ def initial_noise(
     shape: Sequence[int], schedule: Schedule, generator: Generators = None, device=None, dtype=torch.float32
 ) -> torch.Tensor:
     """Start point at class T: N(0, (a_T² + s_T²)·I), i.e. x_T for data of unit variance per dimension."""
-    scale = float((schedule.a[-2] ** 2 + schedule.s[-2] ** 2).sqrt())
+    host = _on_host(schedule)
+    scale = float((host.a[-2] ** 2 + host.s[-2] ** 2).sqrt())
     return scale * randn_like(torch.empty(shape, device=device, dtype=dtype), generator)
+
+
+def _on_host(schedule: Schedule) -> Schedule:
+    """The schedule's numbers on the CPU: a sampler reads a_t and s_t as Python floats every step, and
+    reading them from a GPU tensor would wait for the GPU each time (the values are the same)."""
+    return schedule.to(device="cpu")
 
 
 def _coefs(schedule: Schedule, t: int) -> tuple[float, float]:
@@ -111,6 +119,7 @@ def ddpm_sample(
     a_{t|t'} = a_t/a_t' and σ²_{t|t'} = s_t² − a_{t|t'}² s_t'²; the step samples q(x_t' | x_t, x̂_0).
     """
     grid = timestep_grid(schedule.T, steps)
+    schedule = _on_host(schedule)  # eps_fn holds its own copy on the model's device
     for t, t_next in zip(grid[:-1], grid[1:]):
         a_t, s_t = _coefs(schedule, t)
         a_n, s_n = _coefs(schedule, t_next)
@@ -134,6 +143,7 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0): x_t' = a_t' x̂_0 + s_t' ε̂."""
     grid = timestep_grid(schedule.T, steps)
+    schedule = _on_host(schedule)  # eps_fn holds its own copy on the model's device
     for t, t_next in zip(grid[:-1], grid[1:]):
         a_t, s_t = _coefs(schedule, t)
         a_n, s_n = _coefs(schedule, t_next)
@@ -160,6 +170,7 @@ def dpm2_sample(
     last step, to λ = +∞ at t = 0, returns x̂_0.
     """
     grid = timestep_grid(schedule.T, steps)
+    schedule = _on_host(schedule)  # eps_fn holds its own copy on the model's device
     lam = lambda t: float(torch.log(schedule.a[t] / schedule.s[t]))  # noqa: E731
     x0_prev, h_prev = None, None
     for t, t_next in zip(grid[:-1], grid[1:]):
@@ -174,7 +185,7 @@ def dpm2_sample(
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (s_n / s_t) * x - a_n * torch.expm1(torch.tensor(-h)).item() * d
+        x = (s_n / s_t) * x - a_n * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x
 
@@ -196,6 +207,7 @@ def euler_sample(
     integrator of the same ODE.
     """
     grid = timestep_grid(schedule.T, steps)
+    schedule = _on_host(schedule)  # eps_fn holds its own copy on the model's device
     a_dot = torch.gradient(schedule.a.to(torch.float64))[0]
     s_dot = torch.gradient(schedule.s.to(torch.float64))[0]
     for t, t_next in zip(grid[:-1], grid[1:]):

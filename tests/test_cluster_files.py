@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +80,7 @@ def test_kuberay_rayjob_runs_cifar10():
     cluster = _docs(CLUSTER / "kuberay" / "raycluster.yaml")["RayCluster"]
     image = _containers(cluster["spec"]["headGroupSpec"]["template"])[0]["image"]
     assert job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"] == "cdm run configs/cifar10.toml"
+    assert job["spec"]["entrypoint"].startswith("cdm run configs/run/cifar10.toml ")
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
     _check_ray_cluster_spec(job["spec"]["rayClusterSpec"], image)
     submitter = _containers(job["spec"]["submitterPodTemplate"])[0]
@@ -126,11 +128,16 @@ def test_runtime_env_template_is_accepted_by_cdm_submit(monkeypatch):
     assert "RAY_AUTH_TOKEN" not in template.get("env_vars", {})
 
 
-def test_dockerfile_installs_cuda_torch_before_cdm():
+def test_dockerfile_installs_the_tested_cuda_torch_before_cdm_and_torch_fidelity():
     text = (CLUSTER / "Dockerfile").read_text()
-    torch_at = text.index("pip install --no-cache-dir torch --index-url")
+    torch_at = text.index('pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url')
     assert "download.pytorch.org/whl/cu" in text
     assert torch_at < text.index("pip install --no-cache-dir . ")
+    pinned = re.search(r"TORCH_SPEC \?= torch==(\S+)", (CLUSTER.parent / "Makefile").read_text()).group(1)
+    assert f"ARG TORCH_VERSION={pinned}" in text  # the image runs the torch the tests ran
+    fidelity = re.search(r'"torch-fidelity==[\d.]+"', (CLUSTER.parent / "Makefile").read_text()).group(0)
+    assert f"pip install --no-cache-dir --no-deps {fidelity}" in text  # FID works in the image
+    assert "ENV CDM_WEIGHTS_DIR=/home/ray/cdm/data/weights" in text  # on the shared volume
 
 
 def test_local_cluster_script_is_valid_bash():
@@ -146,3 +153,73 @@ def test_local_cluster_script_is_valid_bash():
 )
 def test_cluster_readme_covers(command):
     assert command in (CLUSTER / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- the commands they run
+
+
+def _cluster_commands() -> list[tuple[str, str]]:
+    """(where, command) for every `cdm run` command the cluster files give: the RayJob's entrypoint and
+    each `cdm submit … -- cdm run …` they tell a user to type."""
+    job = _docs(CLUSTER / "kuberay" / "rayjob.yaml")["RayJob"]
+    found = [("kuberay/rayjob.yaml", job["spec"]["entrypoint"])]
+    for path in (CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "aws" / "cluster.yaml", CLUSTER / "README.md"):
+        for line in path.read_text().splitlines():
+            if "cdm submit" in line and " -- cdm run " in line:
+                command = line.split(" -- ", 1)[1].split("#")[0].strip()
+                found.append((str(path.relative_to(CLUSTER)), command))
+    return found
+
+
+def _gpus_on_offer(where: str) -> int:
+    """The most GPUs the file's cluster can have (worker groups at their maximum size)."""
+    if where.startswith("kuberay/"):
+        docs = _docs(CLUSTER / "kuberay" / ("rayjob.yaml" if "rayjob" in where else "raycluster.yaml"))
+        spec = docs["RayJob"]["spec"]["rayClusterSpec"] if "rayjob" in where else docs["RayCluster"]["spec"]
+        return sum(
+            int(g.get("maxReplicas", g["replicas"]))
+            * int(_containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            for g in spec["workerGroupSpecs"]
+        )
+    config = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    return sum(
+        t.get("max_workers", 0) * t.get("resources", {}).get("GPU", 0) for t in config["available_node_types"].values()
+    )
+
+
+@pytest.mark.parametrize("where, command", _cluster_commands())
+def test_every_cluster_command_plans_and_trains_on_the_gpus(tmp_path, monkeypatch, where, command):
+    from pipelines.workflow.runner import prepare_plan
+    from pipelines.workflow.stages import Context
+
+    words = shlex.split(command)
+    assert words[:2] == ["cdm", "run"], command
+    config, sets = words[2], [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    # The job's working directory: the repo's configs, and the shared volume's data/ with the inputs it names.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(CLUSTER.parent / "configs")
+    (tmp_path / "data").mkdir()
+    for value in sets:
+        key, _, path = value.partition("=")
+        if key == "prepare.path":
+            assert path.startswith("data/"), f"{where}: {key} should be on the shared volume (data/)"
+            (tmp_path / path).write_bytes(b"a stand-in for the dataset file")
+    plan, uri = prepare_plan(config, sets, workdir=tmp_path, strict=False)
+    assert [s.name for s in plan.stages][:1] == ["prepare"] and plan.has("train")
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *words[1:], "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    if "cifar10" not in config:
+        return
+    scaling = plan.config.train.scaling
+    assert scaling.use_gpu and scaling.gpus_per_worker == 1 and scaling.num_workers == 4, (where, scaling)
+    assert scaling.num_workers <= _gpus_on_offer(where), f"{where}: more training workers than GPUs"
+    # The batch stages after training wait for GPUs too, rather than take whatever is up when they start.
+    ctx = Context(plan, uri, "cdm", "parent")
+    for section in (plan.config.sample, plan.config.nll, plan.config.fid):
+        assert ctx.pool_settings(section)["gpus_per_worker"] == 1.0

@@ -42,7 +42,9 @@ def sample(
     raw_weights: bool = typer.Option(False, "--raw-weights", help=_RAW_WEIGHTS),
     clip_x0: Optional[float] = setting(SampleConfig, "clip_x0"),
     workers: Optional[int] = setting(SampleConfig, "workers"),
+    gpus_per_worker: Optional[float] = setting(SampleConfig, "gpus_per_worker"),
     address: Optional[str] = setting(SampleConfig, "address"),
+    wait_s: Optional[float] = setting(SampleConfig, "wait_s", "--wait-s"),
     force: bool = setting(SampleConfig, "force"),
     tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
     train_run_id: Optional[str] = setting(SampleConfig, "train_run_id"),
@@ -70,7 +72,7 @@ def sample(
             force=force,
             train_run_id=train_run_id,
             track=not no_track,
-            pool=PoolSection(workers=workers, address=address),
+            pool=PoolSection(workers=workers, gpus_per_worker=gpus_per_worker, address=address, wait_s=wait_s),
             tracking=TrackingSection(tracking_uri=tracking_uri),
         )
     )
@@ -94,7 +96,9 @@ def nll(
     batch_size: int = setting(NllConfig, "batch_size"),
     raw_weights: bool = typer.Option(False, "--raw-weights", help=_RAW_WEIGHTS),
     workers: Optional[int] = setting(NllConfig, "workers"),
+    gpus_per_worker: Optional[float] = setting(NllConfig, "gpus_per_worker"),
     address: Optional[str] = setting(NllConfig, "address"),
+    wait_s: Optional[float] = setting(NllConfig, "wait_s", "--wait-s"),
     tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
     train_run_id: Optional[str] = setting(NllConfig, "train_run_id"),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
@@ -121,7 +125,7 @@ def nll(
                 batch_size=batch_size,
                 use_ema=not raw_weights,
             ),
-            pool=PoolSection(workers=workers, address=address),
+            pool=PoolSection(workers=workers, gpus_per_worker=gpus_per_worker, address=address, wait_s=wait_s),
             tracking=TrackingSection(tracking_uri=tracking_uri),
         )
     )
@@ -144,7 +148,9 @@ def ood(
     dequantize: bool = setting(OodConfig, "dequantize", "--dequantize", help="Uniform dequantization (8-bit images)."),
     batch_size: int = setting(OodConfig, "batch_size", help="Samples per forward pass."),
     workers: Optional[int] = setting(OodConfig, "workers"),
+    gpus_per_worker: Optional[float] = setting(OodConfig, "gpus_per_worker"),
     address: Optional[str] = setting(OodConfig, "address"),
+    wait_s: Optional[float] = setting(OodConfig, "wait_s", "--wait-s"),
     tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
@@ -164,7 +170,7 @@ def ood(
             out=out,
             track=not no_track,
             scoring=ScoringSection(dequantize=dequantize, batch_size=batch_size),
-            pool=PoolSection(workers=workers, address=address),
+            pool=PoolSection(workers=workers, gpus_per_worker=gpus_per_worker, address=address, wait_s=wait_s),
             tracking=TrackingSection(tracking_uri=tracking_uri),
         )
     )
@@ -192,7 +198,9 @@ def fid(
     ),
     batch_size: int = setting(FidConfig, "batch_size"),
     workers: Optional[int] = setting(FidConfig, "workers"),
+    gpus_per_worker: Optional[float] = setting(FidConfig, "gpus_per_worker"),
     address: Optional[str] = setting(FidConfig, "address"),
+    wait_s: Optional[float] = setting(FidConfig, "wait_s", "--wait-s"),
     tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
@@ -215,7 +223,7 @@ def fid(
             use_cache=not no_cache,
             batch_size=batch_size,
             track=not no_track,
-            pool=PoolSection(workers=workers, address=address),
+            pool=PoolSection(workers=workers, gpus_per_worker=gpus_per_worker, address=address, wait_s=wait_s),
             tracking=TrackingSection(tracking_uri=tracking_uri),
         )
     )

@@ -74,7 +74,8 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device:
         raise UserError(f"{file}: checkpoint config lacks a usable model kind or schedule ({err!r})") from None
     prior = config.get("loss", {}).get("prior")
     return TrainedModel(
-        model=model.to(device).eval(),
+        # Inference only: no parameter keeps a gradient (a CDM's ε̂ differentiates the input alone).
+        model=model.to(device).eval().requires_grad_(False),
         kind=kind,
         schedule=schedule,
         prior=None if prior is None else torch.tensor(prior, dtype=torch.float64),

@@ -27,6 +27,9 @@ class PoolSection:
         None, doc="GPUs per worker (default: 1 where the cluster has GPUs, else none)."
     )
     address: Optional[str] = option(None, doc="Ray cluster address (default: RAY_ADDRESS or a local Ray).")
+    wait_s: Optional[float] = option(
+        None, ge=0, doc="Seconds to wait for room for the workers (default: 600 on a cluster, none on a local Ray)."
+    )
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ScoringSection:
     seed: int = option(0, doc="Seed of the dequantization noise.")
     batch_size: int = option(256, doc="Images per forward pass.")
     use_ema: bool = option(True, doc="Score with the EMA weights (false: the raw weights).")
+    allow_tf32: bool = option(
+        False, doc="Let GPUs use TF32 for fp32 matmuls and convolutions (faster; moves bits/dim)."
+    )
 
 
 @dataclass
@@ -122,6 +128,7 @@ class FidConfig:
     )
     use_cache: bool = option(True, doc="Read and write the cached reference statistics.")
     batch_size: int = option(100, doc="Images per feature batch.")
+    allow_tf32: bool = option(False, doc="Let GPUs use TF32 for the features (faster; moves the distance).")
     track: bool = option(True, doc="Log an MLflow run.")
     pool: PoolSection = field(default_factory=PoolSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)

@@ -22,11 +22,14 @@ running the package `__init__` (`_import_inception_extractor`).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
+import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +215,35 @@ def resolve_extractor(
     raise UserError(f"--features {features!r}: use inception, classifier:PATH (from `cdm train-features`) or raw")
 
 
-def build_extractor(spec: ExtractorSpec, device: str = "cpu") -> Any:
+def extractor_file(spec: ExtractorSpec) -> bytes | None:
+    """The bytes of the extractor's weights file (None for raw features), read once on the driver.
+
+    A worker on another node need not see the driver's file (`~/.cache/cdm/weights`, a
+    local `--inception-weights`), so the file travels with the job, through Ray's object store.
+    """
+    return None if spec.kind == "raw" else Path(spec.path).read_bytes()
+
+
+def _local_copy(spec: ExtractorSpec, data: bytes) -> str:
+    """`data` as a file in this machine's temp folder, after checking it is the file the driver checked."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != spec.sha256:
+        raise UserError(
+            f"{spec.path}: the weights that reached this worker have SHA-256 {digest[:16]}…, "
+            f"not the driver's {spec.sha256[:16]}…; run the stage again"
+        )
+    path = Path(tempfile.gettempdir()) / f"cdm-{spec.kind}-{digest[:16]}{Path(spec.path).suffix}"
+    if not path.is_file() or path.stat().st_size != len(data):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def build_extractor(spec: ExtractorSpec, device: str = "cpu", file_data: bytes | None = None) -> Any:
+    """The extractor `spec` names; `file_data` (from `extractor_file`) stands in for a weights file not on this node."""
+    if file_data is not None and spec.kind != "raw":
+        spec = dataclasses.replace(spec, path=_local_copy(spec, file_data))
     if spec.kind == "inception":
         return InceptionFeatures(spec.path, spec.sha256, device)
     if spec.kind == "classifier":

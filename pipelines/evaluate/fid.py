@@ -33,11 +33,12 @@ from ray.util import ActorPool
 
 from cdm_core.frechet import FeatureStats, fd_from_stats
 from pipelines.common.errors import UserError
+from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.evaluate.config import FidConfig
 from pipelines.evaluate.feature_classifier import load_classifier
-from pipelines.evaluate.features import ExtractorSpec, build_extractor, resolve_extractor
+from pipelines.evaluate.features import ExtractorSpec, build_extractor, extractor_file, resolve_extractor
 from pipelines.evaluate.workers import plan_pool
 
 
@@ -74,9 +75,19 @@ def shard_stats(extractor: Any, ds: sh.Dataset, split: str, shard: dict[str, Any
 class FeatureWorker:
     """A Ray actor: builds the extractor once, then turns shards into FeatureStats."""
 
-    def __init__(self, spec: ExtractorSpec, device: str, threads: int, batch_size: int):
+    def __init__(
+        self,
+        spec: ExtractorSpec,
+        device: str,
+        threads: int,
+        batch_size: int,
+        *,
+        allow_tf32: bool = False,
+        file_data: bytes | None = None,
+    ):
         torch.set_num_threads(threads)
-        self.extractor = build_extractor(spec, device)
+        set_tf32(allow_tf32)  # this actor only measures: full fp32 unless asked (pipelines.common.precision)
+        self.extractor = build_extractor(spec, device, file_data)
         self.batch_size = batch_size
         self._datasets: dict[str, sh.Dataset] = {}
 
@@ -94,7 +105,14 @@ def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidC
     ]
     plan = plan_pool(config.pool, max_useful=len(tasks))
     remote = ray.remote(FeatureWorker).options(**plan.actor_options())
-    actors = [remote.remote(spec, plan.device, plan.threads, config.batch_size) for _ in range(plan.workers)]
+    file_data = extractor_file(spec)
+    file_ref = ray.put(file_data) if file_data is not None else None  # once in the object store, for every worker
+    actors = [
+        remote.remote(
+            spec, plan.device, plan.threads, config.batch_size, allow_tf32=config.allow_tf32, file_data=file_ref
+        )
+        for _ in range(plan.workers)
+    ]
     merged = [FeatureStats() for _ in jobs]
     try:
         pool = ActorPool(actors)
@@ -244,6 +262,7 @@ def run(config: FidConfig) -> FidResult:
         "features": config.features,
         "extractor": spec.id,
         "batch_size": config.batch_size,
+        "allow_tf32": config.allow_tf32,
         "workers": config.pool.workers,
     }
     tags = {

@@ -42,6 +42,7 @@ from cdm_core.objective import LOG2_BIN_OFFSET, OFFICIAL_CODE_OFFSET, log_likeli
 from pipelines.common import storage
 from pipelines.common.checkpoints import checkpoint_file, load_trained_model
 from pipelines.common.errors import UserError
+from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.readers import ray_dataset
@@ -68,6 +69,7 @@ class SplitScores:
     offset: float
     dequantized: bool
     seconds: float
+    allow_tf32: bool = False
 
     @property
     def count(self) -> int:
@@ -96,6 +98,7 @@ class SplitScores:
             "bpd_convention": self.convention,
             "bpd_offset": self.offset,
             "dequantize": self.dequantized,
+            "allow_tf32": self.allow_tf32,
             "seconds": self.seconds,
             "images_per_s": self.count / self.seconds if self.seconds > 0 else float("nan"),
         }
@@ -146,8 +149,10 @@ class LikelihoodScorer:
         seed: int,
         offset: float,
         conditional: bool,
+        allow_tf32: bool = False,
     ):
         torch.set_num_threads(threads)
+        set_tf32(allow_tf32)  # this actor only scores: full fp32 unless asked (pipelines.common.precision)
         self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
         self.device = device
         self.dequantize = dequantize
@@ -264,6 +269,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
             "seed": options.seed,
             "offset": bpd_offset(convention),
             "conditional": options.conditional,
+            "allow_tf32": options.allow_tf32,
         },
         batch_size=options.batch_size,
         batch_format="numpy",
@@ -290,7 +296,9 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
             "bpd": pa.array(arrays["bpd"][order].astype(np.float64), pa.float64()),
         }
     )
-    return SplitScores(ds.loc.uri, split, table, convention, bpd_offset(convention), options.dequantize, seconds)
+    return SplitScores(
+        ds.loc.uri, split, table, convention, bpd_offset(convention), options.dequantize, seconds, options.allow_tf32
+    )
 
 
 def write_scores(scores: SplitScores, out: str) -> str:
@@ -346,6 +354,7 @@ def run(config: NllConfig) -> NllResult:
         "seed": scoring.seed,
         "batch_size": scoring.batch_size,
         "use_ema": scoring.use_ema,
+        "allow_tf32": scoring.allow_tf32,
         "workers": config.pool.workers,
     }
     tags = run_tags("nll", ckpt, config.train_run_id) | {"cdm.dataset": storage.resolve(config.dataset).uri}

@@ -116,7 +116,18 @@ def run(config: OodConfig) -> OodResult:
     params = {
         k: v
         for k, v in cfg.flat_values(config).items()
-        if k in ("in_split", "out_split", "dequantize", "conditional", "seed", "batch_size", "use_ema", "workers")
+        if k
+        in (
+            "in_split",
+            "out_split",
+            "dequantize",
+            "conditional",
+            "seed",
+            "batch_size",
+            "use_ema",
+            "allow_tf32",
+            "workers",
+        )
     }
     params |= {"in_dataset": ds_in.loc.uri, "out_dataset": ds_out.loc.uri}
     tags = run_tags("ood", ckpt, config.train_run_id)

@@ -67,8 +67,9 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def sample_generators(seed: int, indices: range) -> list[Any]:
-    return [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+def sample_generators(seed: int, indices: range, device: str = "cpu") -> list[Any]:
+    """One generator per sample, on the sampling device (so its noise needs no copy there each step)."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in indices]
 
 
 def sample_labels(indices: range, num_labels: Optional[int], label: Optional[int]) -> Optional[np.ndarray]:
@@ -106,7 +107,7 @@ def generate(
     """Samples `indices` of a run: {"index", "x" float32 (B, *data_shape), "label"} (label −1 if unconditional)."""
     shape = tuple(trained.model.data_shape)
     labels = sample_labels(indices, trained.num_labels, label)
-    generators = sample_generators(seed, indices)
+    generators = sample_generators(seed, indices, device)
     schedule = trained.schedule.to(device=device, dtype=torch.float32)
     if labels is None:
         eps_fn = trained.eps_fn(None, device=device)

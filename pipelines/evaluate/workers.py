@@ -9,14 +9,20 @@ one torch thread, so workers do not fight over cores).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
 from pipelines.common.checkpoints import training_run_id
+from pipelines.common.console import warn
 from pipelines.common.errors import UserError
-from pipelines.common.ray_session import ensure_ray
+from pipelines.common.ray_session import cluster_address, ensure_ray
 from pipelines.evaluate.config import PoolSection
+
+CLUSTER_WAIT_S = 600.0  # how long a batch stage on a joined cluster waits for room for its workers
+_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,39 @@ class WorkerPlan:
         return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
 
 
+def _fit(resources: dict[str, float], cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: float) -> int:
+    """How many workers of this size the cluster's resources hold now."""
+    fit = int((float(resources.get("CPU", 0)) - reserve_cpus) // cpus_per_worker)
+    if gpus_per_worker > 0:
+        fit = min(fit, int(float(resources.get("GPU", 0)) // gpus_per_worker))
+    return max(fit, 0)
+
+
+def _wait_for_room(need: int, cpus: float, gpus: float, reserve_cpus: float, wait_s: float) -> dict[str, float]:
+    """The cluster's resources once `need` workers fit, or when `wait_s` has passed (whatever it has then).
+
+    A cluster whose worker groups scale from zero has no room until the autoscaler adds nodes,
+    and it adds them for resources that are asked for: ask (`request_resources`), then watch.
+    """
+    resources = ray.cluster_resources()
+    if _fit(resources, cpus, gpus, reserve_cpus) >= need or wait_s <= 0:
+        return resources
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    request_resources(bundles=[bundle] * need + ([{"CPU": reserve_cpus}] if reserve_cpus else []))
+    warn(
+        f"waiting up to {wait_s:g} s for room for {need} worker(s) of {cpus:g} CPU{f' and {gpus:g} GPU' if gpus else ''}"
+        f" (the cluster has {float(resources.get('CPU', 0)):g} CPUs and {float(resources.get('GPU', 0)):g} GPUs now;"
+        " the autoscaler was asked for more)"
+    )
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+        resources = ray.cluster_resources()
+        if _fit(resources, cpus, gpus, reserve_cpus) >= need:
+            break
+    return resources
+
+
 def plan_workers(
     workers: int | None,
     *,
@@ -44,35 +83,40 @@ def plan_workers(
     cpus_per_worker: float = 1.0,
     max_useful: int | None = None,
     reserve_cpus: float = 0.0,
+    wait_s: float = 0.0,
 ) -> WorkerPlan:
-    """How many workers and what each reserves, from the cluster's resources unless given.
+    """How many workers and what each reserves: as given, or as many as the cluster holds.
 
     `reserve_cpus` stay free for other tasks of the same pipeline: a Ray Data
     stage's read tasks need a CPU of their own, and actors holding every CPU
-    would leave them unscheduled forever.
+    would leave them unscheduled forever. If the cluster has no room yet for the
+    workers asked for (or, unsized, for one), the plan waits up to `wait_s` for it
+    to grow, asking the autoscaler for it; then it refuses, saying what is missing.
+    `gpus_per_worker=None` means one GPU each if the cluster has GPUs now, else none.
     """
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: must be ≥ 1")
     if cpus_per_worker <= 0:
         raise UserError(f"cpus per worker {cpus_per_worker}: must be > 0")
-    resources = ray.cluster_resources()
-    total_gpus = float(resources.get("GPU", 0))
-    total_cpus = float(resources.get("CPU", 1))
     if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
+        gpus_per_worker = 1.0 if float(ray.cluster_resources().get("GPU", 0)) >= 1 else 0.0
+    resources = _wait_for_room(workers or 1, cpus_per_worker, gpus_per_worker, reserve_cpus, wait_s)
+    total_gpus = float(resources.get("GPU", 0))
+    total_cpus = float(resources.get("CPU", 0))
+    waited = f" after waiting {wait_s:g} s for more" if wait_s > 0 else ""
     if gpus_per_worker > 0 and total_gpus < gpus_per_worker:
-        raise UserError(f"each worker asks for {gpus_per_worker} GPU but the Ray cluster has {total_gpus:g}")
-    fit = int((total_cpus - reserve_cpus) // cpus_per_worker)
+        raise UserError(f"each worker asks for {gpus_per_worker} GPU but the Ray cluster has {total_gpus:g}{waited}")
+    fit = _fit(resources, cpus_per_worker, 0.0, reserve_cpus)
     if fit < 1:
         raise UserError(
-            f"the Ray cluster has {total_cpus:g} CPUs: too few for one worker ({cpus_per_worker:g} CPU) "
+            f"the Ray cluster has {total_cpus:g} CPUs{waited}: too few for one worker ({cpus_per_worker:g} CPU) "
             f"plus {reserve_cpus:g} for reading data"
         )
     if workers is None:
-        workers = max(1, min(fit, int(total_gpus // gpus_per_worker))) if gpus_per_worker > 0 else fit
+        workers = max(1, _fit(resources, cpus_per_worker, gpus_per_worker, reserve_cpus))
     elif workers > fit:
         raise UserError(
-            f"--workers {workers}: the Ray cluster has {total_cpus:g} CPUs, room for {fit} workers of "
+            f"--workers {workers}: the Ray cluster has {total_cpus:g} CPUs{waited}, room for {fit} workers of "
             f"{cpus_per_worker:g} CPU" + (f" next to {reserve_cpus:g} for reading data" if reserve_cpus else "")
         )
     if max_useful is not None:
@@ -81,11 +125,25 @@ def plan_workers(
 
 
 def plan_pool(pool: PoolSection, *, max_useful: int | None = None, reserve_cpus: float = 0.0) -> WorkerPlan:
-    """Join (or start) Ray for a batch stage, then plan its pool of workers."""
+    """Join (or start) Ray for a batch stage, then plan its pool of workers.
+
+    On a cluster joined by address (or $RAY_ADDRESS) the plan waits up to `pool.wait_s` for
+    room (default 600 s: an autoscaler may be starting nodes); a local Ray cannot grow, so there
+    it does not wait unless told to.
+    """
     ensure_ray(pool.address, dashboard=False)
-    return plan_workers(
-        pool.workers, gpus_per_worker=pool.gpus_per_worker, max_useful=max_useful, reserve_cpus=reserve_cpus
+    joined = cluster_address(pool.address) is not None
+    wait_s = pool.wait_s if pool.wait_s is not None else (CLUSTER_WAIT_S if joined else 0.0)
+    plan = plan_workers(
+        pool.workers,
+        gpus_per_worker=pool.gpus_per_worker,
+        max_useful=max_useful,
+        reserve_cpus=reserve_cpus,
+        wait_s=wait_s,
     )
+    if joined and pool.gpus_per_worker is None and not plan.gpus_per_worker:
+        warn("no GPU in the cluster now: the workers run on CPUs (--gpus-per-worker 1 waits for GPU nodes instead)")
+    return plan
 
 
 def run_tags(

@@ -118,6 +118,7 @@ class ValidationSection:
     )
     dequantize: bool = option(False, doc="uniform dequantization before the NLL (the paper's figures use none)")
     seed: int = option(1234, doc="seed of the fixed validation noise (per sample, so independent of the worker count)")
+    allow_tf32: bool = option(False, doc="let GPUs use TF32 in validation (training's convolutions use it either way)")
 
 
 @dataclass
@@ -175,6 +176,13 @@ class TrainConfig:
 
     def check(self) -> None:
         workers = self.scaling.num_workers
+        s = self.scaling
+        if s.use_gpu and workers > 1 and s.gpus_per_worker < 1:
+            raise FieldError(
+                "scaling.gpus_per_worker",
+                f"{s.gpus_per_worker:g} with {workers} workers would let Ray put two training ranks on one GPU, and NCCL "
+                "refuses two ranks on one device; give each worker a whole GPU (1), or train with one worker",
+            )
         if self.train.batch_size % workers:
             raise FieldError(
                 "train.batch_size",

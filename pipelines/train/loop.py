@@ -28,7 +28,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from cdm_core.checkpoint import load_checkpoint, restore, save_checkpoint
 from cdm_core.ema import EMA
@@ -36,6 +35,7 @@ from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME
 from pipelines.common.config import from_dict, to_dict
 from pipelines.data.preview import save_png
+from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
@@ -50,32 +50,27 @@ def _seed(generator: torch.Generator, seed: int, rank: int, step: int) -> None:
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "device_type": generator.device.type}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> str | None:
+    """Restore a worker's RNG streams; returns why they could not be (None if they were).
+
+    A generator's state fits only a generator of its own device type (a CPU state is
+    5056 bytes, a CUDA one 16), and a run may resume on another (`--set scaling.use_gpu=true`
+    after a CPU trial run); checkpoints from before the device type was recorded are CPU ones.
+    """
+    saved = state.get("device_type", "cpu")
+    if saved != generator.device.type:
+        return f"the checkpoint's RNG streams are {saved}, this worker's {generator.device.type}"
     generator.set_state(state["generator"].cpu())
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def _all_gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _all_mean(values: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(values)
-        values = values / world
-    return values
+    return None
 
 
 def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, step: int) -> None:
@@ -109,28 +104,41 @@ class _Faults:
 
 
 def _restore_latest(
-    checkpoint, model, ema, optimizer, scheduler, generator, config: TrainConfig, rank: int, world: int, device
-) -> tuple[int, int, bool]:
-    """Load Ray's latest checkpoint into the live objects; returns (step, epoch, rng_restored)."""
+    checkpoint, model, ema, optimizer, scheduler, generator, config: TrainConfig, rank: int, world: int
+) -> tuple[int, int, str]:
+    """Load Ray's latest checkpoint into the live objects; returns (step, epoch, what became of the RNG streams)."""
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location=device)
-    step = restore(state, model, ema, optimizer, scheduler)
-    _apply_hyperparameters(optimizer, scheduler, config, step)
+        state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location="cpu")
+    step = _restore_state(state, model, ema, optimizer, scheduler, config)
     extra = state["extra"]
-    # Each worker's RNG streams come back only if the worker count is unchanged.
-    same_world = extra.get("world_size") == world and "rng" in extra
-    if same_world:
-        _set_rng_state(generator, extra["rng"][rank])
-    return step, int(extra.get("epoch", 0)), same_world
+    # Each worker's RNG streams come back only if the worker count and the device type are unchanged.
+    if "rng" not in extra:
+        why = "the checkpoint holds no RNG streams"
+    elif extra.get("world_size") != world:
+        why = f"the checkpoint's world size is {extra.get('world_size')}, this run's {world}"
+    else:
+        why = _set_rng_state(generator, extra["rng"][rank])
+    return step, int(extra.get("epoch", 0)), "restored" if why is None else f"reseeded ({why})"
 
 
-def _start_from(folder: str, model, ema, optimizer, scheduler, config: TrainConfig, device) -> int:
-    """run.init_from: another run's checkpoint as this run's starting point; returns its step."""
-    with storage.resolve(folder).open_seekable(CHECKPOINT_FILENAME) as f:
-        state = load_checkpoint(f, map_location=device)
+def _restore_state(state: dict[str, Any], model, ema, optimizer, scheduler, config: TrainConfig) -> int:
+    """A checkpoint (loaded on the CPU) into the live objects; returns its step.
+
+    Loaded on the CPU, as torch intends: `load_state_dict` copies the weights and Adam's
+    moments to the parameters' device but keeps Adam's `step` counters on the CPU, where
+    the foreach Adam reads them without a device sync (on the GPU it would sync twice per
+    parameter tensor per step).
+    """
     step = restore(state, model, ema, optimizer, scheduler)
     _apply_hyperparameters(optimizer, scheduler, config, step)
     return step
+
+
+def _start_from(folder: str, model, ema, optimizer, scheduler, config: TrainConfig) -> int:
+    """run.init_from: another run's checkpoint as this run's starting point; returns its step."""
+    with storage.resolve(folder).open_seekable(CHECKPOINT_FILENAME) as f:
+        state = load_checkpoint(f, map_location="cpu")
+    return _restore_state(state, model, ema, optimizer, scheduler, config)
 
 
 def _report_checkpoint(
@@ -150,7 +158,7 @@ def _report_checkpoint(
 ) -> None:
     """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt."""
     extra = {
-        "rng": _all_gather(_rng_state(generator), world),
+        "rng": collectives.all_gather_object(_rng_state(generator)),
         "world_size": world,
         "epoch": epoch,
         "mlflow_run_id": mlflow_run_id,
@@ -201,16 +209,14 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device=device)
     schedule, prior = build_schedule(config), build_prior(config)
 
-    step, epoch, resumed_from, rng_restored = 0, 0, None, False
+    step, epoch, resumed_from, rng = 0, 0, None, "seeded"
     checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
     if checkpoint is not None:
-        step, epoch, rng_restored = _restore_latest(
-            checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world, device
-        )
+        step, epoch, rng = _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world)
         resumed_from = step
     elif config.run.init_from:  # a new run that continues another's training (PBT); fresh RNG streams
-        step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config, device)
-    if not rng_restored:
+        step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config)
+    if rng != "restored":
         _seed(generator, config.train.seed, rank, step)
     model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
 
@@ -219,15 +225,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     faults = _Faults(loop_config.get("faults", {}), rank)
     logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
 
-    nodes = _all_gather(ray.get_runtime_context().get_node_id(), world)
+    nodes = collectives.all_gather_object(ray.get_runtime_context().get_node_id())
     if logger:
         logger.tags({"cdm.world_size": world, "cdm.worker_nodes": ",".join(nodes), "cdm.num_nodes": len(set(nodes))})
         if config.run.init_from and resumed_from is None:
             logger.tags({"cdm.init_from": config.run.init_from, "cdm.init_step": step})
         if resumed_from is not None:
-            logger.tags(
-                {f"cdm.restarted_from_step.{resumed_from}": f"rng {'restored' if rng_restored else 'reseeded'}"}
-            )
+            logger.tags({f"cdm.restarted_from_step.{resumed_from}": f"rng {rng}"})
 
     # The validation share is small: read it once and keep it (all workers read together).
     validator.load(
@@ -245,8 +249,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         return {"status": status, "step": step, "epoch": epoch, "resumed_from": resumed_from, **info}
 
     last_val: dict[str, float] = {}
-    window = torch.zeros(4, dtype=torch.float64)  # sums of loss, ce, mse, grad_norm since the last log
-    window_steps, window_time = 0, 0.0  # time in data loading and steps only, not in logging/validation
+    # Sums of loss, ce and mse since the last log, kept on the device: the step's one host sync is its
+    # gradient norm (TrainStep needs it to skip a non-finite update), which is summed here on the host.
+    window = torch.zeros(3, dtype=torch.float64, device=device)
+    window_norm, window_steps, window_time = 0.0, 0, 0.0  # time in data loading and steps, not logging/validation
     steps = config.train.steps
     with tempfile.TemporaryDirectory() as scratch:
         while step < steps:
@@ -265,17 +271,18 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 labels = batch["label"].to(device) if config.model.conditional else None
                 result = train_step(x, labels)
                 if not result.finite:  # every worker sees the same all-reduced gradient norm
-                    loss = _all_mean(result.loss.detach().double().cpu().reshape(1), world).item()
+                    loss = collectives.all_mean(result.loss.detach().double().reshape(1), device).item()
                     if logger:
                         logger.tags({"cdm.nonfinite_step": step})
                     return finish("nonfinite", loss=loss, grad_norm=result.grad_norm)
-                parts = torch.stack([result.loss, result.ce, result.mse]).double().cpu()  # one device sync
-                window += torch.cat([parts, torch.tensor([result.grad_norm], dtype=torch.float64)])
+                window += torch.stack([result.loss, result.ce, result.mse]).double()
+                window_norm += result.grad_norm
                 window_steps += 1
                 window_time += time.perf_counter() - tick
 
                 if step % config.train.log_every == 0 or step == steps:
-                    means = _all_mean(window / window_steps, world).tolist()
+                    sums = torch.cat([window, torch.tensor([window_norm], dtype=torch.float64, device=device)])
+                    means = (collectives.all_mean(sums, device) / window_steps).tolist()
                     log(
                         {
                             "train/loss": means[0],
@@ -289,7 +296,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         step,
                     )
                     window.zero_()
-                    window_steps, window_time = 0, 0.0
+                    window_norm, window_steps, window_time = 0.0, 0, 0.0
 
                 checkpoint_due = step % config.checkpoint.every == 0 or step == steps
                 if checkpoint_due or step % config.validation.every == 0:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
@@ -36,8 +35,10 @@ from cdm_core.objective import (
 )
 from cdm_core.samplers import cdm_eps_fn, ddim_sample, ddm_eps_fn, initial_noise
 from cdm_core.schedules import Schedule
+from pipelines.common.precision import tf32
 from pipelines.data.preview import image_grid
 from pipelines.data.readers import from_model_input
+from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
 
 BPD_CONVENTION = "bpd = -log p(x)/(d ln 2) + log2(127.5); 8-bit data in [-1,1], bin width 2/255"
@@ -79,9 +80,13 @@ class Validator:
                 kept.append({k: b[k][keep].clone() for k in ("x", "label", "index")})
         self.batches = kept
 
-    @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        """Metrics of `model` (the EMA network) over the whole validation set (all workers)."""
+        """Metrics of `model` (the EMA network) over the whole validation set (all workers), in full fp32."""
+        with tf32(self.config.validation.allow_tf32):
+            return self._measure(model)
+
+    @torch.no_grad()
+    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
         assert self.batches is not None, "call load() first"
         cfg = self.config
         is_cdm = cfg.model.kind == "cdm"
@@ -114,8 +119,7 @@ class Validator:
                     eps_hat = model(x_t, t) if y is None else model(x_t, t, y)
                 err = (eps_hat.float() - noise[:, j]).pow(2).flatten(1).mean(1)
                 sums[2 + k + j] += err.double().sum()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+        sums = collectives.all_sum(sums, self.device)
         count = float(sums[0])
         if count == 0:
             return {}

@@ -43,7 +43,7 @@ from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.console import echo, warn
 from pipelines.common.errors import UserError
-from pipelines.common.ray_session import ensure_ray
+from pipelines.common.ray_session import cluster_address, ensure_ray
 from pipelines.common.tracking import mlflow_run, reopened_run, store_uri
 from pipelines.train.config import TrainConfig
 from pipelines.train.run_dir import read_run_file
@@ -103,23 +103,40 @@ def _check_against_saved(saved: dict[str, Any], config: TrainConfig, sweep: tune
         )
 
 
-def _max_concurrent(config: TrainConfig, wanted: int) -> int:
+def _max_concurrent(config: TrainConfig, wanted: int, *, can_grow: bool = False) -> int:
     """As many trials as the cluster's CPUs/GPUs fit (each trial's workers plus one CPU for Ray Data), at most `wanted`.
 
     More would not wait their turn: each trial's Train workers would take their CPUs and the Ray Data
     read tasks of every trial would find none left, so no trial would ever get its first batch.
+    A cluster joined by address may be growing (an autoscaler adds nodes for the trials' pending
+    workers): there an explicit `wanted` is kept, with a warning, instead of the moment's fit.
     """
     s = config.scaling
     total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker + 1))]
+    per_trial_cpus = s.num_workers * s.cpus_per_worker + 1
+    fits = [int(total.get("CPU", 0) // per_trial_cpus)]
     if s.use_gpu:
         fits.append(int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
-    fit = max(1, min(fits))
+    fit = min(fits)
+    have = f"the cluster has {total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if s.use_gpu else "")
+    if can_grow and wanted > fit:
+        warn(
+            f"warning: {wanted} trials at once need {wanted * per_trial_cpus:g} CPUs (each trial's workers plus one "
+            f"for Ray Data) and {have} now; starting {wanted}, whose workers wait for the nodes the autoscaler "
+            f"adds (on a cluster that cannot grow, the sweep stalls: give --max-concurrent {max(fit, 1)})"
+        )
+        return wanted
+    if can_grow and not wanted and fit < 1:
+        warn(
+            f"warning: {have} now, too few for one trial; starting one (on an autoscaling cluster, "
+            "--max-concurrent N runs N as the cluster grows)"
+        )
+    fit = max(1, fit)
     if wanted > fit:
         warn(
-            f"warning: {wanted} trials at once need {wanted * (s.num_workers * s.cpus_per_worker + 1):g} CPUs "
-            f"(each trial's workers plus one for Ray Data) but the cluster has {total.get('CPU', 0):g}; "
-            f"running {fit} at a time (on an autoscaling cluster, start the sweep once it has grown)"
+            f"warning: {wanted} trials at once need {wanted * per_trial_cpus:g} CPUs "
+            f"(each trial's workers plus one for Ray Data) but {have}; "
+            f"running {fit} at a time (joined by RAY_ADDRESS or run.ray_address, a cluster that grows keeps --max-concurrent)"
         )
     return min(wanted, fit) if wanted else fit
 
@@ -202,7 +219,9 @@ def _tuner(
         )
     if settings.seed is not None:
         random.seed(settings.seed)  # PBT's explore step draws from Python's global generator
-    concurrent = _max_concurrent(config, settings.max_concurrent)
+    concurrent = _max_concurrent(
+        config, settings.max_concurrent, can_grow=cluster_address(config.run.ray_address) is not None
+    )
     echo(f"cdm tune: up to {concurrent} trial(s) at once", err=True)
     return tune.Tuner(
         trainable,

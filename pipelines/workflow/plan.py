@@ -46,7 +46,17 @@ TRAIN_NOT_IN_KEY = (
 # What the untrained network (the NLL baseline) depends on: its architecture, seed, schedule and prior.
 UNTRAINED_KEYS = ("model.", "schedule.", "loss.prior", "train.seed")
 # Per-stage settings that do not change a result (samples do not depend on batching or workers, by design).
-NOT_IN_KEY = ("enabled", "untrained", "workers", "gpus_per_worker", "batch_size", "cache_dir", "use_cache", "threads")
+NOT_IN_KEY = (
+    "enabled",
+    "untrained",
+    "workers",
+    "gpus_per_worker",
+    "wait_s",
+    "batch_size",
+    "cache_dir",
+    "use_cache",
+    "threads",
+)
 
 
 def digest(value: Any, length: int = 12) -> str:

@@ -63,6 +63,18 @@ class Context:
     def output(self, stage: str, name: str) -> Any:
         return self.records[stage]["outputs"][name]
 
+    def pool_settings(self, section: Any) -> dict[str, Any]:
+        """A batch stage's settings, its workers on the training's kind of device unless the section says otherwise.
+
+        A cluster whose GPU nodes scale from zero may have none up when sampling starts: sized by what
+        runs at that moment, the stage would run on CPUs; asked for GPUs, it waits for them.
+        """
+        settings = stage_settings(section)
+        train = self.plan.config.train
+        if settings.get("gpus_per_worker") is None and train.scaling.use_gpu:
+            settings["gpus_per_worker"] = 1.0
+        return {**settings, "address": train.run.ray_address}
+
 
 # --------------------------------------------------------------------------- prepare
 
@@ -184,7 +196,7 @@ def run_nll_untrained(stage: Stage, ctx: Context) -> dict[str, Any]:
     result = nll.run(
         cfg.nest(
             NllConfig,
-            **stage_settings(ctx.plan.config.nll),
+            **ctx.pool_settings(ctx.plan.config.nll),
             checkpoint=str(checkpoint),
             dataset=ctx.plan.dataset_uri,
             out=stage.output,
@@ -204,7 +216,7 @@ def run_sample(stage: Stage, ctx: Context) -> dict[str, Any]:
     result = sample.run(
         cfg.nest(
             SampleConfig,
-            **stage_settings(ctx.plan.config.sample),
+            **ctx.pool_settings(ctx.plan.config.sample),
             checkpoint=ctx.output("train", "checkpoint"),
             out=stage.output,
             train_run_id=ctx.records["train"].get("mlflow_run_id"),
@@ -222,7 +234,7 @@ def run_nll(stage: Stage, ctx: Context) -> dict[str, Any]:
     result = nll.run(
         cfg.nest(
             NllConfig,
-            **stage_settings(ctx.plan.config.nll),
+            **ctx.pool_settings(ctx.plan.config.nll),
             checkpoint=ctx.output("train", "checkpoint"),
             dataset=ctx.plan.dataset_uri,
             out=stage.output,
@@ -256,7 +268,7 @@ def run_features(stage: Stage, ctx: Context) -> dict[str, Any]:
 
 
 def run_fid(stage: Stage, ctx: Context) -> dict[str, Any]:
-    settings = stage_settings(ctx.plan.config.fid)
+    settings = ctx.pool_settings(ctx.plan.config.fid)
     if ctx.plan.config.uses_feature_classifier:
         settings["features"] = f"classifier:{ctx.output('features', 'classifier')}"
     result = fid.run(
