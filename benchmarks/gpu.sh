@@ -5,12 +5,16 @@
 # (configs/cifar10.toml: cifar10 U-Net preset, T=1000, batch 128) through the
 # real step code (pipelines.train.step.TrainStep: CDM loss with its double
 # backward, gradient clipping, Adam, EMA):
-#   - images/s with bf16 autocast (the headline), with fp32 (TF32 matmuls), and
-#     for the DDM baseline in bf16 on the same U-Net, for comparison;
+#   - images/s with bf16 autocast (the headline), with fp32, and for the DDM
+#     baseline in bf16 on the same U-Net, for comparison; torch's precision settings
+#     are left as `cdm train` leaves them (no cudnn.benchmark, fp32 matmuls without
+#     TF32, cuDNN's TF32 convolutions as torch's default has them), so the figures
+#     are training's;
 #   - model FLOP utilisation: FLOPs of one step counted by torch's FlopCounterMode
 #     (forward, input-gradient backward and parameter backward) × steps/s, against
-#     the H200/H100 datasheet's dense bf16 peak (989 TFLOP/s) and against a bf16
-#     8192³ matmul measured on the same GPU;
+#     the datasheet's dense bf16 peak of the GPU it finds (989 TFLOP/s for H100/H200
+#     SXM, 835 for the NVL cards, 756 for H100 PCIe, 312 for A100; none for others)
+#     and against a bf16 8192³ matmul measured on the same GPU;
 #   - peak GPU memory.
 # Runs in well under 5 minutes on an H100/H200. Needs torch (and numpy, typer,
 # pyyaml) but not Ray or MLflow. Writes gpu_train.json into $OUT if set (the
@@ -41,12 +45,19 @@ preset = os.environ.get("BENCH_PRESET", "cifar10")
 batch = int(os.environ.get("BENCH_BATCH", "128"))
 steps = int(os.environ.get("BENCH_STEPS", "25"))
 warmup = int(os.environ.get("BENCH_WARMUP", "5" if device.type == "cuda" else "1"))
-DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
+
+
+def datasheet_bf16_tflops(name):
+    """Dense bf16 peak of the NVIDIA datasheet for the GPU called `name` (None if not known here)."""
+    if "H100" in name or "H200" in name:
+        return 756.0 if "PCIe" in name else 835.0 if "NVL" in name else 989.0
+    return 312.0 if "A100" in name else None
+
+
 if device.type == "cuda":
     assert torch.cuda.is_available(), "no CUDA GPU visible"
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+DEVICE_NAME = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
+DATASHEET_BF16_TFLOPS = datasheet_bf16_tflops(DEVICE_NAME)
 
 
 def sync():
@@ -138,7 +149,7 @@ def bench(kind, precision):
 matmul = measured_matmul_tflops()
 rows = {"cdm_bf16": bench("cdm", "bf16"), "cdm_fp32": bench("cdm", "fp32"), "ddm_bf16": bench("ddm", "bf16")}
 results = {
-    "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+    "device": DEVICE_NAME,
     "torch": torch.__version__,
     "cuda": torch.version.cuda,
     "model": f"{preset} U-Net preset, 32x32x3, T=1000 (configs/cifar10.toml)",
@@ -150,7 +161,9 @@ results = {
 for name, row in rows.items():
     for key, value in row.items():
         results[f"{name}_{key}"] = value
-    results[f"{name}_mfu_vs_datasheet"] = round(row["achieved_tflops"] / DATASHEET_BF16_TFLOPS, 4)
+    results[f"{name}_mfu_vs_datasheet"] = (
+        round(row["achieved_tflops"] / DATASHEET_BF16_TFLOPS, 4) if DATASHEET_BF16_TFLOPS else None
+    )
     if matmul:
         results[f"{name}_mfu_vs_measured_matmul"] = round(row["achieved_tflops"] / matmul, 4)
 results["cdm_vs_ddm_step_time_bf16"] = round(rows["cdm_bf16"]["step_ms"] / rows["ddm_bf16"]["step_ms"], 2)
@@ -158,9 +171,10 @@ results["cdm_vs_ddm_step_time_bf16"] = round(rows["cdm_bf16"]["step_ms"] / rows[
 print(f"\n{results['device']}, {results['model']}, batch {batch}")
 print(f"{'':10} {'images/s':>9} {'ms/step':>8} {'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6}")
 for name, row in rows.items():
+    mfu = results[name + "_mfu_vs_datasheet"]
     print(f"{name:10} {row['images_per_s']:>9} {row['step_ms']:>8} {row['tflop_per_step']:>11} {row['achieved_tflops']:>8} "
-          f"{results[name + '_mfu_vs_datasheet']:>6.1%} {row['peak_memory_gib']!s:>6}")
-print(f"MFU against the datasheet's {DATASHEET_BF16_TFLOPS:g} TFLOP/s dense bf16; measured bf16 matmul: {results['measured_bf16_matmul_tflops']} TFLOP/s")
+          f"{format(mfu, '.1%') if mfu is not None else '-':>6} {row['peak_memory_gib']!s:>6}")
+print(f"MFU against the datasheet's {DATASHEET_BF16_TFLOPS} TFLOP/s dense bf16; measured bf16 matmul: {results['measured_bf16_matmul_tflops']} TFLOP/s")
 with open(out_path, "w") as f:
     json.dump(results, f, indent=2)
     f.write("\n")
