@@ -124,28 +124,28 @@ def save_checkpoint(
         raise
 
 
-def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint written by ``save_checkpoint`` (never runs pickled code)."""
+def load_checkpoint(
+    path: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, name: str | None = None
+) -> dict[str, Any]:
+    """Read and validate a checkpoint written by ``save_checkpoint`` (never runs pickled code).
+
+    `name` is what messages call a file given as a stream (default: the stream's own name).
+    """
     if isinstance(path, (str, os.PathLike)):
-        name = str(path)
+        name = name or str(path)
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"no checkpoint file at {name} (expected a cdm checkpoint written by save_checkpoint)"
             )
     else:
-        name = getattr(path, "name", repr(path))
+        name = name or str(getattr(path, "name", "the checkpoint stream"))
     expected = f"expected a {CHECKPOINT_FORMAT!r} file written by cdm_core.checkpoint.save_checkpoint"
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except Exception as err:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, ...)
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        # torch's weights_only refusal is a long how-to; its informative line names the unsupported global.
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])[:200]
-        raise ValueError(
-            f"{name} is not a cdm checkpoint: torch.load(weights_only=True) failed ({type(err).__name__}: {reason}); {expected}"
-        ) from err
+    except Exception as err:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, EOFError, ...)
+        raise ValueError(f"{name} {_unreadable(err)}; {expected}") from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{name} is not a cdm checkpoint (found format {found!r}); {expected}")
@@ -158,6 +158,25 @@ def load_checkpoint(path: str | os.PathLike | IO[bytes], map_location: Any = "cp
     if missing:
         raise ValueError(f"{name} is an incomplete cdm checkpoint: missing {missing}")
     return checkpoint
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load refused a file, in words for whoever gave us the file."""
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    if "weights_only" in text.lower() or "WeightsUnpickler" in text:
+        # torch's long how-to ends in "re-run with weights_only=False": the wrong advice for a file from elsewhere.
+        named = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line), "")
+        return (
+            "holds Python objects besides tensors and plain values, which a cdm checkpoint never does: refused "
+            f"without running them{f' ({named[:160]})' if named else ''}. Load only checkpoints you trust, and never "
+            "with weights_only=False"
+        )
+    if isinstance(err, (EOFError, OSError)) or any(
+        key in text for key in ("central directory", "zip archive", "unexpected EOF", "Ran out of input")
+    ):
+        return "is truncated or damaged (not a complete torch file): copy it again, or use another checkpoint"
+    return f"is not a cdm checkpoint: torch.load(weights_only=True) failed ({type(err).__name__}: {lines[0][:200]})"
 
 
 def _flatten_spec(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -103,7 +103,9 @@ def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu_worker_with_fresh_rng_stre
     checkpoint = _checkpoint_after_one_step(tmp_path, cuda_rng)
     config, model, ema, optimizer, scheduler = _training_objects()
     generator = torch.Generator()
-    step, epoch, rng = loop._restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 1)
+    step, epoch, rng, used, skipped = loop._restore_latest(
+        checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 1
+    )
     assert (step, epoch) == (1, 0)
     assert rng == "reseeded (the checkpoint's RNG streams are cuda, this worker's cpu)"
 
@@ -116,9 +118,9 @@ def test_a_checkpoint_from_the_same_device_type_restores_its_rng_streams(tmp_pat
     checkpoint = _checkpoint_after_one_step(tmp_path, state)
     config, model, ema, optimizer, scheduler = _training_objects()
     generator = torch.Generator().manual_seed(123)
-    *_, rng = loop._restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 1)
+    _, _, rng, _, _ = loop._restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 1)
     assert rng == "restored" and torch.equal(torch.rand(3, generator=generator), expected)
-    *_, rng = loop._restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 2)
+    _, _, rng, _, _ = loop._restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, 0, 2)
     assert rng == "reseeded (the checkpoint's world size is 1, this run's 2)"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from importlib.metadata import version as dist_version
 
 import typer
@@ -95,8 +96,21 @@ app.add_typer(cluster.jobs_app, name="jobs")
 app.command("ui")(cluster.ui)
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_show_warning = warnings.showwarning
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """cdm's own warnings as one line, not Python's `file:line: UserWarning:` with a line of source."""
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
+    warnings.showwarning = _warning_line
     try:
         app()
     except UserError as err:
@@ -104,3 +118,13 @@ def main() -> None:
             raise
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        if os.environ.get("CDM_DEBUG"):
+            raise
+        typer.secho(
+            "interrupted: what was finished is kept (a training run continues with `cdm train --resume RUN`, "
+            "a workflow with the same `cdm run` command)",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+        sys.exit(130)

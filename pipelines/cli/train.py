@@ -19,6 +19,11 @@ def train(
     resume_run: Optional[str] = typer.Option(
         None, "--resume", help="Continue RUN (its folder, or its MLflow run id) from its latest checkpoint."
     ),
+    from_checkpoint: Optional[str] = typer.Option(
+        None,
+        "--from-checkpoint",
+        help="With --resume: continue from this checkpoint of the run (e.g. checkpoint_00005000) instead of the latest.",
+    ),
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the config with overrides applied, as JSON, and exit."
     ),
@@ -51,6 +56,8 @@ def train(
         return
     if continue_best and from_best is None:
         raise UserError("--continue-best needs --from-best SWEEP")
+    if from_checkpoint is not None and resume_run is None:
+        raise UserError("--from-checkpoint needs --resume RUN (the run whose checkpoint it names)")
     if from_best is not None and (config is not None or resume_run is not None):
         raise UserError("give --from-best SWEEP alone (the sweep's best trial brings its config); change it with --set")
     if resume_run is not None and config is not None:
@@ -73,7 +80,7 @@ def train(
     if from_best is not None:
         result = train_from_best(from_best, set_, continue_run=continue_best)
     elif resume_run is not None:
-        result = trainer.resume(resume_run, set_)
+        result = trainer.resume(resume_run, set_, from_checkpoint=from_checkpoint)
     else:
         result = trainer.run(train_config, config_name=config.stem)
     typer.echo(f"run: {result.run_name}  folder: {result.run_dir}  mlflow run: {result.mlflow_run_id}")

@@ -63,7 +63,7 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device:
     try:
         ckpt = load_checkpoint(file)
         model = model_from_checkpoint(ckpt, use_ema=use_ema and ckpt.get("ema") is not None)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         raise UserError(f"{file}: cannot load checkpoint ({err})") from None
     config = ckpt["config"]
     try:

@@ -188,6 +188,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             value = _parse_text(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {value!r} is not a finite number")
             return float(value)
         raise bad
     if tp is str:
@@ -228,6 +230,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{where}." if where else ""
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # YAML's `? :`, `1: x`, …
+        raise ConfigError(f"{prefix}{odd[0]!r}: a setting's name must be text; {where or 'the top level'} has "
+                          f"{', '.join(fields)}")
     unknown = [k for k in data if k not in fields]
     if unknown:
         name = unknown[0]
@@ -353,12 +359,27 @@ def apply_overrides(
 # --------------------------------------------------------------------------- files
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
+def read_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A TOML or YAML file as a dict; `extends = "base.toml"` (relative to the file) is merged underneath."""
     path = Path(path)
+    if path.is_dir():
+        examples = sorted(p.name for p in path.glob("*.toml"))[:3]
+        raise ConfigError(
+            f"{path}: is a folder; give a config file" + (f" in it ({', '.join(examples)}, …)" if examples else "")
+        )
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
-    text = path.read_text()
+    if path.resolve() in _chain:
+        loop = " → ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(
+            f"{path}: `extends` goes round in a loop ({loop}); one of these files must not extend another"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not a text file in UTF-8 (byte {err.start}); save it as UTF-8 TOML or YAML"
+        ) from None
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text) or {}
@@ -375,7 +396,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if parent is not None:
         if not isinstance(parent, str):
             raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
-        data = merge(read_file(path.parent / parent), data)
+        data = merge(read_file(path.parent / parent, (*_chain, path.resolve())), data)
     return data
 
 

@@ -85,6 +85,12 @@ class Location:
         selector = pafs.FileSelector(self.root, recursive=False)
         return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
+    def list_folders(self) -> list[str]:
+        if self.kind() != "dir":
+            return []
+        selector = pafs.FileSelector(self.root, recursive=False)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
     def makedirs(self) -> None:
         self.fs.create_dir(self.root, recursive=True)
 
@@ -160,6 +166,32 @@ def write_json(uri: str, data: Any) -> None:
     """The JSON file at `uri`, written atomically (its folder is created)."""
     folder, name = _parent_and_name(uri)
     folder.write_json(name, data)
+
+
+def check_writable(uri: str, what: str = "--out") -> None:
+    """A UserError, before any work, if nothing can be written at `uri` (read-only, immutable, a file in the way).
+
+    Local paths are probed in their nearest existing folder, so that nothing is created by the check.
+    """
+    loc = resolve(uri)
+    try:
+        if loc.is_local():
+            folder = Path(loc.root)
+            while not folder.exists():
+                folder = folder.parent
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is a file")
+            probe = folder / f".cdm-write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        else:
+            loc.makedirs()
+            probe = f".cdm-write-probe-{os.getpid()}"
+            loc.write_bytes(probe, b"")
+            loc.delete(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UserError(f"{uri}: cannot write there ({reason}); choose another {what}, or make it writable") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

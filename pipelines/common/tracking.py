@@ -161,6 +161,9 @@ def mlflow_run(
             log_params(client, run_id, params or {})
             yield run
             status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`cdm jobs stop`): the run was stopped, it did not fail
+            status = "KILLED"
+            raise
         finally:
             active = mlflow.active_run()
             if active is not None and active.info.run_id == run_id:
@@ -178,5 +181,8 @@ def reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
         try:
             yield run
             status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`cdm jobs stop`): the run was stopped, it did not fail
+            status = "KILLED"
+            raise
         finally:
             mlflow.end_run(status=status)

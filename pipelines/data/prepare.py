@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import tempfile
 import time
 import typing
@@ -160,6 +162,27 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
     return meta
 
 
+def _write_beside(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str) -> dict[str, Any]:
+    """Write the dataset into `.<name>.partial-<pid>` beside `loc`, then swap it into place."""
+    target = Path(loc.root)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        meta = _write(source, config, storage.resolve(partial), fingerprint)
+        # The paths inside dataset.json are names relative to the folder, so the folder may move.
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(partial, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return meta
+
+
 def run(config: PrepareConfig) -> PrepareResult:
     """Prepare `config.source` into shards at `config.out`; skip if an intact identical copy is there."""
     if config.source not in SOURCES:
@@ -174,24 +197,45 @@ def run(config: PrepareConfig) -> PrepareResult:
     if kind == "file":
         raise UserError(f"{loc.uri}: is a file; --out must be a directory (it is created if missing)")
 
-    existing = sh.open_dataset(loc.uri) if kind == "dir" and loc.exists(sh.DATASET_JSON) else None
+    existing, damaged = None, None
+    if kind == "dir" and loc.exists(sh.DATASET_JSON):
+        try:
+            existing = sh.open_dataset(loc.uri)
+        except UserError as err:
+            damaged = str(err).split(";")[0]
     up_to_date = (
         existing is not None
         and not config.force
         and existing.meta.get("fingerprint") == fingerprint
         and _is_intact(existing)
     )
-    if not up_to_date and kind == "dir" and existing is None:
-        strangers = [n for n in loc.list_names() if not _OUR_FILES.match(n)]
-        if strangers:
+    strangers = [n for n in loc.list_names() if not _OUR_FILES.match(n)] if kind == "dir" else []
+    if not up_to_date:
+        if damaged and not config.force:
+            raise UserError(
+                f"{damaged}: the dataset in {loc.uri} is damaged; rewrite it with --force (or choose another --out)"
+            )
+        if existing is not None and existing.meta.get("fingerprint") != fingerprint and not config.force:
+            raise UserError(
+                f"{loc.uri}: holds a dataset prepared from {existing.meta.get('source')!r} with other options or "
+                "inputs; writing this one there would replace it. Give --force to replace it, or choose another --out"
+            )
+        if strangers and existing is None and damaged is None:
             raise UserError(
                 f"{loc.uri}: not empty and not a prepared dataset (has {', '.join(strangers[:3])}"
                 f"{', …' if len(strangers) > 3 else ''}); choose an empty or new --out"
             )
+    # A local dataset is written into a folder beside it and renamed into place once complete: a failed or
+    # killed run leaves the old dataset as it was and no half-written one. (Object stores have no rename
+    # of folders, and a folder holding files of the user's own is rewritten in place, never moved.)
+    beside = loc.is_local() and not strangers
 
     def work() -> dict[str, Any]:
         if up_to_date:
             return existing.meta
+        storage.check_writable(loc.uri)
+        if beside:
+            return _write_beside(source, config, loc, fingerprint)
         loc.makedirs()
         if loc.exists(sh.DATASET_JSON):
             loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset

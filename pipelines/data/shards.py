@@ -403,10 +403,10 @@ def open_dataset(uri: str | os.PathLike) -> Dataset:
     try:
         meta = json.loads(loc.read_bytes(DATASET_JSON))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where}: not valid JSON ({err}); re-run `cdm prepare` to rewrite it") from None
+        raise UserError(f"{where}: not valid JSON ({err}); re-run `cdm prepare … --force` to rewrite it") from None
     missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise UserError(f"{where}: missing field(s) {missing}; re-run `cdm prepare` to rewrite it")
+        raise UserError(f"{where}: missing field(s) {missing}; re-run `cdm prepare … --force` to rewrite it")
     if meta["format"] != FORMAT:
         raise UserError(f"{where}: format {meta['format']!r}, this cdm reads {FORMAT!r}; re-run `cdm prepare`")
     return Dataset(loc=loc, meta=meta)

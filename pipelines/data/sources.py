@@ -518,6 +518,8 @@ def _imagefolder(opts: SourceOptions) -> Source:
     if size is not None:
         shape_holder["shape"] = (size, size, channels)
 
+    transparency = {"seen": False}
+
     def load(p: Path, bad: BadInputs) -> np.ndarray | None:
         where = str(p)
         try:
@@ -532,6 +534,13 @@ def _imagefolder(opts: SourceOptions) -> Source:
             return None
         if pil.mode in ("P", "PA", "LA", "RGBA") and channels == 3:
             pil = pil.convert("RGBA")
+        if "A" in pil.getbands() and pil.getchannel("A").getextrema()[0] < 255 and not transparency["seen"]:
+            transparency["seen"] = True
+            warnings.warn(
+                f"{where} is partly transparent: its alpha channel is dropped and the colour under transparent pixels "
+                "kept (shown for the first such image only)",
+                stacklevel=2,
+            )
         pil = pil.convert("L" if channels == 1 else "RGB")
         if crop_box is not None:
             w, h = pil.size

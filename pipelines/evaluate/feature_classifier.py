@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.common import storage
 from pipelines.common.errors import UserError
 from pipelines.common.storage import sha256_file
 from pipelines.common.tracking import mlflow_run, store_uri
@@ -142,6 +143,7 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
     out = Path(config.out) if config.out else Path("outputs") / "features" / name / "classifier.pt"
     if out.suffix != ".pt":
         out = out / "classifier.pt"
+    storage.check_writable(str(out.parent))
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     if device == "cpu":

@@ -334,6 +334,7 @@ def run(config: NllConfig) -> NllResult:
     if not config.checkpoint or not config.dataset:
         raise UserError("nll needs a checkpoint and a dataset")
     out = config.out or default_out(config.dataset, config.split)
+    storage.check_writable(out)  # before the split is scored, not after
     ckpt = checkpoint_file(config.checkpoint)
 
     def work() -> tuple[dict[str, Any], str]:

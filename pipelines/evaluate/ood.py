@@ -87,6 +87,7 @@ def run(config: OodConfig) -> OodResult:
     ckpt = checkpoint_file(config.checkpoint)
     names = (_name(config.in_dataset), _name(config.out_dataset))
     out = config.out or str(Path("outputs") / "ood" / f"{names[0]}-vs-{names[1]}")
+    storage.check_writable(out)
 
     def work() -> tuple[float, dict[str, Any], Optional[str]]:
         s_in = score_split(config.checkpoint, config.in_dataset, config.in_split, config.scoring, config.pool)

@@ -289,6 +289,7 @@ def run(config: SampleConfig) -> SampleResult:
     existing = None if config.force else _existing(config.out, fingerprint)
     if existing is None:
         _check_writable(config.out)
+        storage.check_writable(config.out)  # before any sample is drawn
 
     options = _settings(config, SAMPLE_SETTINGS)
     options["clip_x0"] = default_clip(shape, config.clip_x0)

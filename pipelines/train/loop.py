@@ -16,6 +16,7 @@ in the loop config):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,12 +32,14 @@ import torch
 
 from cdm_core.checkpoint import load_checkpoint, restore, save_checkpoint
 from cdm_core.ema import EMA
+from cdm_core.networks import unwrap_model
 from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME
 from pipelines.common.config import from_dict, to_dict
 from pipelines.data.preview import save_png
 from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
+from pipelines.train.run_dir import checkpoint_names, checkpoint_step, first_loadable, load_run_checkpoint
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
 from pipelines.train.validation import Validator, plot_curve, sample_grid, t_grid
@@ -104,11 +107,41 @@ class _Faults:
 
 
 def _restore_latest(
-    checkpoint, model, ema, optimizer, scheduler, generator, config: TrainConfig, rank: int, world: int
-) -> tuple[int, int, str]:
-    """Load Ray's latest checkpoint into the live objects; returns (step, epoch, what became of the RNG streams)."""
-    with checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location="cpu")
+    checkpoint,
+    model,
+    ema,
+    optimizer,
+    scheduler,
+    generator,
+    config: TrainConfig,
+    rank: int,
+    world: int,
+    loop_config: dict[str, Any] | None = None,
+) -> tuple[int, int, str, str, list[str]]:
+    """Load a checkpoint into the live objects: Ray's latest, or the one the driver chose for this continuation.
+
+    Returns (step, epoch, what became of the RNG streams, the checkpoint used, why newer ones were skipped).
+    If Ray's latest cannot be loaded (truncated, damaged), the run's next older checkpoint that loads is used.
+    """
+    loop_config = loop_config or {}
+    run_dir, name = loop_config.get("run_dir"), Path(checkpoint.path).name
+    chosen = loop_config.get("resume_from")
+    if chosen and name == loop_config.get("latest_at_start"):  # this fit's start: the driver's choice stands
+        used, state, skipped = first_loadable(run_dir, [chosen])
+    else:
+        used, state, skipped = name, None, []
+        try:
+            with checkpoint.as_directory() as folder:
+                state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location="cpu")
+        except (ValueError, OSError) as err:
+            skipped = [f"{name}: {str(err).split('; expected')[0]}"]
+            older = (
+                [n for n in checkpoint_names(run_dir) if checkpoint_step(n) < checkpoint_step(name)] if run_dir else []
+            )
+            used, state, more = first_loadable(run_dir, older)
+            skipped += more
+    if state is None:
+        raise RuntimeError(f"no checkpoint of {run_dir} could be loaded: {'; '.join(skipped)}")
     step = _restore_state(state, model, ema, optimizer, scheduler, config)
     extra = state["extra"]
     # Each worker's RNG streams come back only if the worker count and the device type are unchanged.
@@ -118,7 +151,33 @@ def _restore_latest(
         why = f"the checkpoint's world size is {extra.get('world_size')}, this run's {world}"
     else:
         why = _set_rng_state(generator, extra["rng"][rank])
-    return step, int(extra.get("epoch", 0)), "restored" if why is None else f"reseeded ({why})"
+    rng = "restored" if why is None else f"reseeded ({why})"
+    return step, int(extra.get("epoch", 0)), rng, used, skipped
+
+
+def _last_good_checkpoint(
+    run_dir: str | None, train_step: TrainStep, model, x, labels, step: int
+) -> tuple[str | None, list[str]]:
+    """The newest checkpoint from which a step on this batch is finite, and the newer ones from which it is not.
+
+    A diverging run can write checkpoints whose weights are finite but whose gradients are not (the
+    MSE term's double backward overflows first): resuming from those would stop again, whatever optim.lr.
+    """
+    if not run_dir:
+        return None, []
+    probe = copy.deepcopy(unwrap_model(model)).train()
+    bad = []
+    for name in checkpoint_names(run_dir):
+        if checkpoint_step(name) >= step:
+            continue
+        try:
+            state = load_run_checkpoint(run_dir, name)
+        except ValueError:
+            continue
+        if train_step.finite_from(state["model"], probe, x, labels):
+            return name, bad
+        bad.append(name)
+    return None, bad
 
 
 def _restore_state(state: dict[str, Any], model, ema, optimizer, scheduler, config: TrainConfig) -> int:
@@ -137,7 +196,7 @@ def _restore_state(state: dict[str, Any], model, ema, optimizer, scheduler, conf
 def _start_from(folder: str, model, ema, optimizer, scheduler, config: TrainConfig) -> int:
     """run.init_from: another run's checkpoint as this run's starting point; returns its step."""
     with storage.resolve(folder).open_seekable(CHECKPOINT_FILENAME) as f:
-        state = load_checkpoint(f, map_location="cpu")
+        state = load_checkpoint(f, map_location="cpu", name=storage.join(folder, CHECKPOINT_FILENAME))
     return _restore_state(state, model, ema, optimizer, scheduler, config)
 
 
@@ -155,8 +214,13 @@ def _report_checkpoint(
     generator,
     config: TrainConfig,
     mlflow_run_id: str,
+    suffix: str = "",
 ) -> None:
-    """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt."""
+    """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt.
+
+    `suffix` (e.g. "-b20261201130812") marks the checkpoints of a continuation from an older checkpoint,
+    whose steps repeat those of the line it left: Ray's checkpoint manager must never see one folder twice.
+    """
     extra = {
         "rng": collectives.all_gather_object(_rng_state(generator)),
         "world_size": world,
@@ -164,7 +228,7 @@ def _report_checkpoint(
         "mlflow_run_id": mlflow_run_id,
     }
     report = {"step": step, "epoch": epoch, **metrics}
-    name = f"checkpoint_{step:08d}"
+    name = f"checkpoint_{step:08d}{suffix}"
     if rank != 0:
         ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
         return
@@ -209,10 +273,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device=device)
     schedule, prior = build_schedule(config), build_prior(config)
 
-    step, epoch, resumed_from, rng = 0, 0, None, "seeded"
+    step, epoch, resumed_from, rng, used, skipped = 0, 0, None, "seeded", None, []
     checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
     if checkpoint is not None:
-        step, epoch, rng = _restore_latest(checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world)
+        step, epoch, rng, used, skipped = _restore_latest(
+            checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world, loop_config
+        )
         resumed_from = step
     elif config.run.init_from:  # a new run that continues another's training (PBT); fresh RNG streams
         step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config)
@@ -232,6 +298,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.tags({"cdm.init_from": config.run.init_from, "cdm.init_step": step})
         if resumed_from is not None:
             logger.tags({f"cdm.restarted_from_step.{resumed_from}": f"rng {rng}"})
+            if skipped:
+                logger.tags({f"cdm.restored_instead.{resumed_from}": f"{used}; skipped {'; '.join(skipped)}"[:4000]})
+                print(f"cdm train: continuing from {used}; skipped {'; '.join(skipped)}", flush=True)
 
     # The validation share is small: read it once and keep it (all workers read together).
     validator.load(
@@ -272,9 +341,15 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 result = train_step(x, labels)
                 if not result.finite:  # every worker sees the same all-reduced gradient norm
                     loss = collectives.all_mean(result.loss.detach().double().reshape(1), device).item()
-                    if logger:
+                    good, bad = None, []
+                    if logger:  # rank 0 alone: its answer is the one the driver reads
                         logger.tags({"cdm.nonfinite_step": step})
-                    return finish("nonfinite", loss=loss, grad_norm=result.grad_norm)
+                        good, bad = _last_good_checkpoint(
+                            loop_config.get("run_dir"), train_step, model, x, labels, step
+                        )
+                    return finish(
+                        "nonfinite", loss=loss, grad_norm=result.grad_norm, good_checkpoint=good, bad_checkpoints=bad
+                    )
                 window += torch.stack([result.loss, result.ce, result.mse]).double()
                 window_norm += result.grad_norm
                 window_steps += 1
@@ -325,6 +400,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         generator=generator,
                         config=config,
                         mlflow_run_id=loop_config["mlflow_run_id"],
+                        suffix=loop_config.get("checkpoint_suffix", ""),
                     )
                 if step >= steps:
                     break

@@ -104,14 +104,18 @@ class TrainStep:
         self.null_label = config.data.num_labels if config.model.conditional else None
         self.poison_loss = False  # set by fault injection (tests): turns the next loss into NaN
 
-    def loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(
+        self, x: torch.Tensor, labels: torch.Tensor | None, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, ce, mse) of the training objective on a batch, for `model` (default: the one being trained)."""
         cfg = self.config
+        model = self.model if model is None else model
         y = None
         if self.null_label is not None:
             y = drop_labels(labels, cfg.model.label_dropout, self.null_label, generator=self.generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if cfg.model.kind == "cdm":
-                logits_fn = self.model if y is None else (lambda z: self.model(z, y))
+                logits_fn = model if y is None else (lambda z: model(z, y))
                 parts = cdm_loss(
                     logits_fn,
                     x,
@@ -122,9 +126,23 @@ class TrainStep:
                     generator=self.generator,
                 )
                 return parts.total, parts.ce, parts.mse
-            eps_model = self.model if y is None else (lambda z, t: self.model(z, t, y))
+            eps_model = model if y is None else (lambda z, t: model(z, t, y))
             mse = ddm_loss(eps_model, x, self.schedule, generator=self.generator)
             return mse, torch.zeros_like(mse), mse
+
+    def finite_from(
+        self, weights: dict[str, torch.Tensor], probe: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> bool:
+        """Whether a step from these weights (a checkpoint's) has a finite loss and gradient on this batch.
+
+        `probe` is a spare copy of the network (not the DDP-wrapped one: no collectives here).
+        """
+        probe.load_state_dict(weights)
+        probe.zero_grad(set_to_none=True)
+        loss, _, _ = self.loss(x, labels, probe)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(probe.parameters(), float("inf"))
+        return math.isfinite(float(loss)) and math.isfinite(float(norm))
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)

@@ -43,7 +43,15 @@ from pipelines.data.readers import LocalReader, ray_dataset
 from pipelines.data.shards import open_dataset
 from pipelines.train.config import TrainConfig, resumable
 from pipelines.train.loop import train_worker
-from pipelines.train.run_dir import RUN_FILE, RUN_FORMAT, find_run_dir, read_run_file, write_run_file
+from pipelines.train.run_dir import (
+    RUN_FILE,
+    RUN_FORMAT,
+    checkpoint_names,
+    find_run_dir,
+    first_loadable,
+    read_run_file,
+    write_run_file,
+)
 from pipelines.train.step import build_network, build_prior, build_schedule
 from pipelines.train.validation import BPD_CONVENTION
 
@@ -187,8 +195,16 @@ def check_ray_train_v2() -> None:
 
 
 def _fit(
-    config: TrainConfig, data_shape, run_name: str, storage_path: str, tracking_uri: str, run_id: str, callbacks=()
+    config: TrainConfig,
+    data_shape,
+    run_name: str,
+    storage_path: str,
+    tracking_uri: str,
+    run_id: str,
+    callbacks=(),
+    start: dict[str, str] | None = None,
 ):
+    """Run the TorchTrainer; `start` ({resume_from, latest_at_start}) names the checkpoint a continuation starts at."""
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -217,6 +233,8 @@ def _fit(
             "tracking_uri": tracking_uri,
             "mlflow_run_id": run_id,
             "faults": _fault_injection(run_name),
+            "run_dir": storage.join(storage_path, run_name),
+            **(start or {}),
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -254,13 +272,12 @@ def _finish(
 ) -> TrainResult:
     outcome = result.return_value or {}
     latest = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
+    if result.checkpoint is not None:  # the run's own record of its latest checkpoint (see run_dir.checkpoint_names)
+        info = read_run_file(run_dir) or {}
+        if info.get("latest_checkpoint") != Path(result.checkpoint.path).name:
+            write_run_file(run_dir, {**info, "latest_checkpoint": Path(result.checkpoint.path).name})
     if outcome.get("status") == "nonfinite":
-        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
-        raise NonFiniteLossError(
-            f"training stopped at step {outcome['step']}: the loss is {outcome.get('loss')} (gradient norm "
-            f"{outcome.get('grad_norm')}); {where}. Lower optim.lr or set optim.grad_clip, then "
-            f"`cdm train --resume {run_dir} --set optim.lr=…`"
-        )
+        raise NonFiniteLossError(_nonfinite_message(outcome, run_dir, latest))
     best = None
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if config.score_metric in m]
     if scored:
@@ -282,6 +299,57 @@ def _finish(
         dict(outcome.get("metrics", {})),
         time.perf_counter() - started,
     )
+
+
+def _nonfinite_message(outcome: dict[str, Any], run_dir: str, latest: str | None) -> str:
+    head = (
+        f"training stopped at step {outcome['step']}: the loss is {outcome.get('loss')} (gradient norm "
+        f"{outcome.get('grad_norm')})"
+    )
+    good, bad = outcome.get("good_checkpoint"), outcome.get("bad_checkpoints") or []
+    if good is None and latest is None:
+        return f"{head}; no checkpoint had been written yet. Start again with a lower optim.lr (or set optim.grad_clip)"
+    if good is None:
+        return (
+            f"{head}; no checkpoint of this run takes a finite step ({', '.join(bad)} give non-finite gradients). "
+            "Start a new run with a lower optim.lr (or set optim.grad_clip)"
+        )
+    newer = f" ({', '.join(bad)}, newer, give non-finite gradients)" if bad else ""
+    return (
+        f"{head}; the last good checkpoint is {storage.join(run_dir, good)}, from which a step is finite{newer}. "
+        f"Lower optim.lr or set optim.grad_clip, then `cdm train --resume {run_dir} --from-checkpoint {good} "
+        "--set optim.lr=…`"
+    )
+
+
+def _start_of_continuation(
+    run_dir: str, from_checkpoint: str | None, label: str, latest: str | None = None
+) -> dict[str, str]:
+    """Which checkpoint a continuation starts at: the one asked for, else the newest that loads (saying so).
+
+    Starting from any but the latest, the continuation's checkpoints get a suffix of their own.
+    """
+    names = checkpoint_names(run_dir, latest)
+    suffix = {"checkpoint_suffix": f"-b{time.strftime('%Y%m%d%H%M%S')}"}
+    if from_checkpoint is not None:
+        name = from_checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        if name not in names:
+            raise UserError(
+                f"--from-checkpoint {from_checkpoint}: not a checkpoint of {run_dir}; it has "
+                f"{', '.join(names) or 'none'}"
+            )
+        used, _, skipped = first_loadable(run_dir, [name])
+        if used is None:
+            raise UserError(f"--from-checkpoint {name}: {skipped[0]}; choose another of {', '.join(names)}")
+        return {"resume_from": name, "latest_at_start": names[0], **(suffix if name != names[0] else {})}
+    if not names:
+        return {}
+    used, _, skipped = first_loadable(run_dir, names)
+    if used is None:
+        raise UserError(f"{label}: no checkpoint of {run_dir} can be loaded ({'; '.join(skipped)}); start a new run")
+    if skipped:
+        warn(f"warning: {'; '.join(skipped)}; continuing from {used}, the newest checkpoint that loads")
+    return {"resume_from": used, "latest_at_start": names[0], **suffix} if used != names[0] else {}
 
 
 def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
@@ -308,6 +376,7 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name):
         raise UserError(f"run.name: {run_name!r} may contain only letters, digits, '.', '_' and '-'")
     storage_path = storage.absolute(config.run.storage_path)
+    storage.check_writable(storage_path, "run.storage_path")
     run_dir = storage.join(storage_path, run_name)
     if storage.exists(run_dir):
         raise UserError(
@@ -341,9 +410,18 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
 
 
 def resume(
-    run: str, overrides: list[str] | dict[str, Any] = (), *, tracking_uri: str | None = None, callbacks=()
+    run: str,
+    overrides: list[str] | dict[str, Any] = (),
+    *,
+    tracking_uri: str | None = None,
+    callbacks=(),
+    from_checkpoint: str | None = None,
 ) -> TrainResult:
-    """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps."""
+    """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps.
+
+    `from_checkpoint` (a checkpoint folder's name) continues from an earlier checkpoint instead; a newest
+    checkpoint that cannot be loaded is passed over for the newest one that can, with a warning.
+    """
     check_ray_train_v2()
     started = time.perf_counter()
     run_dir = find_run_dir(run, tracking_uri)
@@ -361,6 +439,7 @@ def resume(
             "start a new run instead"
         )
     config, data_shape = resolve(config)
+    start = _start_of_continuation(run_dir, from_checkpoint, f"--resume {run}", info.get("latest_checkpoint"))
     mlflow_info = info["mlflow"]
     uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
     storage_path, run_name = run_dir.rstrip("/").rsplit("/", 1)
@@ -370,5 +449,5 @@ def resume(
             mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))
             info["config"] = cfg.to_dict(config)
             write_run_file(run_dir, info)
-        result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks)
+        result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks, start)
         return _finish(result, config, run_name, run_dir, run_id, uri, started)

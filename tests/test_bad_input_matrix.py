@@ -1,0 +1,241 @@
+"""The bad-input matrix: the real `cdm` command on every bad input we know of, old and new.
+
+Each case must end with exit code 2, one `error:` line that names the problem (the
+pattern below), no traceback, and every file that was there before unchanged (the
+prepared datasets and checkpoints are hashed before and after each case). None of
+these starts Ray: every mistake is caught before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import prepare_quick, write_image_folder
+
+from cdm_core.checkpoint import save_checkpoint
+from pipelines.common import config as cfg
+from pipelines.train.config import TrainConfig
+from pipelines.train.step import build_network
+
+CDM = str(Path(sys.executable).with_name("cdm"))
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "train_tiny.toml")
+PWNED = "pwned-by-a-checkpoint"
+
+
+class _RunsCode:
+    """A pickle that would write a file if it were ever unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+def _checkpoint(path: Path, *overrides: str) -> None:
+    config = cfg.load(TrainConfig, TINY, ["data.uri=unused", *overrides])
+    torch.manual_seed(0)
+    save_checkpoint(path / "checkpoint.pt", model=build_network(config, 1, 8), step=0, config=cfg.to_dict(config))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A folder of good data and models, and of bad files beside them."""
+    w = tmp_path_factory.mktemp("matrix")
+    prepare_quick("digits", w / "data", samples_per_shard=600)
+    prepare_quick("toy2d", w / "toy", name="gmm", num_train=30, num_test=10)
+    prepare_quick("mnist5k", w / "mnist")
+    _checkpoint(w / "cdm")
+    _checkpoint(w / "ddm", "model.kind=ddm", "checkpoint.score=val/mse")
+    good = (w / "cdm" / "checkpoint.pt").read_bytes()
+    (w / "truncated").mkdir()
+    (w / "truncated" / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    (w / "evil").mkdir()
+    torch.save({"format": "cdm-checkpoint", "payload": _RunsCode()}, w / "evil" / "checkpoint.pt")
+    (w / "foreign").mkdir()
+    torch.save(torch.nn.Linear(2, 2).state_dict(), w / "foreign" / "checkpoint.pt")
+    (w / "pickled").mkdir()
+    (w / "pickled" / "checkpoint.pt").write_bytes(pickle.dumps(_RunsCode()))
+    for name, edit in (("flipped", "flip"), ("short", "truncate"), ("nomanifest", "manifest"), ("badjson", "json")):
+        shutil.copytree(w / "data", w / name)
+        shard = w / name / "train-000000.tar"
+        if edit == "flip":
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        elif edit == "truncate":
+            shard.write_bytes(shard.read_bytes()[:1000])
+        elif edit == "manifest":
+            (w / name / "manifest.parquet").unlink()
+        else:
+            (w / name / "dataset.json").write_text("{not json")
+    (w / "emptyfolder").mkdir()
+    (w / "notes").mkdir()
+    (w / "notes" / "mine.txt").write_text("my own notes")
+    (w / "afile").write_text("a file where a folder must be")
+    write_image_folder(w / "imgs", {"a": 2}, size=(4, 4))
+    (w / "bad.toml").write_text("[optim\nlr = 1")
+    (w / "a.toml").write_text('extends = "b.toml"\n')
+    (w / "b.toml").write_text('extends = "a.toml"\n')
+    (w / "latin1.toml").write_bytes('[data]\nuri = "caf\xe9"\n'.encode("latin-1"))
+    (w / "odd.yaml").write_text("?\n")  # found by tests/test_fuzz.py: a key that is not text
+    (w / "typo.toml").write_text('[data]\nuri = "data"\n[optim]\nlrr = 1e-4\n')
+    (w / "space.toml").write_text('[space]\n"optim.lrr" = { choice = [1e-4] }\n')
+    (w / "space_ok.toml").write_text('[space]\n"optim.lr" = { choice = [1e-4, 2e-4] }\n')
+    (w / "prepare.toml").write_text('[prepare]\nsource = "digits"\nsizee = 3\n')
+    (w / "workflow.toml").write_text(
+        '[train]\nextends = "' + TINY + '"\n[prepare]\nsource = "digits"\n[nll]\nspiltt = 1\n'
+    )
+    (w / "weights").mkdir()
+    return w
+
+
+def _hashes(w: Path) -> dict[str, str]:
+    kept = ("data", "toy", "mnist", "cdm", "ddm", "notes", "afile", "imgs")
+    out = {}
+    for name in kept:
+        for path in sorted((w / name).rglob("*")) if (w / name).is_dir() else [w / name]:
+            if path.is_file():
+                out[str(path.relative_to(w))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+CASES = [
+    # prepare
+    ("prepare-unknown-source", "prepare nosuch --out o1 --no-track", r"unknown source 'nosuch'"),
+    ("prepare-cifar-without-path", "prepare cifar10 --out o2 --no-track", r"--path"),
+    ("prepare-missing-path", "prepare cifar10 --path nowhere.tar.gz --out o3 --no-track", r"nowhere\.tar\.gz"),
+    ("prepare-out-is-a-file", "prepare digits --out afile --no-track", r"afile: is a file"),
+    ("prepare-out-under-a-file", "prepare digits --out afile/x --no-track", r"afile/x: cannot write there"),
+    (
+        "prepare-replaces-another-dataset",
+        "prepare digits --size 28 --out mnist --no-track",
+        r"mnist: holds a dataset prepared from 'mnist5k'.*--force",
+    ),
+    (
+        "prepare-damaged-dataset-json",
+        "prepare digits --out badjson --no-track",
+        r"badjson.*damaged; rewrite it with --force",
+    ),
+    (
+        "prepare-into-a-folder-of-my-own",
+        "prepare digits --out notes --no-track",
+        r"notes: not empty and not a prepared dataset",
+    ),
+    ("prepare-empty-image-folder", "prepare imagefolder --path emptyfolder --out o4 --no-track", r"emptyfolder"),
+    ("prepare-bad-fraction", "prepare digits --test-fraction 1.5 --out o5 --no-track", r"--test-fraction 1.5"),
+    (
+        "prepare-config-unknown-option",
+        "prepare --config prepare.toml --out o6 --no-track",
+        r"unknown prepare option\(s\) \['sizee'\]",
+    ),
+    ("prepare-config-not-toml", "prepare --config bad.toml --out o7 --no-track", r"bad\.toml: not valid TOML"),
+    ("prepare-wrong-image-size-option", "prepare imagefolder --path imgs --size 0 --out o8 --no-track", r"--size"),
+    # verify
+    ("verify-flipped-byte", "verify flipped", r"SHA-256"),
+    ("verify-truncated-shard", "verify short", r"truncated|bytes"),
+    ("verify-missing-manifest", "verify nomanifest", r"manifest\.parquet: missing"),
+    ("verify-not-a-dataset", "verify emptyfolder", r"not a prepared dataset"),
+    ("verify-damaged-json", "verify badjson", r"dataset\.json: not valid JSON.*--force"),
+    # train
+    ("train-bad-toml", "train bad.toml", r"bad\.toml: not valid TOML"),
+    ("train-extends-loop", "train a.toml", r"`extends` goes round in a loop"),
+    ("train-not-utf8", "train latin1.toml", r"not a text file in UTF-8"),
+    ("train-yaml-key-not-text", "train odd.yaml", r"a setting's name must be text"),
+    ("train-unknown-setting", "train typo.toml", r"optim\.lrr: unknown setting \(did you mean 'lr'\?\)"),
+    (
+        "train-infinite-lr",
+        f"train {TINY} --set data.uri=data --set optim.lr=inf",
+        r"optim\.lr: inf is not a finite number",
+    ),
+    ("train-zero-steps", f"train {TINY} --set data.uri=data --set train.steps=0", r"train\.steps: 0 must be >= 1"),
+    ("train-config-is-a-folder", f"train {ROOT / 'configs'}", r"is a folder; give a config file"),
+    ("train-set-without-equals", f"train {TINY} --set optim.lr", r"expected KEY=VALUE"),
+    (
+        "train-unwritable-storage",
+        f"train {TINY} --set data.uri=data --set run.storage_path=afile/runs",
+        r"afile/runs: cannot write there.*run\.storage_path",
+    ),
+    ("train-resume-nothing", "train --resume emptyfolder", r"not a run folder with cdm_run\.json"),
+    (
+        "train-from-checkpoint-alone",
+        f"train {TINY} --from-checkpoint checkpoint_00000002",
+        r"--from-checkpoint needs --resume",
+    ),
+    ("train-missing-dataset", f"train {TINY} --set data.uri=nodata", r"nodata: no such directory"),
+    (
+        "train-fractional-gpus",
+        f"train {TINY} --set data.uri=data --set scaling.use_gpu=true --set scaling.num_workers=2 "
+        "--set scaling.gpus_per_worker=0.5 --set train.batch_size=8",
+        r"NCCL refuses two ranks on one device",
+    ),
+    # nll, ood
+    ("nll-truncated-checkpoint", "nll truncated data --no-track", r"truncated or damaged"),
+    ("nll-code-in-a-checkpoint", "nll evil data --no-track", r"refused without running them"),
+    ("nll-bare-pickle", "nll pickled data --no-track", r"cannot load checkpoint"),
+    ("nll-foreign-torch-file", "nll foreign data --no-track", r"not a cdm checkpoint"),
+    ("nll-no-checkpoint", "nll emptyfolder data --no-track", r"no checkpoint at emptyfolder"),
+    ("nll-ddm", "nll ddm data --no-track", r"needs a CDM"),
+    ("nll-wrong-shape", "nll cdm toy --no-track", r"the model takes \(1, 8, 8\)"),
+    ("nll-unknown-split", "nll cdm data --split valid --no-track", r"no split 'valid'"),
+    ("nll-unwritable-out", "nll cdm data --out afile/scores --no-track", r"afile/scores: cannot write there"),
+    ("nll-bad-convention", "nll cdm data --bpd-convention metric --no-track", r"--bpd-convention 'metric'"),
+    ("ood-shape-mismatch", "ood cdm data toy --no-track", r"one shape"),
+    # sample
+    ("sample-unknown-sampler", "sample cdm --out s1 --sampler heun --no-track", r"--sampler 'heun'"),
+    ("sample-too-many-steps", "sample cdm --out s2 --steps 500 --no-track", r"between 1 and the model's T=20"),
+    ("sample-no-samples", "sample cdm --out s3 --n 0 --no-track", r"--n 0"),
+    ("sample-guidance-unconditional", "sample cdm --out s4 --steps 5 --cfg 1 --no-track", r"needs a class-conditional"),
+    ("sample-label-unconditional", "sample cdm --out s5 --steps 5 --label 3 --no-track", r"unconditional"),
+    ("sample-over-a-dataset", "sample cdm --out data --steps 5 --no-track", r"holds a prepared dataset"),
+    ("sample-unwritable-out", "sample cdm --out afile/s --steps 5 --no-track", r"afile/s: cannot write there"),
+    # fid
+    ("fid-missing-inception-weights", "fid data data --no-track", r"Inception-v3 FID weights not found"),
+    ("fid-unknown-features", "fid data data --features vgg --no-track", r"--features 'vgg'"),
+    ("fid-missing-classifier", "fid data data --features classifier:nothere.pt --no-track", r"nothere\.pt"),
+    (
+        "fid-shape-mismatch",
+        "fid data toy --features raw --samples-split test --no-track",
+        r"compare samples of the reference's shape",
+    ),
+    # tune, run
+    ("tune-unknown-setting", f"tune {TINY} --space space.toml --set data.uri=data", r"optim\.lrr: unknown setting"),
+    (
+        "tune-unknown-scheduler",
+        f"tune {TINY} --space space_ok.toml --scheduler hyperband --set data.uri=data",
+        r"hyperband",
+    ),
+    ("run-unknown-setting", "run workflow.toml --dry-run", r"nll\.spiltt: unknown setting"),
+    ("run-a-training-config", f"run {TINY} --dry-run", r"unknown setting"),
+    # clusters and the UI
+    ("jobs-unreachable", "jobs list --address http://127.0.0.1:9", r"127\.0\.0\.1:9"),
+    ("ui-missing-workdir", "ui --workdir nowhere/at/all", r"nowhere/at/all: no such directory"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_loses_nothing(world, name, argv, message):
+    before = _hashes(world)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{world / 'mlflow.db'}",
+        "CDM_WEIGHTS_DIR": str(world / "weights"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    if argv.startswith("ui "):  # the UI serves the store the environment names, if it names one
+        env.pop("MLFLOW_TRACKING_URI")
+    result = subprocess.run([CDM, *argv.split()], cwd=world, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, (name, result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr
+    assert re.search(message, result.stderr, re.S), (message, result.stderr)
+    assert _hashes(world) == before, f"{name} changed files that were there before"
+    assert not (world / PWNED).exists()
