@@ -232,8 +232,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     prefix = f"{where}." if where else ""
     odd = [k for k in data if not isinstance(k, str)]
     if odd:  # YAML's `? :`, `1: x`, …
-        raise ConfigError(f"{prefix}{odd[0]!r}: a setting's name must be text; {where or 'the top level'} has "
-                          f"{', '.join(fields)}")
+        raise ConfigError(
+            f"{prefix}{odd[0]!r}: a setting's name must be text; {where or 'the top level'} has {', '.join(fields)}"
+        )
     unknown = [k for k in data if k not in fields]
     if unknown:
         name = unknown[0]

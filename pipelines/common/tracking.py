@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,46 @@ from pipelines.common.errors import UserError
 _MAX_PARAM_LENGTH = 6000
 # and more than this many params/tags in one log_batch call.
 _BATCH = 100
+
+
+# A SQLite store makes a writer wait up to 20 s for another's lock (MLflow's setting), then fails the write.
+# Writers that must not lose a write (the training loop, a sweep's tracker) keep trying, backing off, this long.
+LOCKED_RETRY_S = 300.0
+
+
+def _locked(err: BaseException) -> bool:
+    return "database is locked" in str(err)
+
+
+class PatientClient:
+    """An `MlflowClient` whose calls are tried again while a SQLite store says it is locked.
+
+    Many processes write to one SQLite file when `cdm tune` runs trials side by side; a lock held
+    longer than SQLite's wait (a long query from the UI, a copy of the file, a slow shared disk)
+    would otherwise fail a training step's metrics and with them the run.
+    """
+
+    def __init__(self, tracking_uri: str, retry_s: float = LOCKED_RETRY_S):
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._retry_s = retry_s
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def patient(*args: Any, **kwargs: Any) -> Any:
+            deadline, delay = time.monotonic() + self._retry_s, 0.5
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as err:  # MLflow wraps sqlite3.OperationalError in MlflowException
+                    if not _locked(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+
+        return patient
 
 
 def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:

@@ -39,7 +39,7 @@ from pipelines.data import shards as sh
 from pipelines.evaluate.config import FidConfig
 from pipelines.evaluate.feature_classifier import load_classifier
 from pipelines.evaluate.features import ExtractorSpec, build_extractor, extractor_file, resolve_extractor
-from pipelines.evaluate.workers import plan_pool
+from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool
 
 
 @dataclass
@@ -84,15 +84,19 @@ class FeatureWorker:
         *,
         allow_tf32: bool = False,
         file_data: bytes | None = None,
+        faults: dict[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
         set_tf32(allow_tf32)  # this actor only measures: full fp32 unless asked (pipelines.common.precision)
         self.extractor = build_extractor(spec, device, file_data)
         self.batch_size = batch_size
         self._datasets: dict[str, sh.Dataset] = {}
+        self.faults, self.calls = faults or {}, 0
 
     def stats(self, job: int, dataset: str, split: str, shard: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """(job, stats): the job number comes back with the result because results arrive in any order."""
+        self.calls += 1
+        maybe_die(self.faults, self.calls)
         if dataset not in self._datasets:
             self._datasets[dataset] = sh.open_dataset(dataset)
         return job, shard_stats(self.extractor, self._datasets[dataset], split, shard, self.batch_size)
@@ -109,7 +113,13 @@ def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidC
     file_ref = ray.put(file_data) if file_data is not None else None  # once in the object store, for every worker
     actors = [
         remote.remote(
-            spec, plan.device, plan.threads, config.batch_size, allow_tf32=config.allow_tf32, file_data=file_ref
+            spec,
+            plan.device,
+            plan.threads,
+            config.batch_size,
+            allow_tf32=config.allow_tf32,
+            file_data=file_ref,
+            faults=faults_from_env(),
         )
         for _ in range(plan.workers)
     ]

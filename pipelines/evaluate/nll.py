@@ -47,7 +47,7 @@ from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.readers import ray_dataset
 from pipelines.evaluate.config import CONVENTIONS, NllConfig, PoolSection, ScoringSection
-from pipelines.evaluate.workers import plan_pool, run_tags
+from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
 
 SCORES = "scores.parquet"
 SUMMARY = "summary.json"
@@ -150,6 +150,7 @@ class LikelihoodScorer:
         offset: float,
         conditional: bool,
         allow_tf32: bool = False,
+        faults: dict[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
         set_tf32(allow_tf32)  # this actor only scores: full fp32 unless asked (pipelines.common.precision)
@@ -159,8 +160,11 @@ class LikelihoodScorer:
         self.seed = seed
         self.offset = offset
         self.conditional = conditional
+        self.faults, self.calls = faults or {}, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        maybe_die(self.faults, self.calls)
         keep = ~batch["pad"]
         x_np, index, label = batch["x"][keep], batch["index"][keep], batch["label"][keep]
         if self.dequantize:
@@ -270,6 +274,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
             "offset": bpd_offset(convention),
             "conditional": options.conditional,
             "allow_tf32": options.allow_tf32,
+            "faults": faults_from_env(),
         },
         batch_size=options.batch_size,
         batch_format="numpy",

@@ -40,7 +40,7 @@ from pipelines.data import shards as sh
 from pipelines.data.preview import save_preview
 from pipelines.data.readers import from_model_input
 from pipelines.evaluate.config import SAMPLERS, SampleConfig
-from pipelines.evaluate.workers import plan_pool, run_tags
+from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
 
 SPLIT = "samples"
 GRID = "grid.png"
@@ -127,13 +127,24 @@ def generate(
 class SampleWorker:
     """A Ray actor: loads the model once, then generates batches of samples by index range."""
 
-    def __init__(self, checkpoint: str, use_ema: bool, device: str, threads: int, settings: dict[str, Any]):
+    def __init__(
+        self,
+        checkpoint: str,
+        use_ema: bool,
+        device: str,
+        threads: int,
+        settings: dict[str, Any],
+        faults: dict[str, Any] | None = None,
+    ):
         torch.set_num_threads(threads)
         self.device = device
         self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
         self.settings = settings
+        self.faults, self.calls = faults or {}, 0
 
     def generate(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        self.calls += 1
+        maybe_die(self.faults, self.calls)
         return generate(self.trained, range(start, stop), device=self.device, **self.settings)
 
 
@@ -362,7 +373,8 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
     }
     remote = ray.remote(SampleWorker).options(**plan.actor_options())
     actors = [
-        remote.remote(checkpoint, config.use_ema, plan.device, plan.threads, settings) for _ in range(plan.workers)
+        remote.remote(checkpoint, config.use_ema, plan.device, plan.threads, settings, faults_from_env())
+        for _ in range(plan.workers)
     ]
     try:
         yield from ActorPool(actors).map(lambda actor, r: actor.generate.remote(*r), ranges)

@@ -9,8 +9,10 @@ one torch thread, so workers do not fight over cores).
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.autoscaler.sdk import request_resources
@@ -21,6 +23,7 @@ from pipelines.common.errors import UserError
 from pipelines.common.ray_session import cluster_address, ensure_ray
 from pipelines.evaluate.config import PoolSection
 
+RESTARTS = 3  # times a batch stage's worker is started again after it died
 CLUSTER_WAIT_S = 600.0  # how long a batch stage on a joined cluster waits for room for its workers
 _POLL_S = 1.0
 
@@ -40,7 +43,14 @@ class WorkerPlan:
         return max(1, int(self.cpus_per_worker))
 
     def actor_options(self) -> dict[str, float]:
-        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker}
+        # A worker that dies (a lost node, an OOM kill) is started again and its call retried: each call
+        # computes a fixed piece of the output (an index range, a shard), so a retry gives the same result.
+        return {
+            "num_cpus": self.cpus_per_worker,
+            "num_gpus": self.gpus_per_worker,
+            "max_restarts": RESTARTS,
+            "max_task_retries": RESTARTS,
+        }
 
 
 def _fit(resources: dict[str, float], cpus_per_worker: float, gpus_per_worker: float, reserve_cpus: float) -> int:
@@ -157,3 +167,21 @@ def run_tags(
     if train_run_id:
         tags["cdm.train_run_id"] = train_run_id
     return tags
+
+
+def faults_from_env() -> dict[str, Any]:
+    """Test hook, read on the driver: CDM_KILL_WORKER_AFTER=n makes one worker die after n calls (once per
+    CDM_FAIL_MARKER file), as a lost node or an OOM kill would. Empty normally."""
+    after = os.environ.get("CDM_KILL_WORKER_AFTER")
+    if not after:
+        return {}
+    marker = os.environ.get("CDM_FAIL_MARKER") or os.path.join(tempfile.gettempdir(), f"cdm-kill-{os.getpid()}")
+    return {"after": int(after), "marker": marker}
+
+
+def maybe_die(faults: dict[str, Any], calls: int) -> None:
+    """In a worker: die here (once) if the test hook says so."""
+    if faults and calls > faults["after"] and not os.path.exists(faults["marker"]):
+        with open(faults["marker"], "w") as f:
+            f.write(f"worker {os.getpid()} killed after {calls - 1} calls\n")
+        os._exit(1)

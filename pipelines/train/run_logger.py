@@ -14,14 +14,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
+
+from pipelines.common.tracking import PatientClient
 
 
 class RunLogger:
     """Metrics (with steps), params, tags and artifacts of one existing MLflow run."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = PatientClient(tracking_uri)  # a locked SQLite store delays a write; it never loses one
         self.run_id = run_id
         self._last_step: dict[str, int] = {}
         for key in self.client.get_run(run_id).data.metrics:

@@ -27,10 +27,9 @@ import time
 from typing import Any, Optional
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from pipelines.common.tracking import flatten_params
+from pipelines.common.tracking import PatientClient, flatten_params
 from pipelines.tune.resources import TrialActorWatch, ledger_name, release
 from pipelines.tune.results import COMPLETED, EXPLOITED, FAILED, STOPPED_EARLY, child_run_id, trial_runs
 
@@ -99,7 +98,7 @@ class SweepTracker(Callback):
         return state
 
     def setup(self, **info: Any) -> None:
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._client = PatientClient(self.tracking_uri)
 
     # ----------------------------------------------------------------- Tune hooks
 
@@ -212,7 +211,7 @@ def end_earlier_segments(setup: Any, trial_id: str, new_run_name: str, start: di
 
     `start` is where the new segment begins: {train_checkpoint, run_name (the donor's run), step}.
     """
-    client = MlflowClient(tracking_uri=setup.tracking_uri)
+    client = PatientClient(setup.tracking_uri)
     for run in trial_runs(client, setup.experiment, setup.parent_run_id, setup.sweep, trial_id):
         if "cdm.trial_status" in run.data.tags or run.data.tags["cdm.run_name"] == new_run_name:
             continue

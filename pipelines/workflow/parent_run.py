@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mlflow.entities import Metric, RunTag
-from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.common.tracking import experiment_id, log_params
+from pipelines.common.tracking import PatientClient, experiment_id, log_params
 
 STATE_FILE = "runs.json"
 STAGE_TAG = "cdm.workflow_stage"
@@ -41,7 +40,7 @@ class ParentRun:
         self.plan_key = plan_key
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = PatientClient(tracking_uri)
         self.run_id: Optional[str] = None
         self.reopened = False
 
