@@ -22,8 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METRICS = ("train/loss", "train/ce", "train/mse", "train/grad_norm", "train/lr", "train/epoch", "train/images_per_s",
-           "val/nll_bpd")
+METRICS = (
+    "train/loss",
+    "train/ce",
+    "train/mse",
+    "train/grad_norm",
+    "train/lr",
+    "train/epoch",
+    "train/images_per_s",
+    "val/nll_bpd",
+)
 
 
 def _writer(uri: str, run_id: str, batches: int, retry: bool, start: float, out) -> None:
@@ -70,8 +78,16 @@ def measure(writers: int, batches: int, retry: bool) -> dict:
     seconds = time.time() - start
     arrived = sum(len(client.get_metric_history(r, k)) for r in runs for k in METRICS)
     sent = writers * batches * len(METRICS)
-    return {"writers": writers, "retry": retry, "sent": sent, "arrived": arrived, "lost": sent - arrived,
-            "failed_writes": failed, "seconds": round(seconds, 2), "metrics_per_s": round(arrived / seconds, 1)}
+    return {
+        "writers": writers,
+        "retry": retry,
+        "sent": sent,
+        "arrived": arrived,
+        "lost": sent - arrived,
+        "failed_writes": failed,
+        "seconds": round(seconds, 2),
+        "metrics_per_s": round(arrived / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -81,15 +97,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tracking_load.json")
     args = parser.parse_args()
     rows = [measure(n, args.batches, retry) for n in args.writers for retry in (False, True)]
-    print(f"{'writers':>7} {'retry':>6} {'sent':>7} {'arrived':>8} {'lost':>6} {'failed':>7} {'s':>7} {'metrics/s':>10}")
+    print(
+        f"{'writers':>7} {'retry':>6} {'sent':>7} {'arrived':>8} {'lost':>6} {'failed':>7} {'s':>7} {'metrics/s':>10}"
+    )
     for r in rows:
-        print(f"{r['writers']:>7} {r['retry']!s:>6} {r['sent']:>7} {r['arrived']:>8} {r['lost']:>6} "
-              f"{r['failed_writes']:>7} {r['seconds']:>7} {r['metrics_per_s']:>10}")
+        print(
+            f"{r['writers']:>7} {r['retry']!s:>6} {r['sent']:>7} {r['arrived']:>8} {r['lost']:>6} "
+            f"{r['failed_writes']:>7} {r['seconds']:>7} {r['metrics_per_s']:>10}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    args.out.write_text(json.dumps({"batches_per_writer": args.batches, "metrics_per_batch": len(METRICS),
-                                    "cpus": os.cpu_count(), "load_average": [round(v, 2) for v in load],
-                                    "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "batches_per_writer": args.batches,
+                "metrics_per_batch": len(METRICS),
+                "cpus": os.cpu_count(),
+                "load_average": [round(v, 2) for v in load],
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 
