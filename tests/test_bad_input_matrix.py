@@ -94,7 +94,19 @@ def world(tmp_path_factory):
         '[train]\nextends = "' + TINY + '"\n[prepare]\nsource = "digits"\n[nll]\nspiltt = 1\n'
     )
     (w / "weights").mkdir()
-    return w
+    (w / "locked").mkdir()  # a folder no one may write into, not even root (as CI runs)
+    subprocess.run(["chattr", "+i", str(w / "locked")], check=True)
+    assert not os.access(w / "locked", os.W_OK) or _cannot_create(w / "locked"), "chattr +i did not lock the folder"
+    yield w
+    subprocess.run(["chattr", "-i", str(w / "locked")], check=True)
+
+
+def _cannot_create(folder: Path) -> bool:
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return True
+    return False
 
 
 def _hashes(w: Path) -> dict[str, str]:
@@ -114,6 +126,7 @@ CASES = [
     ("prepare-missing-path", "prepare cifar10 --path nowhere.tar.gz --out o3 --no-track", r"nowhere\.tar\.gz"),
     ("prepare-out-is-a-file", "prepare digits --out afile --no-track", r"afile: is a file"),
     ("prepare-out-under-a-file", "prepare digits --out afile/x --no-track", r"afile/x: cannot write there"),
+    ("prepare-out-read-only", "prepare digits --out locked/x --no-track", r"locked/x: cannot write there"),
     (
         "prepare-replaces-another-dataset",
         "prepare digits --size 28 --out mnist --no-track",
@@ -163,6 +176,11 @@ CASES = [
         f"train {TINY} --set data.uri=data --set run.storage_path=afile/runs",
         r"afile/runs: cannot write there.*run\.storage_path",
     ),
+    (
+        "train-read-only-storage",
+        f"train {TINY} --set data.uri=data --set run.storage_path=locked/runs",
+        r"locked/runs: cannot write there.*run\.storage_path",
+    ),
     ("train-resume-nothing", "train --resume emptyfolder", r"not a run folder with cdm_run\.json"),
     (
         "train-from-checkpoint-alone",
@@ -186,6 +204,7 @@ CASES = [
     ("nll-wrong-shape", "nll cdm toy --no-track", r"the model takes \(1, 8, 8\)"),
     ("nll-unknown-split", "nll cdm data --split valid --no-track", r"no split 'valid'"),
     ("nll-unwritable-out", "nll cdm data --out afile/scores --no-track", r"afile/scores: cannot write there"),
+    ("nll-read-only-out", "nll cdm data --out locked/scores --no-track", r"locked/scores: cannot write there"),
     ("nll-bad-convention", "nll cdm data --bpd-convention metric --no-track", r"--bpd-convention 'metric'"),
     ("ood-shape-mismatch", "ood cdm data toy --no-track", r"one shape"),
     # sample
@@ -196,6 +215,7 @@ CASES = [
     ("sample-label-unconditional", "sample cdm --out s5 --steps 5 --label 3 --no-track", r"unconditional"),
     ("sample-over-a-dataset", "sample cdm --out data --steps 5 --no-track", r"holds a prepared dataset"),
     ("sample-unwritable-out", "sample cdm --out afile/s --steps 5 --no-track", r"afile/s: cannot write there"),
+    ("sample-read-only-out", "sample cdm --out locked/s --steps 5 --no-track", r"locked/s: cannot write there"),
     # fid
     ("fid-missing-inception-weights", "fid data data --no-track", r"Inception-v3 FID weights not found"),
     ("fid-unknown-features", "fid data data --features vgg --no-track", r"--features 'vgg'"),

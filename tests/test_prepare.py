@@ -283,6 +283,85 @@ def test_byte_identical_and_rerun_skips(tmp_path):
     assert sh.verify(a).ok
 
 
+def _toy(out, **kw):
+    return prepare_quick("toy2d", out, name="gmm8", num_train=40, num_test=10, **kw)
+
+
+def test_never_replaces_another_dataset_without_force(tmp_path):
+    out = tmp_path / "m"
+    _toy(out)
+    before = _files(out)
+    with pytest.raises(UserError, match=r"holds a dataset prepared from 'toy2d'.*Give --force"):
+        prepare_quick("digits", out)
+    assert _files(out) == before
+    prepare_quick("digits", out, force=True)
+    assert _meta(out)["source"] == "digits" and sh.verify(out).ok
+
+
+def test_force_rewrites_a_damaged_dataset(tmp_path):
+    out = tmp_path / "d"
+    _toy(out)
+    good = _files(out)
+    (out / "dataset.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"damaged; rewrite it with --force"):
+        _toy(out)
+    assert (out / "dataset.json").read_text() == "{not json"
+    _toy(out, force=True)
+    assert _files(out) == good and sh.verify(out).ok
+
+
+def test_a_failed_prepare_leaves_the_old_dataset_and_no_half_written_one(tmp_path):
+    images = tmp_path / "imgs"
+    write_image_folder(images, {"a": 30, "b": 30}, size=(8, 8))
+    (images / "b" / "zz-broken.png").write_bytes(b"not a png")
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError, match=r"zz-broken\.png: not a readable image"):
+        prepare_quick("imagefolder", fresh, path=str(images), samples_per_shard=8)
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]  # no empty --out, no partial folder beside it
+
+    old = tmp_path / "old"
+    _toy(old)
+    before = _files(old)
+    with pytest.raises(UserError, match=r"zz-broken\.png"):
+        prepare_quick("imagefolder", old, path=str(images), samples_per_shard=8, force=True)
+    assert _files(old) == before and sorted(os.listdir(tmp_path)) == ["imgs", "old"]
+
+
+def test_a_killed_prepare_leaves_the_old_dataset(tmp_path):
+    """SIGKILL while the new dataset is being written: the old one is untouched; the next run cleans up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    images = tmp_path / "imgs"
+    write_image_folder(images, {"a": 20}, size=(8, 8))
+    os.mkfifo(images / "a" / "stuck.png")  # reading it blocks: the kill lands mid-write, always
+    old = tmp_path / "old"
+    _toy(old)
+    before = _files(old)
+    cdm = str(Path(sys.executable).with_name("cdm"))
+    argv = [cdm, "prepare", "imagefolder", "--path", str(images), "--out", str(old), "--force", "--no-track"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = tmp_path / f".old.partial-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert partial.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no partial folder"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _files(old) == before and sh.verify(old).ok
+
+    # Killed between its two renames: the old dataset lies aside and nothing is at --out.
+    aside = tmp_path / ".old.old-999999999"
+    os.replace(old, aside)
+    (images / "a" / "stuck.png").unlink()
+    again = _toy(old)  # puts the old dataset back, finds it up to date, and removes the dead run's leftovers
+    assert again.up_to_date and _files(old) == before
+    assert sorted(os.listdir(tmp_path)) == ["imgs", "old"]
+
+
 def test_refuses_foreign_output_dir(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

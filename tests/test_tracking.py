@@ -108,3 +108,71 @@ def test_nested_under_parent(store):
         assert mlflow.active_run().info.run_id == outer.info.run_id
     assert _client(uri).get_run(inner_id).data.tags["mlflow.parentRunId"] == outer.info.run_id
     assert _client(uri).get_run(outer.info.run_id).info.status == "FINISHED"
+
+
+def test_a_locked_store_delays_training_metrics_and_loses_none(tmp_path):
+    """Another process holds the SQLite store's write lock longer than SQLite waits (20 s in MLflow).
+
+    A bare client's write fails "database is locked"; the training loop's RunLogger writes the same
+    metrics in the same window, waits the lock out and loses nothing. A write that fails for any
+    other reason is not tried again.
+    """
+    import sqlite3
+    import threading
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.common.tracking import PatientClient
+    from pipelines.train.run_logger import RunLogger
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    client = _client(uri)
+    exp = client.create_experiment("locked", artifact_location=(tmp_path / "art").as_uri())
+    bare_run, patient_run = (client.create_run(exp).info.run_id for _ in range(2))
+    logger = RunLogger(uri, patient_run)
+    logger.metrics({"train/loss": 1.0}, step=1)
+
+    held, hold_s = threading.Event(), 23.0
+
+    def hold_lock():
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(hold_s)
+        conn.execute("COMMIT")
+        conn.close()
+
+    outcome: dict = {}
+
+    def bare_write():
+        try:
+            _client(uri).log_batch(bare_run, metrics=[Metric("train/loss", 2.0, int(time.time() * 1000), 2)])
+            outcome["bare"] = "written"
+        except MlflowException as err:
+            outcome["bare"] = str(err)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert held.wait(10)
+    began = time.monotonic()
+    bare = threading.Thread(target=bare_write)
+    bare.start()
+    logger.metrics({"train/loss": 2.0, "train/lr": 1e-3}, step=2)
+    waited = time.monotonic() - began
+    bare.join()
+    holder.join()
+
+    assert "database is locked" in outcome["bare"], outcome
+    assert waited > 20.0, f"the write went through a held lock after {waited:.1f} s"
+    history = client.get_metric_history(patient_run, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 2.0)]
+    assert [m.value for m in client.get_metric_history(patient_run, "train/lr")] == [1e-3]
+    assert client.get_metric_history(bare_run, "train/loss") == []
+
+    began = time.monotonic()
+    with pytest.raises(MlflowException, match="not found"):
+        PatientClient(uri).get_run("0" * 32)
+    assert time.monotonic() - began < 5.0

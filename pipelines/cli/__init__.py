@@ -118,8 +118,11 @@ def main() -> None:
             raise
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        if os.environ.get("CDM_DEBUG"):
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Typer turns a KeyboardInterrupt inside a command into a silent exit 130.
+        if isinstance(stop, SystemExit) and stop.code != 130:
+            raise
+        if os.environ.get("CDM_DEBUG") and isinstance(stop, KeyboardInterrupt):
             raise
         typer.secho(
             "interrupted: what was finished is kept (a training run continues with `cdm train --resume RUN`, "

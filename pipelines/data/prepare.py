@@ -23,6 +23,7 @@ import mlflow
 
 from pipelines.common import config as cfg
 from pipelines.common import storage
+from pipelines.common.console import warn
 from pipelines.common.errors import UserError
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
@@ -162,6 +163,36 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
     return meta
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _recover_leftovers(target: Path) -> None:
+    """What a killed `_write_beside` on this machine left beside `target`: put the old dataset back, drop the new.
+
+    Killed between its two renames, a run leaves the old dataset as `.<name>.old-<pid>` and no `<name>`;
+    killed while writing, a `.<name>.partial-<pid>`. Folders of a process still running are left alone.
+    """
+    if not target.parent.is_dir():
+        return
+    for kind in ("old", "partial"):
+        for leftover in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(leftover, target)
+                warn(f"warning: {target}: put back the dataset an interrupted `cdm prepare` had moved aside")
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _write_beside(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str) -> dict[str, Any]:
     """Write the dataset into `.<name>.partial-<pid>` beside `loc`, then swap it into place."""
     target = Path(loc.root)
@@ -193,6 +224,8 @@ def run(config: PrepareConfig) -> PrepareResult:
     source = build_source(config.source, config)
     fingerprint = _fingerprint(source, config)
     loc = storage.resolve(config.out)
+    if loc.is_local():
+        _recover_leftovers(Path(loc.root))
     kind = loc.root_kind()
     if kind == "file":
         raise UserError(f"{loc.uri}: is a file; --out must be a directory (it is created if missing)")

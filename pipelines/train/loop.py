@@ -39,7 +39,7 @@ from pipelines.common.config import from_dict, to_dict
 from pipelines.data.preview import save_png
 from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
-from pipelines.train.run_dir import checkpoint_names, checkpoint_step, first_loadable, load_run_checkpoint
+from pipelines.train.run_dir import checkpoint_line, checkpoint_step, first_loadable, load_run_checkpoint
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
 from pipelines.train.validation import Validator, plot_curve, sample_grid, t_grid
@@ -118,27 +118,29 @@ def _restore_latest(
     world: int,
     loop_config: dict[str, Any] | None = None,
 ) -> tuple[int, int, str, str, list[str]]:
-    """Load a checkpoint into the live objects: Ray's latest, or the one the driver chose for this continuation.
+    """Load a checkpoint into the live objects: Ray's latest if this fit wrote it, else the newest of the run's line.
+
+    Ray hands over its latest checkpoint both when it restarts this fit's workers after a failure and when
+    a continuation starts; only in the first case is it this fit's (its `fit_id` says so). At a
+    continuation's start the driver has chosen where to go on from and made it the newest of the run's
+    current line (run_dir.checkpoint_line); Ray's latest may be on a line that was left. A checkpoint that
+    cannot be loaded (truncated, damaged) is passed over for the next older one on the line that loads.
 
     Returns (step, epoch, what became of the RNG streams, the checkpoint used, why newer ones were skipped).
-    If Ray's latest cannot be loaded (truncated, damaged), the run's next older checkpoint that loads is used.
     """
     loop_config = loop_config or {}
     run_dir, name = loop_config.get("run_dir"), Path(checkpoint.path).name
-    chosen = loop_config.get("resume_from")
-    if chosen and name == loop_config.get("latest_at_start"):  # this fit's start: the driver's choice stands
-        used, state, skipped = first_loadable(run_dir, [chosen])
-    else:
-        used, state, skipped = name, None, []
-        try:
-            with checkpoint.as_directory() as folder:
-                state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location="cpu")
-        except (ValueError, OSError) as err:
-            skipped = [f"{name}: {str(err).split('; expected')[0]}"]
-            older = (
-                [n for n in checkpoint_names(run_dir) if checkpoint_step(n) < checkpoint_step(name)] if run_dir else []
-            )
-            used, state, more = first_loadable(run_dir, older)
+    used, state, skipped = name, None, []
+    try:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILENAME, map_location="cpu")
+    except (ValueError, OSError) as err:
+        skipped = [f"{name}: {str(err).split('; expected')[0]}"]
+    ours = state is not None and state.get("extra", {}).get("fit_id") == loop_config.get("fit_id")
+    if not ours and run_dir and (state is None or loop_config.get("resume_from")):
+        line = [n for n in checkpoint_line(run_dir) if state is not None or n != name]
+        if not (state is not None and line and line[0] == name):  # else Ray's is the one to go on from
+            used, state, more = first_loadable(run_dir, line)
             skipped += more
     if state is None:
         raise RuntimeError(f"no checkpoint of {run_dir} could be loaded: {'; '.join(skipped)}")
@@ -167,7 +169,7 @@ def _last_good_checkpoint(
         return None, []
     probe = copy.deepcopy(unwrap_model(model)).train()
     bad = []
-    for name in checkpoint_names(run_dir):
+    for name in checkpoint_line(run_dir):
         if checkpoint_step(name) >= step:
             continue
         try:
@@ -215,17 +217,20 @@ def _report_checkpoint(
     config: TrainConfig,
     mlflow_run_id: str,
     suffix: str = "",
+    fit_id: str | None = None,
 ) -> None:
     """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt.
 
-    `suffix` (e.g. "-b20261201130812") marks the checkpoints of a continuation from an older checkpoint,
-    whose steps repeat those of the line it left: Ray's checkpoint manager must never see one folder twice.
+    `suffix` (e.g. "-b20261201130812") marks the checkpoints of a branch (a continuation from an older
+    checkpoint), whose steps repeat those of the line it left: Ray's checkpoint manager must never see one
+    folder twice. `fit_id` tells the checkpoints of this fit from those before it (see _restore_latest).
     """
     extra = {
         "rng": collectives.all_gather_object(_rng_state(generator)),
         "world_size": world,
         "epoch": epoch,
         "mlflow_run_id": mlflow_run_id,
+        "fit_id": fit_id,
     }
     report = {"step": step, "epoch": epoch, **metrics}
     name = f"checkpoint_{step:08d}{suffix}"
@@ -401,6 +406,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         config=config,
                         mlflow_run_id=loop_config["mlflow_run_id"],
                         suffix=loop_config.get("checkpoint_suffix", ""),
+                        fit_id=loop_config.get("fit_id"),
                     )
                 if step >= steps:
                     break

@@ -1,14 +1,16 @@
 """A training run's folder: `<run.storage_path>/<run.name>/` (a local folder or any pyarrow URI).
 
-cdm_run.json            the resolved config, the data shape and the MLflow run
+cdm_run.json            the resolved config, the data shape, the MLflow run, and the run's branches
 checkpoint_00005000/    Ray Train checkpoints, each holding checkpoint.pt
 …                       (the cdm_core format; see pipelines.common.checkpoints)
+checkpoint_00003000-b20261201130812/   a branch's: a continuation from an older checkpoint
 checkpoint_manager_snapshot.json   Ray's list of checkpoints (used to resume)
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from cdm_core.checkpoint import load_checkpoint
@@ -19,7 +21,7 @@ from pipelines.common.tracking import folder_recorded_by_run
 
 RUN_FILE = "cdm_run.json"
 RUN_FORMAT = "cdm-train-run/1"
-# checkpoint_00005000, or checkpoint_00005000-b20261201130812 for a continuation from an older checkpoint.
+# checkpoint_00005000, or checkpoint_00005000-b20261201130812 on a branch (a continuation from an older checkpoint).
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)(-b\d{14})?")
 
 
@@ -47,18 +49,46 @@ def find_run_dir(run: str, tracking_uri: str | None = None) -> str:
     )
 
 
-def checkpoint_names(run_dir: str, latest: str | None = None) -> list[str]:
-    """The run's checkpoint folders, newest first: `latest` (the run's own record of its last one), then by step.
-
-    After a continuation from an older checkpoint, the line it left keeps higher steps than the new
-    line's first checkpoints, so the run's record, not the step, says which is its latest.
-    """
+def checkpoint_names(run_dir: str) -> list[str]:
+    """All the run's checkpoint folders, highest step first (the lines a continuation left included)."""
     names = [n for n in storage.resolve(run_dir).list_folders() if _CHECKPOINT_DIR.fullmatch(n)]
-    names.sort(key=lambda n: (checkpoint_step(n), _CHECKPOINT_DIR.fullmatch(n).group(2) or ""), reverse=True)
-    if latest in names:
-        names.remove(latest)
-        names.insert(0, latest)
+    names.sort(key=lambda n: (checkpoint_step(n), branch_of(n)), reverse=True)
     return names
+
+
+def branch_of(name: str) -> str:
+    """The line of training a checkpoint belongs to: "" for the run's first, "-bYYYYmmddHHMMSS" for a continuation's."""
+    return _CHECKPOINT_DIR.fullmatch(name).group(2) or ""
+
+
+def checkpoint_line(run_dir: str, info: dict[str, Any] | None = None) -> list[str]:
+    """The checkpoints the run's current line of training passed through, newest first.
+
+    A continuation from an older checkpoint starts a branch (its checkpoints get the branch's suffix), and
+    the run file records where each branch left its parent (`branches`) and which one is current
+    (`branch`). The line is the current branch's checkpoints, then its parent's up to the one it
+    started from, and so on: never those of a line that was left (a diverged stretch, say).
+    """
+    info = read_run_file(run_dir) if info is None else info
+    info = info or {}
+    names, parents = checkpoint_names(run_dir), info.get("branches", {})
+    branch, limit, line, seen = info.get("branch", ""), None, [], set()
+    while branch not in seen:
+        seen.add(branch)
+        line += [n for n in names if branch_of(n) == branch and (limit is None or checkpoint_step(n) <= limit)]
+        parent = parents.get(branch)
+        if parent is None or not _CHECKPOINT_DIR.fullmatch(parent):
+            break
+        branch, limit = branch_of(parent), checkpoint_step(parent)
+    return line
+
+
+def new_branch(info: dict[str, Any]) -> str:
+    """A branch name not used in this run yet."""
+    taken, moment = set(info.get("branches", {})), time.time()
+    while (name := "-b" + time.strftime("%Y%m%d%H%M%S", time.localtime(moment))) in taken:
+        moment += 1
+    return name
 
 
 def checkpoint_step(name: str) -> int:

@@ -16,8 +16,10 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -46,9 +48,11 @@ from pipelines.train.loop import train_worker
 from pipelines.train.run_dir import (
     RUN_FILE,
     RUN_FORMAT,
+    checkpoint_line,
     checkpoint_names,
     find_run_dir,
     first_loadable,
+    new_branch,
     read_run_file,
     write_run_file,
 )
@@ -204,7 +208,7 @@ def _fit(
     callbacks=(),
     start: dict[str, str] | None = None,
 ):
-    """Run the TorchTrainer; `start` ({resume_from, latest_at_start}) names the checkpoint a continuation starts at."""
+    """Run the TorchTrainer; `start` ({resume_from, checkpoint_suffix}) says where a continuation starts, on which line."""
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -225,7 +229,7 @@ def _fit(
             "needs at least one more to read the dataset, so training waits until the cluster grows. Lower "
             "scaling.cpus_per_worker or scaling.num_workers on a fixed-size cluster."
         )
-    trainer = TorchTrainer(
+    trainer = _InterruptibleTrainer(
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(config),
@@ -234,6 +238,7 @@ def _fit(
             "mlflow_run_id": run_id,
             "faults": _fault_injection(run_name),
             "run_dir": storage.join(storage_path, run_name),
+            "fit_id": uuid.uuid4().hex,  # in each checkpoint: tells Ray's restart within this fit from its start
             **(start or {}),
         },
         scaling_config=ScalingConfig(
@@ -264,7 +269,38 @@ def _fit(
             "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=s.num_workers, verify=False),
         },
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if trainer.interrupted:  # Ray aborted the run on Ctrl-C and ended the driver with SystemExit
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+class _InterruptibleTrainer(TorchTrainer):
+    """A TorchTrainer whose Ctrl-C reaches cdm as a KeyboardInterrupt (a message, exit 130, the run KILLED).
+
+    Ray Train installs its own SIGINT handler for the length of `fit()`: it aborts the workers, then
+    exits the process with SystemExit (status 1, without a word). cdm keeps Ray's abort and notes the
+    signal, so that `_fit` can raise KeyboardInterrupt once Ray is done. tests/test_train_recovery.py
+    sends the real signal to the real `cdm train`.
+    """
+
+    interrupted = False
+
+    def _register_sigint_handler(self, controller) -> None:
+        super()._register_sigint_handler(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def note_then_abort(signum, frame):
+            self.interrupted = True
+            if callable(ray_handler):
+                ray_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, note_then_abort)
 
 
 def _finish(
@@ -272,10 +308,6 @@ def _finish(
 ) -> TrainResult:
     outcome = result.return_value or {}
     latest = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
-    if result.checkpoint is not None:  # the run's own record of its latest checkpoint (see run_dir.checkpoint_names)
-        info = read_run_file(run_dir) or {}
-        if info.get("latest_checkpoint") != Path(result.checkpoint.path).name:
-            write_run_file(run_dir, {**info, "latest_checkpoint": Path(result.checkpoint.path).name})
     if outcome.get("status") == "nonfinite":
         raise NonFiniteLossError(_nonfinite_message(outcome, run_dir, latest))
     best = None
@@ -323,33 +355,45 @@ def _nonfinite_message(outcome: dict[str, Any], run_dir: str, latest: str | None
 
 
 def _start_of_continuation(
-    run_dir: str, from_checkpoint: str | None, label: str, latest: str | None = None
-) -> dict[str, str]:
-    """Which checkpoint a continuation starts at: the one asked for, else the newest that loads (saying so).
+    run_dir: str, from_checkpoint: str | None, label: str, info: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Where a continuation starts: (what the loop needs, the run file's new branch record, if any).
 
-    Starting from any but the latest, the continuation's checkpoints get a suffix of their own.
+    The checkpoint asked for, else the newest of the run's current line that loads (saying which it
+    passed over). Starting anywhere but the newest of the line starts a branch: its checkpoints get
+    their own suffix (Ray's checkpoint manager must never see a folder twice), and the line it left is
+    no longer the run's (see run_dir.checkpoint_line).
     """
-    names = checkpoint_names(run_dir, latest)
-    suffix = {"checkpoint_suffix": f"-b{time.strftime('%Y%m%d%H%M%S')}"}
+    names, line = checkpoint_names(run_dir), checkpoint_line(run_dir, info)
     if from_checkpoint is not None:
-        name = from_checkpoint.rstrip("/").rsplit("/", 1)[-1]
-        if name not in names:
+        used = from_checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        if used not in names:
             raise UserError(
-                f"--from-checkpoint {from_checkpoint}: not a checkpoint of {run_dir}; it has "
-                f"{', '.join(names) or 'none'}"
+                f"--from-checkpoint {from_checkpoint}: not a checkpoint of {run_dir}; it has {', '.join(names) or 'none'}"
             )
-        used, _, skipped = first_loadable(run_dir, [name])
+        loaded, _, skipped = first_loadable(run_dir, [used])
+        if loaded is None:
+            raise UserError(f"--from-checkpoint {skipped[0]}; choose another of {', '.join(names)}")
+    elif not line:
+        if names:
+            raise UserError(
+                f"{label}: the run's current line of training has no checkpoint left; choose one with "
+                f"--from-checkpoint ({', '.join(names)})"
+            )
+        return {}, {}  # nothing was saved yet: the run starts again from step 0
+    else:
+        used, _, skipped = first_loadable(run_dir, line)
         if used is None:
-            raise UserError(f"--from-checkpoint {name}: {skipped[0]}; choose another of {', '.join(names)}")
-        return {"resume_from": name, "latest_at_start": names[0], **(suffix if name != names[0] else {})}
-    if not names:
-        return {}
-    used, _, skipped = first_loadable(run_dir, names)
-    if used is None:
-        raise UserError(f"{label}: no checkpoint of {run_dir} can be loaded ({'; '.join(skipped)}); start a new run")
-    if skipped:
-        warn(f"warning: {'; '.join(skipped)}; continuing from {used}, the newest checkpoint that loads")
-    return {"resume_from": used, "latest_at_start": names[0], **suffix} if used != names[0] else {}
+            others = [n for n in names if n not in line]
+            fix = f"choose one with --from-checkpoint ({', '.join(others)})" if others else "start a new run"
+            raise UserError(f"{label}: no checkpoint of the run's current line loads ({'; '.join(skipped)}); {fix}")
+        if skipped:
+            warn(f"warning: {'; '.join(skipped)}; continuing from {used}, the newest checkpoint that loads")
+    branch, record = info.get("branch", ""), {}
+    if used != (line[0] if line else None):
+        branch = new_branch(info)
+        record = {"branches": {**info.get("branches", {}), branch: used}, "branch": branch}
+    return {"resume_from": used, "checkpoint_suffix": branch}, record
 
 
 def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
@@ -439,7 +483,7 @@ def resume(
             "start a new run instead"
         )
     config, data_shape = resolve(config)
-    start = _start_of_continuation(run_dir, from_checkpoint, f"--resume {run}", info.get("latest_checkpoint"))
+    start, branch = _start_of_continuation(run_dir, from_checkpoint, f"--resume {run}", info)
     mlflow_info = info["mlflow"]
     uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
     storage_path, run_name = run_dir.rstrip("/").rsplit("/", 1)
@@ -448,6 +492,10 @@ def resume(
             # MLflow params are immutable: record what this continuation changed as a tag.
             mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))
             info["config"] = cfg.to_dict(config)
+        if branch:  # the checkpoints from here on are a new line; the run file says where it left the old one
+            mlflow.set_tag(f"cdm.branch{branch['branch']}", f"continues from {start['resume_from']}")
+            info.update(branch)
+        if changed or branch:
             write_run_file(run_dir, info)
         result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks, start)
         return _finish(result, config, run_name, run_dir, run_id, uri, started)
