@@ -38,18 +38,6 @@ def recorded_checkpoints(run_dir: Path) -> list[str]:
         return []
 
 
-def _loadable_steps(run_dir: Path) -> list[int]:
-    from cdm_core.checkpoint import load_checkpoint
-
-    steps = []
-    for folder in run_dir.glob("checkpoint_0*"):
-        try:
-            steps.append(load_checkpoint(folder / "checkpoint.pt")["step"])
-        except (OSError, ValueError):
-            pass  # killed while it was being written
-    return steps
-
-
 @pytest.fixture(scope="module")
 def killed_and_resumed(digits_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune-resume")
@@ -100,7 +88,6 @@ def killed_and_resumed(digits_dataset, tmp_path_factory):
         "first_checkpoints": {p.name: p.stat().st_mtime_ns for p in first_run.glob("checkpoint_0*")},
         "second_recorded": recorded_checkpoints(second),
         "second_checkpoints": sorted(p.name for p in second.glob("checkpoint_0*")),
-        "second_loadable": sorted(_loadable_steps(second)),
     }
     time.sleep(2)  # let the killed session's workers notice their raylet is gone
 
@@ -138,9 +125,7 @@ def test_resume_finishes_the_sweep_without_redoing_the_finished_trial(killed_and
     by_name = {k.data.tags["cdm.run_name"]: k for k in kids}
     assert not [t for t in by_name[first_run.name].data.tags if t.startswith("cdm.restarted_from_step.")]
     restarted = [t for t in by_name[second.name].data.tags if t.startswith("cdm.restarted_from_step.")]
-    # From the newest checkpoint that loads: Ray's record, or one written after it that Ray had no time to record.
-    assert restarted == [f"cdm.restarted_from_step.{before['second_loadable'][-1]}"]
-    assert before["second_loadable"][-1] >= int(before["second_recorded"][-1][-8:])
+    assert restarted == [f"cdm.restarted_from_step.{int(before['second_recorded'][-1][-8:])}"]
     assert (second / "checkpoint_00000030" / "checkpoint.pt").is_file()
 
 

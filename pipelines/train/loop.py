@@ -169,7 +169,7 @@ def _last_good_checkpoint(
         return None, []
     probe = copy.deepcopy(unwrap_model(model)).train()
     bad = []
-    for name in checkpoint_line(run_dir):
+    for name in checkpoint_line(run_dir, registered=False):  # this fit's newest may not be recorded yet
         if checkpoint_step(name) >= step:
             continue
         try:

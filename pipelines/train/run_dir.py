@@ -13,6 +13,8 @@ import re
 import time
 from typing import Any
 
+from ray.train import Result  # Ray Train V2's (trainer.check_ray_train_v2 insists on it)
+
 from cdm_core.checkpoint import load_checkpoint
 from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME
@@ -61,17 +63,35 @@ def branch_of(name: str) -> str:
     return _CHECKPOINT_DIR.fullmatch(name).group(2) or ""
 
 
-def checkpoint_line(run_dir: str, info: dict[str, Any] | None = None) -> list[str]:
+def registered_checkpoints(run_dir: str) -> set[str] | None:
+    """The checkpoints Ray Train recorded for the run (None if it has no record of them yet).
+
+    A worker writes a checkpoint's folder before Ray records it; one stopped in between (a kill, a
+    paused Tune trial) leaves a complete folder that Ray never reported. Going on from such a
+    checkpoint would skip its report, so a continuation goes on from the ones Ray recorded.
+    """
+    try:
+        result = Result.from_path(run_dir)
+    except (RuntimeError, OSError, ValueError):
+        return None
+    return {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
+
+
+def checkpoint_line(run_dir: str, info: dict[str, Any] | None = None, *, registered: bool = True) -> list[str]:
     """The checkpoints the run's current line of training passed through, newest first.
 
     A continuation from an older checkpoint starts a branch (its checkpoints get the branch's suffix), and
     the run file records where each branch left its parent (`branches`) and which one is current
     (`branch`). The line is the current branch's checkpoints, then its parent's up to the one it
-    started from, and so on: never those of a line that was left (a diverged stretch, say).
+    started from, and so on: never those of a line that was left (a diverged stretch, say). With
+    `registered`, only those Ray recorded (see registered_checkpoints), once it has recorded any.
     """
     info = read_run_file(run_dir) if info is None else info
     info = info or {}
     names, parents = checkpoint_names(run_dir), info.get("branches", {})
+    known = registered_checkpoints(run_dir) if registered else None
+    if known:
+        names = [n for n in names if n in known]
     branch, limit, line, seen = info.get("branch", ""), None, [], set()
     while branch not in seen:
         seen.add(branch)
