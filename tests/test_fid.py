@@ -102,7 +102,7 @@ def test_fd_is_exact_near_zero_for_one_distribution_grows_with_shift_and_caches(
     assert cached == [False, True, True]  # computed once, then reused
 
     # The reference changes (same folder, different content): the cached statistics no longer apply.
-    prepare_quick("toy2d", reference, name="gmm", num_train=600, num_test=1, samples_per_shard=130)
+    prepare_quick("toy2d", reference, name="gmm", num_train=600, num_test=1, samples_per_shard=130, force=True)
     changed = fd(tmp_path / "shift0.0")
     assert not changed.reference_cached and changed.reference_count == 600
     assert changed.value == pytest.approx(direct_fd(draw, load_split(reference, "train")[0]), rel=1e-9, abs=1e-12)

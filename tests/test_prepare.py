@@ -276,8 +276,8 @@ def test_byte_identical_and_rerun_skips(tmp_path):
     fixed = prepare_quick("toy2d", a, name="gmm8", num_train=300, num_test=50, samples_per_shard=128)
     assert not fixed.up_to_date and _files(a) == _files(b)
 
-    # Different options replace the dataset, and shards it no longer has are removed.
-    changed = prepare_quick("toy2d", a, name="gmm8", num_train=300, num_test=50, samples_per_shard=400)
+    # Different options replace the dataset (with --force), and shards it no longer has are removed.
+    changed = prepare_quick("toy2d", a, name="gmm8", num_train=300, num_test=50, samples_per_shard=400, force=True)
     assert not changed.up_to_date
     assert sorted(n for n in os.listdir(a) if n.endswith(".tar")) == ["test-000000.tar", "train-000000.tar"]
     assert sh.verify(a).ok
@@ -434,7 +434,8 @@ def test_prepare_logs_mlflow_run(tmp_path):
     # A failing prepare leaves a FAILED run, not a RUNNING one.
     (src / "a" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="bad.png"):
-        prepare_quick("imagefolder", tmp_path / "out", path=str(src), track=True, tracking_uri=uri, experiment="t")
+        prepare_quick("imagefolder", tmp_path / "out2", path=str(src), track=True, tracking_uri=uri, experiment="t")
+    assert not (tmp_path / "out2").exists()  # nothing half-written is left
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FAILED"
 
