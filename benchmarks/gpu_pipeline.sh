@@ -7,7 +7,7 @@
 #      200 steps across log steps (every 50), validations and checkpoints (every 100), with the
 #      worker killed once at step 150 (fault injection; run.max_failures=1 restarts it from the
 #      step-100 checkpoint), then `cdm train --resume` to 300 steps;
-#   3. `cdm nll` of the test split and a short `cdm sample` (64 images, 20 DDIM steps) on GPU actors
+#   3. `cdm nll` of the test split and a short `cdm sample` (64 images, the paper's DPM-Solver-2, 25 steps) on GPU actors
 #      (--gpus-per-worker 1);
 #   4. one JSON of what ran and its figures: $OUT/gpu_pipeline.json if OUT is set, else
 #      benchmarks/results/gpu_pipeline.json.
@@ -71,7 +71,7 @@ stamp resumed
 CKPT="$(ls -d "$WORK"/runs/gpu/checkpoint_0* | sort | tail -1)"
 cdm nll "$CKPT" "$WORK/data" --split test --out "$WORK/nll" --no-track "${POOL[@]}" | tee "$WORK/nll.log"
 stamp scored
-cdm sample "$CKPT" --n 64 --steps 20 --out "$WORK/samples" --no-track "${POOL[@]}" | tee "$WORK/sample.log"
+cdm sample "$CKPT" --n 64 --sampler dpmsolver2m --steps 25 --time-grid official --clip-x0 0 --out "$WORK/samples" --no-track "${POOL[@]}" | tee "$WORK/sample.log"
 stamp sampled
 
 "$PY" - "$WORK" "$DEST/gpu_pipeline.json" "$DEVICE" <<'PYEOF'

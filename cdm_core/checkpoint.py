@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .ema import EMA
-from .networks import build_model, model_spec, unwrap_model
+from .networks import LEGACY_FIELDS, build_model, model_spec, unwrap_model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -192,8 +192,11 @@ def _flatten_spec(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def spec_differences(checkpoint_spec: dict[str, Any], model_spec_: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two model specs, e.g. 'checkpoint has base_channels=64, model has base_channels=32'."""
-    a, b = _flatten_spec(checkpoint_spec), _flatten_spec(model_spec_)
+    """Human-readable differences between two model specs, e.g. 'checkpoint has base_channels=64, model has base_channels=32'.
+
+    A U-Net spec written before a field existed has that field's legacy value (as ``build_model`` rebuilds it).
+    """
+    a, b = _flatten_spec(_with_legacy_fields(checkpoint_spec)), _flatten_spec(_with_legacy_fields(model_spec_))
     diffs = []
     for key in list(a) + [k for k in b if k not in a]:
         if key not in b:
@@ -203,6 +206,12 @@ def spec_differences(checkpoint_spec: dict[str, Any], model_spec_: dict[str, Any
         elif _normalise(a[key]) != _normalise(b[key]):
             diffs.append(f"checkpoint has {key}={a[key]!r}, model has {key}={b[key]!r}")
     return diffs
+
+
+def _with_legacy_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(spec.get("config"), dict):
+        return spec
+    return {**spec, "config": {**LEGACY_FIELDS, **spec["config"]}}
 
 
 def _normalise(value: Any) -> Any:

@@ -3,7 +3,10 @@
 The U-Net follows Ho et al. (2020) as written in openai/improved-diffusion:
 ResBlocks with GroupNorm/SiLU, single- or multi-head self-attention at chosen
 resolutions, stride-2 conv downsampling, nearest + conv upsampling, skip
-connections between encoder and decoder.
+connections between encoder and decoder. New models match the official CDM code
+(github.com/shaharYadin/CDM, ``models/diffusion.py``, itself the PyTorch port of
+the DDPM U-Net) where it and improved-diffusion differ: GroupNorm eps 1e-6 and
+downsampling that pads only the right and bottom edges.
 
 * ``UNetClassifier`` is the CDM network of Yadin, Elata & Michaeli (2024): the
   U-Net with its time embedding removed, then GroupNorm → SiLU → 3×3 conv →
@@ -30,6 +33,8 @@ from torch import nn
 
 __all__ = [
     "UNetConfig",
+    "LEGACY_FIELDS",
+    "downsampled_size",
     "unet_preset",
     "UNET_PRESETS",
     "UNetBackbone",
@@ -59,6 +64,15 @@ class UNetConfig:
     attention. ``num_labels`` is None for an unconditional model; otherwise the
     model takes labels 0..num_labels, where ``num_labels`` itself is the null
     label used for classifier-free guidance.
+
+    ``head_channels`` is the width of the CDM classifier's head conv (None: the
+    backbone's output width, ``base_channels * channel_mult[0]``); the DDM
+    denoiser's head outputs the image channels and ignores it. ``downsample`` is
+    ``"official"`` (DDPM and the official CDM code: zero-pad right and bottom by
+    one, unpadded stride-2 conv) or ``"symmetric"`` (conv padding 1 on every
+    side: the grid the official one samples, shifted by one pixel). ``norm_eps``
+    is every GroupNorm's eps. Specs saved before these three fields existed
+    rebuild the network of that time (see ``LEGACY_FIELDS``).
     """
 
     in_channels: int
@@ -70,6 +84,9 @@ class UNetConfig:
     dropout: float = 0.1
     num_labels: int | None = None
     num_heads: int = 1
+    head_channels: int | None = None
+    downsample: str = "official"
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         # Specs come back from JSON/torch.load as lists; the config is hashable
@@ -86,7 +103,18 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels must be None (unconditional) or >= 1, got {self.num_labels}")
+        if self.head_channels is not None and self.head_channels < 1:
+            raise ValueError(f"head_channels must be None (the backbone's width) or >= 1, got {self.head_channels}")
+        if self.downsample not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_MODES)}, got {self.downsample!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         resolutions = self.resolutions()
+        if min(resolutions) < 1:
+            raise ValueError(
+                f"image_size={self.image_size} is too small for {len(self.channel_mult)} levels with "
+                f"{self.downsample} downsampling: the feature maps would be {resolutions}"
+            )
         missing = [r for r in self.attn_resolutions if r not in resolutions]
         if missing:
             raise ValueError(
@@ -100,10 +128,10 @@ class UNetConfig:
                 raise ValueError(f"num_heads={self.num_heads} does not divide {channels} channels at resolution {r}")
 
     def resolutions(self) -> tuple[int, ...]:
-        """Feature-map height at each level (a stride-2 conv maps n to ceil(n/2))."""
+        """Feature-map height at each level (see ``downsampled_size``)."""
         sizes = [self.image_size]
         for _ in self.channel_mult[1:]:
-            sizes.append((sizes[-1] + 1) // 2)
+            sizes.append(downsampled_size(sizes[-1], self.downsample))
         return tuple(sizes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,17 +143,35 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """The config of a ``to_dict`` dict; a field the dict lacks takes its ``LEGACY_FIELDS`` value."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown UNetConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+        return cls(**{**LEGACY_FIELDS, **d})
+
+
+DOWNSAMPLE_MODES = ("official", "symmetric")
+
+# What the fields added after the first checkpoints were written meant before they
+# existed: a spec without them is an older network, which must rebuild exactly.
+LEGACY_FIELDS: dict[str, Any] = {"head_channels": None, "downsample": "symmetric", "norm_eps": 1e-5}
+
+
+def downsampled_size(n: int, mode: str) -> int:
+    """Side of a stride-2 3×3 conv's output: floor((n + total padding − 3) / 2) + 1.
+
+    ``official`` pads by 1 in total (right/bottom), so n -> floor(n/2) (7 -> 3; 0 for
+    n = 1); ``symmetric`` pads by 2 in total, so n -> ceil(n/2) (7 -> 4).
+    """
+    padding = {"official": 1, "symmetric": 2}[mode]
+    return (n + padding - 3) // 2 + 1
 
 
 def _lowest_resolution(image_size: int, num_levels: int) -> int:
     size = image_size
     for _ in range(num_levels - 1):
-        size = (size + 1) // 2
+        size = downsampled_size(size, "official")
     return size
 
 
@@ -133,7 +179,7 @@ UNET_PRESETS = ("tiny", "mnist", "cifar10", "celeba64")
 
 
 def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | None = None) -> UNetConfig:
-    """A named U-Net configuration.
+    """A named U-Net configuration (official downsampling, GroupNorm eps 1e-6).
 
     ``tiny`` (fast CPU tests) and ``mnist`` adapt their attention resolution to
     ``image_size``; ``cifar10`` and ``celeba64`` are the paper's architectures
@@ -145,11 +191,16 @@ def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | 
             in_channels, image_size, 32, mult, 1, (_lowest_resolution(image_size, len(mult)),), 0.0, num_labels
         )
     if name == "mnist":
-        return UNetConfig(in_channels, image_size, 64, (1, 2, 2), 2, ((image_size + 1) // 2,), 0.1, num_labels)
+        return UNetConfig(
+            in_channels, image_size, 64, (1, 2, 2), 2, (downsampled_size(image_size, "official"),), 0.1, num_labels
+        )
+    # The paper's models (App. C.1; the official code's ddpm_unet_small / ddpm_unet_large in main.py). The head
+    # conv widths are the paper's: "outputs 1024 and 512 channels for CelebA 64×64 and CIFAR-10"; the official
+    # code's head conv outputs 2 × 128 = 256 channels for both (models/diffusion.py, conv_out).
     if name == "cifar10":
-        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2), 2, (16,), 0.1, num_labels)
+        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2), 2, (16,), 0.1, num_labels, head_channels=512)
     if name == "celeba64":
-        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2, 4), 2, (16,), 0.1, num_labels)
+        return UNetConfig(in_channels, image_size, 128, (1, 2, 2, 2, 4), 2, (16,), 0.1, num_labels, head_channels=1024)
     raise ValueError(f"unknown U-Net preset {name!r}; choose one of {', '.join(UNET_PRESETS)}")
 
 
@@ -157,10 +208,10 @@ def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | 
 # Building blocks
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= 32 that divides ``channels``."""
+def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides ``channels`` (32 for every width of the paper's models)."""
     groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -184,12 +235,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv3x3 → [+ embedding] → GroupNorm → SiLU → dropout → conv3x3, plus skip."""
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, emb_dim: int | None, dropout: float, norm_eps: float
+    ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -210,10 +263,10 @@ class AttentionBlock(nn.Module):
     which the fused flash / memory-efficient kernels do not support.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1) -> None:
+    def __init__(self, channels: int, num_heads: int, norm_eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -230,13 +283,21 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3×3 conv: n -> ceil(n/2), so odd sizes (7×7) work."""
+    """Stride-2 3×3 conv; ``mode`` as in ``UNetConfig.downsample`` (sizes: ``downsampled_size``).
 
-    def __init__(self, channels: int) -> None:
+    ``official`` zero-pads only the right and bottom edges (DDPM: TF's "SAME"
+    padding for even sizes), so output pixel i sees input pixels 2i..2i+2;
+    ``symmetric`` sees 2i-1..2i+1. Both have the same weights.
+    """
+
+    def __init__(self, channels: int, mode: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad_right_bottom = mode == "official"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.pad_right_bottom else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_right_bottom:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -287,8 +348,8 @@ class UNetBackbone(nn.Module):
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         def step(in_ch: int, out_ch: int, resolution: int) -> ResAttnBlock:
-            attn = AttentionBlock(out_ch, c.num_heads) if resolution in c.attn_resolutions else None
-            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, c.dropout), attn)
+            attn = AttentionBlock(out_ch, c.num_heads, c.norm_eps) if resolution in c.attn_resolutions else None
+            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, c.dropout, c.norm_eps), attn)
 
         resolutions = c.resolutions()
         last = len(c.channel_mult) - 1
@@ -301,12 +362,12 @@ class UNetBackbone(nn.Module):
                 ch = c.base_channels * mult
                 skip_channels.append(ch)
             if level != last:
-                self.encoder.append(Downsample(ch))
+                self.encoder.append(Downsample(ch, c.downsample))
                 skip_channels.append(ch)
 
-        self.middle_res1 = ResBlock(ch, ch, emb_dim, c.dropout)
-        self.middle_attn = AttentionBlock(ch, c.num_heads)
-        self.middle_res2 = ResBlock(ch, ch, emb_dim, c.dropout)
+        self.middle_res1 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps)
+        self.middle_attn = AttentionBlock(ch, c.num_heads, c.norm_eps)
+        self.middle_res2 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps)
 
         self.decoder = nn.ModuleList()
         for level in reversed(range(len(c.channel_mult))):
@@ -353,8 +414,10 @@ class UNetClassifier(nn.Module):
 
     ``forward(x, y=None)`` returns (B, T+2) logits ℓ(x) = cumsum(f_θ(x)). The
     cumulative sum is the paper's parametrisation of the logits; it is fixed,
-    not learned. Conditional models feed a label embedding to every ResBlock
-    where a DDPM feeds its time embedding.
+    not learned. The head (App. C.1) is GroupNorm → SiLU → 3×3 conv to
+    ``config.head_channels`` → global average pool → Linear to T+2. Conditional
+    models feed a label embedding to every ResBlock where a DDPM feeds its time
+    embedding.
     """
 
     def __init__(self, config: UNetConfig, num_timesteps: int) -> None:
@@ -370,10 +433,11 @@ class UNetClassifier(nn.Module):
         self.label_embed = nn.Embedding(config.num_labels + 1, emb_dim) if emb_dim else None
         self.backbone = UNetBackbone(config, emb_dim)
         ch = self.backbone.out_channels
-        self.head_norm = group_norm(ch)
-        self.head_conv = nn.Conv2d(ch, ch, 3, padding=1)
+        head = config.head_channels or ch
+        self.head_norm = group_norm(ch, config.norm_eps)
+        self.head_conv = nn.Conv2d(ch, head, 3, padding=1)
         # Outputs f_θ(x), the per-class increments whose cumulative sum is the logits.
-        self.logit_increments = nn.Linear(ch, num_timesteps + 2)
+        self.logit_increments = nn.Linear(head, num_timesteps + 2)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         labels = _labels_or_null(y, self.num_labels, x.shape[0], x.device)
@@ -390,6 +454,7 @@ class UNetDenoiser(nn.Module):
     """DDM baseline: the same U-Net with a sinusoidal time embedding → ε̂(x, t).
 
     ``t`` is the integer noise-level class in 0..T+1 (the same indexing the CDM uses).
+    Its head conv outputs the image channels, so ``config.head_channels`` does not apply.
     """
 
     def __init__(self, config: UNetConfig, num_timesteps: int) -> None:
@@ -406,7 +471,7 @@ class UNetDenoiser(nn.Module):
         self.label_embed = nn.Embedding(config.num_labels + 1, emb_dim) if config.num_labels is not None else None
         self.backbone = UNetBackbone(config, emb_dim)
         out = self.backbone.out_channels
-        self.head_norm = group_norm(out)
+        self.head_norm = group_norm(out, config.norm_eps)
         self.head_conv = zero_init(nn.Conv2d(out, config.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from cdm_core.checkpoint import (
     save_checkpoint,
 )
 from cdm_core.ema import EMA
-from cdm_core.networks import MLPClassifier, UNetClassifier, unet_preset
+from cdm_core.networks import LEGACY_FIELDS, MLPClassifier, UNetClassifier, UNetConfig, unet_preset
 
 T = 10
 
@@ -246,6 +246,37 @@ def test_restore_refuses_a_different_architecture(tmp_path):
 def load_checkpoint_of(model: nn.Module, folder) -> dict:
     save_checkpoint(folder / "other.pt", model=model, step=0, config={})
     return load_checkpoint(folder / "other.pt")
+
+
+def test_checkpoints_from_before_the_official_unet_load_as_they_were(tmp_path):
+    """Checkpoints whose spec lacks head_channels/downsample/norm_eps hold the network of that time:
+    symmetric downsampling, GroupNorm eps 1e-5, head conv as wide as the backbone."""
+    torch.manual_seed(0)
+    legacy_config = UNetConfig(1, 8, 32, (1, 2), 1, (4,), 0.0, **LEGACY_FIELDS)
+    legacy = UNetClassifier(legacy_config, T)
+    with torch.no_grad():
+        for p in legacy.parameters():  # no zero-initialised branches: every layer shows in the output
+            p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "old.pt", model=legacy, step=5, config={}, ema=EMA(legacy))
+    old = torch.load(tmp_path / "old.pt", weights_only=True)
+    for key in LEGACY_FIELDS:  # as every checkpoint written before the fields existed
+        del old["model_spec"]["config"][key]
+    torch.save(old, tmp_path / "old.pt")
+
+    checkpoint = load_checkpoint(tmp_path / "old.pt")
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert rebuilt.config == legacy_config
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(rebuilt(x), legacy.eval()(x))
+    # restore() reads the missing fields the same way: into the legacy network it goes ...
+    assert restore(checkpoint, UNetClassifier(legacy_config, T)) == 5
+    # ... into today's network (same weight shapes) it refuses, saying what changed.
+    with pytest.raises(CheckpointMismatchError) as err:
+        restore(checkpoint, UNetClassifier(unet_preset("tiny", 1, 8), T))
+    message = str(err.value)
+    assert "checkpoint has downsample='symmetric', model has downsample='official'" in message
+    assert "checkpoint has norm_eps=1e-05, model has norm_eps=1e-06" in message
+    assert "head_channels" not in message
 
 
 def test_restore_lists_state_dict_mismatches(tmp_path):

@@ -7,9 +7,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cdm_core.networks import (
+    LEGACY_FIELDS,
+    Downsample,
     MLPClassifier,
     MLPDenoiser,
     UNetClassifier,
@@ -17,10 +20,15 @@ from cdm_core.networks import (
     UNetDenoiser,
     build_model,
     count_parameters,
+    downsampled_size,
     group_norm,
     model_spec,
     unet_preset,
 )
+from pipelines.common import config as cfg_io
+from pipelines.common.config import ConfigError
+from pipelines.train.config import TrainConfig
+from pipelines.train.step import build_network
 
 T = 10  # noise levels in the small test models: T + 2 = 12 classes
 
@@ -38,6 +46,7 @@ def randomise(model: nn.Module, scale: float = 0.05) -> nn.Module:
 # (preset, channels, image size, num_labels)
 SMALL_CASES = [
     ("tiny", 1, 8, None),
+    ("tiny", 1, 16, None),
     ("tiny", 1, 28, None),
     ("tiny", 3, 32, 10),
 ]
@@ -75,17 +84,64 @@ def test_unet_resolutions_for_odd_sizes():
     assert unet_preset("mnist", 1, 28).resolutions() == (28, 14, 7)
     assert unet_preset("mnist", 1, 28).attn_resolutions == (14,)
     assert unet_preset("tiny", 1, 8).attn_resolutions == (4,)
+    assert unet_preset("tiny", 1, 16).attn_resolutions == (8,)
     assert unet_preset("tiny", 1, 28).attn_resolutions == (14,)
-    # cifar10 architecture on a 28 px input: 28 -> 14 -> 7 -> 4 and back to 28.
-    cfg = UNetConfig(1, 28, 16, (1, 2, 2, 2), 1, (14,), 0.0)
-    assert cfg.resolutions() == (28, 14, 7, 4)
-    assert UNetClassifier(cfg, T)(torch.randn(1, 1, 28, 28)).shape == (1, T + 2)
-    assert UNetDenoiser(cfg, T)(torch.randn(1, 1, 28, 28), 1).shape == (1, 1, 28, 28)
+    assert unet_preset("cifar10", 3, 32).resolutions() == (32, 16, 8, 4)
+    assert unet_preset("celeba64", 3, 64).resolutions() == (64, 32, 16, 8, 4)
+    # cifar10 architecture on a 28 px input: the official downsampling gives 28 -> 14 -> 7 -> 3,
+    # the symmetric one 28 -> 14 -> 7 -> 4; both come back to 28.
+    for mode, sizes in (("official", (28, 14, 7, 3)), ("symmetric", (28, 14, 7, 4))):
+        cfg = UNetConfig(1, 28, 16, (1, 2, 2, 2), 1, (14,), 0.0, downsample=mode)
+        assert cfg.resolutions() == sizes
+        assert UNetClassifier(cfg, T)(torch.randn(1, 1, 28, 28)).shape == (1, T + 2)
+        assert UNetDenoiser(cfg, T)(torch.randn(1, 1, 28, 28), 1).shape == (1, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"image_size=4 is too small .* \(4, 2, 1, 0\)"):
+        UNetConfig(1, 4, 16, (1, 2, 2, 2), 1, (), 0.0)
+
+
+@pytest.mark.parametrize("mode", ["official", "symmetric"])
+def test_downsampled_size_is_the_conv_arithmetic(mode):
+    layer = Downsample(1, mode)
+    for n in range(2, 20):
+        assert layer(torch.zeros(1, 1, n, n)).shape[-1] == downsampled_size(n, mode), n
+    assert [downsampled_size(n, mode) for n in (7, 8, 28, 32)] == (
+        [3, 4, 14, 16] if mode == "official" else [4, 4, 14, 16]
+    )
+
+
+def test_official_downsampling_equals_the_reference():
+    """DDPM / the official CDM code: zero-pad right and bottom by one, then a 3×3 stride-2 conv without padding."""
+    torch.manual_seed(0)
+    official, symmetric = Downsample(4, "official"), Downsample(4, "symmetric")
+    symmetric.load_state_dict(official.state_dict())  # same weights, same keys
+    w, b = official.conv.weight, official.conv.bias
+    for n in (8, 7):
+        x = torch.randn(2, 4, n, n)
+        torch.testing.assert_close(official(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), w, b, stride=2, padding=0))
+        torch.testing.assert_close(symmetric(x), F.conv2d(x, w, b, stride=2, padding=1))
+    # The two sample grids one pixel apart: away from the top/left edge, the official output is
+    # the symmetric one of the input moved up and left by a pixel.
+    x = torch.randn(1, 4, 8, 8)
+    assert not torch.allclose(official(x), symmetric(x))
+    moved = F.pad(x[..., 1:, 1:], (0, 1, 0, 1))
+    torch.testing.assert_close(official(x)[..., 1:, 1:], symmetric(moved)[..., 1:, 1:])
+
+
+def test_group_norm_eps():
+    new = [UNetClassifier(unet_preset("tiny", 1, 8, 3), T), UNetDenoiser(unet_preset("tiny", 1, 8), T)]
+    legacy = UNetClassifier(UNetConfig(1, 8, 32, (1, 2), 1, (4,), 0.0, **LEGACY_FIELDS), T)
+    for model, eps in [(m, 1e-6) for m in new] + [(legacy, 1e-5)]:
+        norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+        assert len(norms) > 5 and {m.eps for m in norms} == {eps}
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="tiny, mnist, cifar10, celeba64"):
         unet_preset("resnet", 3, 32)
+    with pytest.raises(ValueError, match="downsample must be one of official, symmetric"):
+        UNetConfig(1, 8, 32, (1, 2), 1, (4,), 0.0, downsample="avgpool")
+    with pytest.raises(ValueError, match="head_channels"):
+        UNetConfig(1, 8, 32, (1, 2), 1, (4,), 0.0, head_channels=0)
     with pytest.raises(ValueError, match=r"attn_resolutions \[16\] do not occur"):
         unet_preset("cifar10", 1, 28)  # the paper's attention at 16 px needs a 32 px input
     with pytest.raises(ValueError, match="num_heads"):
@@ -93,6 +149,7 @@ def test_config_validation():
     # JSON round trips give lists; the config stores tuples.
     cfg = UNetConfig.from_dict(json.loads(json.dumps(unet_preset("mnist", 1, 28).to_dict())))
     assert cfg == unet_preset("mnist", 1, 28)
+    assert {"head_channels", "downsample", "norm_eps"} <= set(cfg.to_dict())  # recorded in every spec
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         UNetConfig.from_dict({**cfg.to_dict(), "channels": 3})
 
@@ -106,15 +163,87 @@ def test_group_norm_groups():
 def test_paper_presets_parameter_counts():
     # Built on the meta device: shapes only, no memory, no init cost.
     with torch.device("meta"):
-        ddm = UNetDenoiser(unet_preset("cifar10", 3, 32), 1000)
-        cdm = UNetClassifier(unet_preset("cifar10", 3, 32), 1000)
-        cdm_celeba = UNetClassifier(unet_preset("celeba64", 3, 64), 1000)
+        cifar10, celeba64 = unet_preset("cifar10", 3, 32), unet_preset("celeba64", 3, 64)
+        ddm = UNetDenoiser(cifar10, 1000)
+        cdm = UNetClassifier(cifar10, 1000)
+        cdm_official = UNetClassifier(dataclasses.replace(cifar10, head_channels=256), 1000)
+        cdm_celeba = UNetClassifier(celeba64, 1000)
+        cdm_celeba_official = UNetClassifier(dataclasses.replace(celeba64, head_channels=256), 1000)
+    counts = {
+        "cifar10 DDM": count_parameters(ddm),
+        "cifar10 CDM (head 512)": count_parameters(cdm),
+        "cifar10 CDM (head 256, official code)": count_parameters(cdm_official),
+        "celeba64 CDM (head 1024)": count_parameters(cdm_celeba),
+        "celeba64 CDM (head 256, official code)": count_parameters(cdm_celeba_official),
+    }
+    print(counts)
     # Ho et al. (2020) report 35.7M parameters for the CIFAR-10 DDPM.
-    assert 35.6e6 < count_parameters(ddm) < 35.8e6
-    # No time MLP and no per-block time projections, but a 1002-way head.
-    assert 32e6 < count_parameters(cdm) < 35.7e6
+    assert 35.6e6 < counts["cifar10 DDM"] < 35.8e6
+    # No time MLP and no per-block time projections, but a 1002-way head. The head-256 counts equal
+    # the official code's DDPM_Unet (checked against a transcription of models/diffusion.py).
+    assert counts["cifar10 CDM (head 512)"] == 33_957_610
+    assert counts["cifar10 CDM (head 256, official code)"] == 33_405_930
+    assert counts["celeba64 CDM (head 1024)"] == 76_439_530
+    assert counts["celeba64 CDM (head 256, official code)"] == 74_784_490
+    # The head alone: conv 128 -> h (3×3) and Linear h -> 1002.
+    head = lambda h: 128 * h * 9 + h + h * 1002 + 1002  # noqa: E731
+    assert counts["cifar10 CDM (head 512)"] - counts["cifar10 CDM (head 256, official code)"] == head(512) - head(256)
     assert count_parameters(cdm) < count_parameters(ddm)
-    assert 70e6 < count_parameters(cdm_celeba) < 80e6
+
+
+@pytest.mark.parametrize(
+    "preset,channels,size,head",
+    [("cifar10", 3, 32, 512), ("celeba64", 3, 64, 1024), ("mnist", 1, 28, 64), ("tiny", 1, 8, 32)],
+)
+def test_classifier_head_width_per_preset(preset, channels, size, head):
+    """App. C.1: the head conv outputs 512 (CIFAR-10) and 1024 (CelebA-64) channels; small presets keep the backbone's."""
+    config = unet_preset(preset, channels, size)
+    assert config.head_channels == (head if preset in ("cifar10", "celeba64") else None)
+    with torch.device("meta"):
+        model = UNetClassifier(config, 1000)
+        ddm = UNetDenoiser(config, 1000)
+    assert model.head_conv.in_channels == config.base_channels
+    assert model.head_conv.out_channels == head
+    assert model.logit_increments.in_features == head
+    assert ddm.head_conv.out_channels == channels  # the DDM's head is the image, whatever head_channels says
+
+
+def test_train_config_head_channels():
+    """model.head_channels overrides the preset's; the network's spec records it with the downsampling and eps."""
+
+    def network(*overrides: str) -> nn.Module:
+        config = cfg_io.load(TrainConfig, None, ["data.uri=unused", "model.preset=cifar10", *overrides])
+        with torch.device("meta"):
+            return build_network(config, 3, 32)
+
+    assert network().head_conv.out_channels == 512
+    model = network("model.head_channels=256")
+    assert model.head_conv.out_channels == 256
+    recorded = {"head_channels": 256, "downsample": "official", "norm_eps": 1e-6}
+    assert recorded.items() <= model_spec(model)["config"].items()
+    with pytest.raises(ConfigError, match="model.head_channels: 256 is the width of the CDM classifier's head"):
+        network("model.kind=ddm", "model.head_channels=256")
+
+
+def test_legacy_spec_rebuilds_the_legacy_network():
+    """A spec saved before head_channels/downsample/norm_eps existed rebuilds that network, bit for bit."""
+    torch.manual_seed(0)
+    # An odd size, so the two downsamplings differ in shape as well as in values.
+    legacy_config = UNetConfig(
+        1, 7, 32, (1, 2), 1, (4,), 0.0, head_channels=None, downsample="symmetric", norm_eps=1e-5
+    )
+    legacy = randomise(UNetClassifier(legacy_config, T)).eval()
+    old_spec = model_spec(legacy)
+    for key in LEGACY_FIELDS:
+        del old_spec["config"][key]
+    rebuilt = build_model(json.loads(json.dumps(old_spec))).eval()
+    assert rebuilt.config == legacy_config
+    rebuilt.load_state_dict(legacy.state_dict())
+    x = torch.randn(3, 1, 7, 7)
+    assert torch.equal(rebuilt(x), legacy(x))
+    # The same spec with today's defaults is another network: attention at 4 px no longer exists (7 -> 3).
+    with pytest.raises(ValueError, match=r"attn_resolutions \[4\] do not occur"):
+        UNetConfig(**old_spec["config"])
 
 
 def test_cifar10_classifier_runs_one_image():

@@ -157,10 +157,10 @@ def test_ddm_checkpoints_sample_through_the_same_stage(ray_session, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "ddm" / "checkpoint.pt"
     save_checkpoint(ckpt, model=UNetDenoiser(unet_preset("tiny", 1, 8), 20), step=0, config=config_for("ddm", 20))
-    a = load_split(_sample(ckpt, tmp_path / "a", n=4, batch_size=2, steps=5, sampler="dpm2", workers=2).uri, "samples")[
-        0
-    ]
-    assert np.array_equal(a[2:], direct(ckpt, range(2, 4), sampler="dpm2", steps=5, seed=0))
+    a = load_split(
+        _sample(ckpt, tmp_path / "a", n=4, batch_size=2, steps=5, sampler="dpmsolver2m", workers=2).uri, "samples"
+    )[0]
+    assert np.array_equal(a[2:], direct(ckpt, range(2, 4), sampler="dpmsolver2m", steps=5, seed=0))
 
 
 def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path):

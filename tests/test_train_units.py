@@ -49,7 +49,9 @@ def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
 
 def test_learning_rate_warms_up_then_decays():
     optim = tiny("optim.warmup_steps=10", "optim.decay_every=100", "optim.decay_factor=0.5").optim
-    assert [lr_factor(optim, s) for s in (1, 5, 10, 99, 100, 250)] == [0.1, 0.5, 1.0, 1.0, 0.5, 0.25]
+    # The official code's lr_lambda at its 0-based step k = s - 1: min((k+1)/10, 1) * 0.5 ** (k // 100).
+    official = [min((s - 1 + 1) / 10, 1) * 0.5 ** ((s - 1) // 100) for s in (1, 5, 10, 99, 100, 101, 250)]
+    assert [lr_factor(optim, s) for s in (1, 5, 10, 99, 100, 101, 250)] == official == [0.1, 0.5, 1, 1, 1, 0.5, 0.25]
     step = make_step(tiny("optim.warmup_steps=4", "optim.lr=1e-2"))
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     used = []

@@ -121,3 +121,79 @@ def test_mistakes_name_the_setting(tmp_path):
         )
     with pytest.raises(UserError, match=r"--workdir"):
         prepare_plan(CONFIGS / "demo.toml", workdir="s3://bucket/cdm")
+
+
+# The paper's evaluation protocol (Sec. 4, Tables 2 and 3), as each paper workflow plans it.
+PAPER_PROTOCOLS = {
+    "cifar10": {"ddpm1000": ("ddpm", 1000, 0.0), "ddim50": ("ddim", 50, 0.0), "dpms25": ("dpmsolver2m", 25, 0.0)},
+    "celeba64": {"ddpm1000": ("ddpm", 1000, 0.0), "ddim50": ("ddim", 50, 0.0), "dpms25": ("dpmsolver2m", 25, 0.0)},
+    "cifar10_uniform": {"ddim50": ("ddim", 50, 0.0)},
+    "cifar10_ot": {"euler1000": ("euler", 1000, 0.0)},
+    "cifar10_cond": {f"ddim50_w{str(w).replace('.', '_')}": ("ddim", 50, w) for w in (0.25, 0.5, 0.75, 1)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PROTOCOLS))
+def test_the_paper_workflows_sample_and_score_as_the_paper(tmp_path, name):
+    path = tmp_path / "faces" if name == "celeba64" else tmp_path / "cifar-10-python.tar.gz"
+    path.mkdir() if name == "celeba64" else path.write_bytes(b"not really")
+    plan, _ = prepare_plan(CONFIGS / "run" / f"{name}.toml", [f"prepare.path={path}"], workdir=tmp_path, strict=False)
+    expected = PAPER_PROTOCOLS[name]
+    samples = {s.protocol: s for s in plan.stages if s.kind == "sample"}
+    assert sorted(samples) == sorted(expected)
+    for protocol, (sampler, steps, w) in expected.items():
+        settings = samples[protocol].settings
+        assert (settings["sampler"], settings["steps"], settings["cfg"]) == (sampler, steps, w), protocol
+        # 50,000 samples on the official code's time grid, x̂0 not clipped (as the official samplers)
+        assert (settings["n"], settings["time_grid"], settings["clip_x0"]) == (50000, "official", 0.0), protocol
+        fid = plan.stage(f"fid-{protocol}")
+        assert fid.needs[-1] == f"sample-{protocol}" and fid.inputs["sample"] == samples[protocol].key
+        assert fid.settings["features"] == "inception" and fid.settings["reference_split"] == "train"
+    assert plan.stage("nll").settings["split"] == "test" and not plan.has("sample") and not plan.has("fid")
+
+
+def test_the_dry_run_of_the_paper_s_cifar10_workflow_lists_its_stages(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "cifar-10-python.tar.gz"
+    data.write_bytes(b"not really")
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("cdm")), "run", str(CONFIGS / "run" / "cifar10.toml"), "--dry-run"]
+        + ["--set", f"prepare.path={data}", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    listed = [line.split()[1] for line in out.stdout.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+    assert listed == ["prepare", "nll_untrained", "train"] + [
+        f"{kind}-{p}" for p in ("ddpm1000", "ddim50", "dpms25") for kind in ("sample",)
+    ] + ["nll"] + [f"fid-{p}" for p in ("ddpm1000", "ddim50", "dpms25")], out.stdout
+    assert "50000 samples, dpmsolver2m 25 steps" in out.stdout
+
+
+def test_protocol_mistakes_name_the_setting():
+    with pytest.raises(ConfigError, match=r"protocols\.ddim50\.stepz: unknown setting \(did you mean 'steps'\?\)"):
+        load(CONFIGS / "demo.toml", ["protocols.ddim50.stepz=50"])
+    with pytest.raises(ConfigError, match=r"protocols\.ddim50\.steps: 'many' is not an integer"):
+        load(CONFIGS / "demo.toml", ["protocols.ddim50.steps=many"])
+    with pytest.raises(ConfigError, match=r"protocols\.ddim50\.enabled: sample\.enabled switches every protocol"):
+        load(CONFIGS / "demo.toml", ["protocols.ddim50.enabled=false"])
+
+
+def test_protocols_keep_the_one_protocol_keys_and_move_only_their_own(tmp_path):
+    before = keys(CONFIGS / "demo.toml", workdir=tmp_path)
+    after = keys(CONFIGS / "demo.toml", "protocols.ddim20.steps=20", "protocols.ddim10.steps=10", workdir=tmp_path)
+    same = ("prepare", "nll_untrained", "train", "nll", "features")
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}
+    assert "sample" not in after and "fid" not in after
+    # The ddim20 protocol is the demo's own [sample] (it samples with 20 DDIM steps): same settings, another stage.
+    assert after["sample-ddim20"] != after["sample-ddim10"]
+
+
+def test_a_bad_sampler_stops_the_workflow_before_it_starts():
+    with pytest.raises(ConfigError, match=r"sample\.sampler: 'dpm2' is no longer a sampler name .*dpmsolver2m"):
+        load(CONFIGS / "demo.toml", ["sample.sampler=dpm2"])
+    with pytest.raises(ConfigError, match=r"protocols\.x\.time_grid: 'uneven' is not one of even, official"):
+        load(CONFIGS / "demo.toml", ["protocols.x.time_grid=uneven"])

@@ -12,10 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipelines.common.config import TrackingSection, option
+from pipelines.common.config import FieldError, TrackingSection, option
 
-SAMPLERS = ("ddpm", "ddim", "dpm2", "euler")
+# cdm_core.samplers.SAMPLERS, TIME_GRIDS and RETIRED_SAMPLERS, repeated here so that the CLI need not import
+# torch to check a flag (tests/test_samplers.py keeps them equal).
+SAMPLERS = ("ddpm", "ddim", "dpmsolver2m", "dpmsolver++2m", "euler")
+TIME_GRIDS = ("even", "official")
+RETIRED_SAMPLERS = {
+    "dpm2": "'dpm2' is no longer a sampler name (it was ambiguous): use dpmsolver2m for DPM-Solver-2 multistep on "
+    "the noise prediction (the official CDM code's, the paper's \"2nd order DPMS\") or dpmsolver++2m for "
+    "DPM-Solver++(2M) on the data prediction (what dpm2 ran)",
+}
 CONVENTIONS = ("standard", "official", "continuous")
+
+
+def sampler_problem(name: str) -> Optional[str]:
+    """What is wrong with sampler `name`, in one line starting with the name; None if it is a sampler."""
+    if name in RETIRED_SAMPLERS:
+        return RETIRED_SAMPLERS[name]
+    if name not in SAMPLERS:
+        return f"{name!r} is not one of {', '.join(SAMPLERS)}"
+    return None
 
 
 @dataclass
@@ -54,8 +71,17 @@ class SampleConfig:
     checkpoint: str = option(doc="A checkpoint.pt or the folder holding one (a `cdm train` output).")
     out: str = option(doc="Output folder or URI for the sample shards and grid.png.")
     n: int = option(64, doc="Number of samples.")
-    sampler: str = option("ddim", doc=f"One of: {', '.join(SAMPLERS)}.")
+    sampler: str = option(
+        "ddim",
+        doc=f"One of: {', '.join(SAMPLERS)} (dpmsolver2m: DPM-Solver-2 multistep on ε̂, the paper's "
+        '"2nd order DPMS"; dpmsolver++2m: DPM-Solver++(2M) on x̂0).',
+    )
     steps: int = option(50, doc="Sampler steps (ε̂ evaluations; each is a forward and a backward pass for a CDM).")
+    time_grid: str = option(
+        "even",
+        doc="Classes the sampler visits: even (T down to 1 evenly, then 0) or official (the official code's "
+        "range(1, T+1, T//steps) from the top, then 0; more steps than asked when steps does not divide T).",
+    )
     seed: int = option(0, doc="Base seed; sample i uses a stream derived from (seed, i).")
     batch_size: int = option(64, doc="Samples per batch on a worker.")
     cfg: float = option(0.0, doc="Classifier-free guidance scale w: ε = (1+w)·ε_cond − w·ε_uncond.")
@@ -64,7 +90,10 @@ class SampleConfig:
     )
     use_ema: bool = option(True, doc="Sample with the EMA weights (false: the raw weights).")
     clip_x0: Optional[float] = option(
-        None, doc="Clip the predicted x̂0 to ±this (default 1 for images, none for vectors)."
+        None,
+        ge=0,
+        doc="Clip the predicted x̂0 to ±this at every step; 0 = no clipping (the official code's samplers); "
+        "default 1 for images, no clipping for vectors.",
     )
     samples_per_shard: int = option(1000, doc="Samples per tar shard of the output.")
     force: bool = option(False, doc="Sample again even if --out holds an identical, intact run.")
@@ -74,6 +103,15 @@ class SampleConfig:
     track: bool = option(True, doc="Log an MLflow run.")
     pool: PoolSection = field(default_factory=PoolSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def check(self) -> None:
+        problem = sampler_problem(self.sampler)
+        if problem:
+            raise FieldError("sampler", problem)
+        if self.time_grid not in TIME_GRIDS:
+            raise FieldError("time_grid", f"{self.time_grid!r} is not one of {', '.join(TIME_GRIDS)}")
+        if self.clip_x0 is not None and self.clip_x0 < 0:
+            raise FieldError("clip_x0", f"{self.clip_x0!r} must be >= 0 (0 = no clipping)")
 
 
 @dataclass

@@ -13,7 +13,8 @@ stdout and MLflow (`eval/nll_bpd`, `eval/nll_bpd_ci95`). Before anything is
 reported the scored keys are checked against the dataset's manifest: every
 sample of the split exactly once.
 
-Bits/dim conventions (always recorded as the `bpd_convention` param):
+Bits/dim conventions (always recorded as the `bpd_convention` param; for images the summary and MLflow
+also hold the mean in both image conventions, `eval/nll_bpd_standard` and `eval/nll_bpd_official`):
   standard    8-bit images in [-1, 1]: −log p/(d ln 2) + log2(127.5)
   official    the official CDM code's −log p/(d ln 2) + 7
   continuous  −log p/(d ln 2), no bin offset (the default for vector data)
@@ -97,6 +98,13 @@ class SplitScores:
             "mean_log_px_nats": float(self.log_px.mean()),
             "bpd_convention": self.convention,
             "bpd_offset": self.offset,
+            # The same mean in the other conventions for 8-bit images (they differ by their offsets only), so a
+            # figure can be set beside the paper's (its code's +7) and beside the literature's (+log2 127.5).
+            "nll_bpd_by_convention": (
+                {c: float(bpd.mean()) - self.offset + OFFSETS[c] for c in ("standard", "official")}
+                if self.convention != "continuous"
+                else {}
+            ),
             "dequantize": self.dequantized,
             "allow_tf32": self.allow_tf32,
             "seconds": self.seconds,
@@ -378,6 +386,7 @@ def run(config: NllConfig) -> NllResult:
                 "eval/nll_mean_log_px_nats": summary["mean_log_px_nats"],
                 "eval/nll_seconds": summary["seconds"],
                 "eval/nll_images_per_s": summary["images_per_s"],
+                **{f"eval/nll_bpd_{c}": v for c, v in summary["nll_bpd_by_convention"].items()},
             }
         )
         loc = storage.resolve(out)

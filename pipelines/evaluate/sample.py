@@ -30,7 +30,7 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from cdm_core.samplers import classifier_free_guidance, initial_noise, sample
+from cdm_core.samplers import classifier_free_guidance, initial_noise, sample, timestep_grid
 from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.checkpoints import checkpoint_file, load_trained_model, training_run_id
@@ -39,13 +39,13 @@ from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.preview import save_preview
 from pipelines.data.readers import from_model_input
-from pipelines.evaluate.config import SAMPLERS, SampleConfig
+from pipelines.evaluate.config import SampleConfig
 from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
 
 SPLIT = "samples"
 GRID = "grid.png"
 # The settings that make the samples what they are (the output's fingerprint and dataset.json options).
-SAMPLE_SETTINGS = ("n", "sampler", "steps", "seed", "batch_size", "cfg", "label", "use_ema", "clip_x0")
+SAMPLE_SETTINGS = ("n", "sampler", "steps", "time_grid", "seed", "batch_size", "cfg", "label", "use_ema", "clip_x0")
 
 
 @dataclass
@@ -89,7 +89,10 @@ def sample_labels(indices: range, num_labels: Optional[int], label: Optional[int
 
 
 def default_clip(data_shape: tuple[int, ...], clip_x0: Optional[float]) -> Optional[float]:
-    return clip_x0 if clip_x0 is not None else (1.0 if len(data_shape) == 3 else None)
+    """The clip the sampler gets: None (not set) is 1 for images and no clipping for vectors; 0 is no clipping."""
+    if clip_x0 is None:
+        return 1.0 if len(data_shape) == 3 else None
+    return clip_x0 if clip_x0 > 0 else None
 
 
 def generate(
@@ -102,6 +105,7 @@ def generate(
     cfg: float = 0.0,
     label: Optional[int] = None,
     clip_x0: Optional[float] = None,
+    time_grid: str = "even",
     device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Samples `indices` of a run: {"index", "x" float32 (B, *data_shape), "label"} (label −1 if unconditional)."""
@@ -115,8 +119,18 @@ def generate(
         y = torch.from_numpy(labels).to(device)
         null = torch.full_like(y, trained.num_labels)
         eps_fn = classifier_free_guidance(trained.eps_fn(y, device=device), trained.eps_fn(null, device=device), cfg)
-    x = initial_noise((len(indices), *shape), schedule, generators, device=device)
-    out = sample(sampler, eps_fn, x, schedule, steps, generator=generators, clip_x0=default_clip(shape, clip_x0))
+    start = timestep_grid(schedule.T, steps, time_grid)[0]
+    x = initial_noise((len(indices), *shape), schedule, generators, device=device, t=start)
+    out = sample(
+        sampler,
+        eps_fn,
+        x,
+        schedule,
+        steps,
+        generator=generators,
+        clip_x0=default_clip(shape, clip_x0),
+        time_grid=time_grid,
+    )
     return {
         "index": np.asarray(indices, dtype=np.int64),
         "x": out.detach().float().cpu().numpy(),
@@ -227,8 +241,10 @@ def write_dataset(
 
 
 def _validate(config: SampleConfig) -> None:
-    if config.sampler not in SAMPLERS:
-        raise UserError(f"--sampler {config.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    try:
+        config.check()  # sampler, time_grid, clip_x0: the checks a config file gets on load
+    except cfg.FieldError as err:
+        raise UserError(f"--{err.field.replace('_', '-')} {err.message}") from None
     if config.n < 1:
         raise UserError(f"--n {config.n}: must be ≥ 1")
     if config.batch_size < 1:
@@ -303,7 +319,8 @@ def run(config: SampleConfig) -> SampleResult:
         storage.check_writable(config.out)  # before any sample is drawn
 
     options = _settings(config, SAMPLE_SETTINGS)
-    options["clip_x0"] = default_clip(shape, config.clip_x0)
+    options["clip_x0"] = default_clip(shape, config.clip_x0)  # the effective clip: None is none
+    options["nfe"] = len(timestep_grid(trained.schedule.T, config.steps, config.time_grid)) - 1  # ε̂ calls per sample
     options["model_kind"] = trained.kind
     options["checkpoint"] = str(ckpt)
     options["checkpoint_step"] = trained.step
@@ -370,6 +387,7 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
         "cfg": config.cfg,
         "label": config.label,
         "clip_x0": config.clip_x0,
+        "time_grid": config.time_grid,
     }
     remote = ray.remote(SampleWorker).options(**plan.actor_options())
     actors = [

@@ -43,12 +43,34 @@ class ModelSection:
     attn_resolutions: Optional[list[int]] = option(None, doc="override the preset's attention resolutions")
     dropout: Optional[float] = option(None, ge=0, lt=1, doc="override the preset's dropout")
     num_heads: Optional[int] = option(None, ge=1, doc="override the preset's attention heads")
+    head_channels: Optional[int] = option(
+        None,
+        ge=1,
+        doc="override the preset's CDM head conv width (cifar10 512, celeba64 1024 as in the paper; the official "
+        "code has 256; tiny/mnist: the backbone's width); CDM only",
+    )
     conditional: bool = option(False, doc="class-conditional (labels from the dataset; classifier-free guidance)")
     label_dropout: float = option(0.1, ge=0, lt=1, doc="probability of the null label in training (conditional only)")
 
     def unet_overrides(self) -> dict[str, Any]:
-        names = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_heads")
+        names = (
+            "base_channels",
+            "channel_mult",
+            "num_res_blocks",
+            "attn_resolutions",
+            "dropout",
+            "num_heads",
+            "head_channels",
+        )
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def check(self) -> None:
+        if self.kind == "ddm" and self.head_channels is not None:
+            raise FieldError(
+                "head_channels",
+                f"{self.head_channels} is the width of the CDM classifier's head; the DDM's head outputs the image "
+                "channels, so leave it unset (none) with kind = ddm",
+            )
 
 
 @dataclass
@@ -80,7 +102,7 @@ class OptimSection:
     warmup_steps: int = option(5000, ge=0, doc="linear warm-up from 0 to lr")
     decay_every: int = option(200_000, ge=0, doc="multiply lr by decay_factor every this many steps; 0 = never")
     decay_factor: float = option(0.1, gt=0, le=1, doc="step decay factor")
-    grad_clip: float = option(1.0, ge=0, doc="clip the global gradient norm; 0 = off")
+    grad_clip: float = option(0.0, ge=0, doc="clip the global gradient norm; 0 = off (the paper does not clip)")
 
     def check(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -23,7 +23,11 @@ from pipelines.train.config import OptimSection, TrainConfig
 
 
 def build_network(config: TrainConfig, channels: int, image_size: int) -> nn.Module:
-    """The CDM classifier or DDM denoiser of `model.preset` with the config's overrides (raises ValueError)."""
+    """The CDM classifier or DDM denoiser of `model.preset` with the config's overrides (raises ValueError).
+
+    Downsampling and GroupNorm eps are the preset's (the official code's) and no config field; the
+    network's spec, which every checkpoint stores, records them.
+    """
     m = config.model
     unet = unet_preset(m.preset, channels, image_size, config.data.num_labels if m.conditional else None)
     unet = dataclasses.replace(unet, **m.unet_overrides())  # re-runs UNetConfig's checks
@@ -43,9 +47,13 @@ def build_prior(config: TrainConfig) -> torch.Tensor | None:
 
 
 def lr_factor(optim: OptimSection, step: int) -> float:
-    """Multiplier of optim.lr for optimiser step number `step` (1-based): linear warm-up, then step decay."""
+    """Multiplier of optim.lr for optimiser step number `step` (1-based): linear warm-up, then step decay.
+
+    As the official code's `min((k + 1) / 5000, 1) * 0.1 ** (k // 200000)` for its 0-based step k = step − 1:
+    the first step takes lr/warmup_steps, and steps decay_every+1 … 2·decay_every the first decayed lr.
+    """
     warm = min(1.0, step / optim.warmup_steps) if optim.warmup_steps > 0 else 1.0
-    decay = optim.decay_factor ** (step // optim.decay_every) if optim.decay_every > 0 else 1.0
+    decay = optim.decay_factor ** ((step - 1) // optim.decay_every) if optim.decay_every > 0 else 1.0
     return warm * decay
 
 

@@ -5,6 +5,9 @@
     [train]     a complete training config (`cdm train`); `extends = "../cifar10.toml"` starts from a train config file
     [tune]      optional Ray Tune sweep before training: `space` (a sweep file) and any [tune] setting of one
     [sample]    `cdm sample` options (n, sampler, steps, …)
+    [protocols.NAME]  optional: several sampling protocols (a paper's table rows), each what differs from
+                [sample] (sampler, steps, cfg, …); each gets its own sample and fid stages, its FID logged
+                as eval/<metric>_NAME (name it by sampler and steps: ddim50, dpms25, …)
     [nll]       `cdm nll` options (split, …), plus `untrained` (also score the untrained network, for comparison)
     [fid]       `cdm fid` options (features = classifier | inception | raw | classifier:PATH, …)
     [tracking]  MLflow experiment and store
@@ -24,6 +27,7 @@ what it changes.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +50,15 @@ def stage_section(
     *,
     replace: dict[str, tuple] | None = None,
     extra: Sequence[tuple] = (),
+    check: Any = None,
 ) -> type:
     """A config section with the stage config's own settings (types, defaults, help), minus the `wired` ones.
 
     The settings of the stage config's sections (its `scoring`, `pool`, …) appear here by their
     flat names, as its command's flags do; a `wired` name drops a setting or a whole section.
     `replace` maps a setting to (type, option(...)) where the workflow's version differs;
-    `extra` adds workflow-only settings as (name, type, option(...)).
+    `extra` adds workflow-only settings as (name, type, option(...)); `check` is the stage config's
+    own check of the settings the section keeps, so that a bad value stops the workflow before it starts.
     """
     fields = []
     for setting, (section, f, tp) in cfg.flat_fields(stage_config).items():
@@ -63,7 +69,7 @@ def stage_section(
             continue
         default = cfg.field_default(stage_config, setting)
         fields.append((setting, tp, option(default, doc=f.metadata.get("doc", ""))))
-    made = dataclasses.make_dataclass(name, [*fields, *extra])
+    made = dataclasses.make_dataclass(name, [*fields, *extra], namespace={"check": check} if check else None)
     made.__doc__ = f"The settings of {stage_config.__name__} that the workflow does not set itself."
     made.__module__ = __name__
     return made
@@ -86,6 +92,7 @@ SampleSection = stage_section(
     SampleConfig,
     (*WIRED, "checkpoint"),
     extra=[("enabled", bool, option(True, doc="run the sample stage (and so the fid stage)"))],
+    check=SampleConfig.check,  # sampler, time_grid and clip_x0 only: settings the section has
 )
 
 NllSection = stage_section(
@@ -114,6 +121,8 @@ FidSection = stage_section(
     },
     extra=[("enabled", bool, option(True, doc="Fréchet distance of the samples to the reference split"))],
 )
+
+_PROTOCOL_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 # Workflow-only settings of a section: not settings of the stage itself.
 WORKFLOW_ONLY = ("enabled", "untrained")
@@ -152,6 +161,11 @@ class WorkflowConfig:
     features: FeaturesSection = field(default_factory=FeaturesSection)  # type: ignore[valid-type]
     tune: dict[str, Any] = option({}, doc="a Ray Tune sweep to run before training (empty: train the config as it is)")
     sample: SampleSection = field(default_factory=SampleSection)  # type: ignore[valid-type]
+    protocols: dict[str, dict[str, Any]] = option(
+        {},
+        doc="sampling protocols: [protocols.NAME] holds the sample settings that differ from [sample]; each "
+        "gets its own sample and fid stages and its FID as eval/<metric>_NAME (empty: the one [sample] protocol)",
+    )
     nll: NllSection = field(default_factory=NllSection)  # type: ignore[valid-type]
     fid: FidSection = field(default_factory=FidSection)  # type: ignore[valid-type]
     tracking: WorkflowTracking = field(default_factory=WorkflowTracking)
@@ -162,6 +176,30 @@ class WorkflowConfig:
             raise FieldError(
                 "fid.enabled", "the fid stage compares samples: enable the sample stage or set fid.enabled = false"
             )
+        self.sampling_protocols()
+
+    def sampling_protocols(self) -> dict[str, Any]:
+        """{protocol name: its SampleSection} ([sample] with the protocol's settings); {"": [sample]} without any."""
+        if not self.protocols:
+            return {"": self.sample}
+        made = {}
+        base = cfg.to_dict(self.sample)
+        for name, table in self.protocols.items():
+            if not _PROTOCOL_NAME.fullmatch(name):
+                raise FieldError(
+                    f"protocols.{name}",
+                    "a protocol's name is letters, digits and '_' (it names stages and metrics: ddim50, dpms25, …)",
+                )
+            if not isinstance(table, dict):
+                raise FieldError(f"protocols.{name}", f"expected a table of sample settings, got {table!r}")
+            if "enabled" in table:
+                raise FieldError(f"protocols.{name}.enabled", "sample.enabled switches every protocol on or off")
+            try:
+                made[name] = cfg.from_dict(SampleSection, cfg.merge(base, table), f"protocols.{name}")
+            except ConfigError as err:
+                where, _, message = str(err).partition(": ")
+                raise FieldError(where, message) from None
+        return made
 
     @property
     def uses_feature_classifier(self) -> bool:

@@ -30,7 +30,7 @@ from pipelines.evaluate.features import resolve_extractor
 from pipelines.workflow.config import WorkflowConfig
 
 # Bump when a stage's outputs change meaning for the same settings (invalidates every key).
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 # Training settings that only say how a run is watched, placed or named, never what it learns.
 TRAIN_NOT_IN_KEY = (
@@ -65,13 +65,19 @@ def digest(value: Any, length: int = 12) -> str:
 
 @dataclass
 class Stage:
-    name: str  # prepare | tune | nll_untrained | train | sample | nll | features | fid
+    name: str  # prepare | tune | nll_untrained | train | sample | nll | features | fid | sample-P | fid-P
     key: str
     output: str  # absolute folder of the stage's outputs
     needs: list[str]  # stages whose outputs it reads
     settings: dict[str, Any]  # what the key hashes, besides the inputs
     inputs: dict[str, str]  # upstream stage (or external input) -> its key / identity
     about: str = ""  # one line for the plan
+    protocol: str = ""  # the sampling protocol of a sample-P / fid-P stage ("" for the one [sample] protocol)
+
+    @property
+    def kind(self) -> str:
+        """What the stage does (its runner): its name without the protocol."""
+        return self.name.removesuffix(f"-{self.protocol}") if self.protocol else self.name
 
     @property
     def record_file(self) -> Path:
@@ -188,10 +194,21 @@ def untrained_settings(config: WorkflowConfig) -> dict[str, Any]:
 
 
 def _stage(
-    workdir: Path, name: str, needs: list[str], settings: dict[str, Any], inputs: dict[str, str], about: str
+    workdir: Path,
+    name: str,
+    needs: list[str],
+    settings: dict[str, Any],
+    inputs: dict[str, str],
+    about: str,
+    protocol: str = "",
 ) -> Stage:
     key = digest({"version": PLAN_VERSION, "stage": name, "settings": settings, "inputs": inputs})
-    return Stage(name, key, str(stages_dir(workdir) / f"{name}-{key}"), needs, settings, inputs, about)
+    return Stage(name, key, str(stages_dir(workdir) / f"{name}-{key}"), needs, settings, inputs, about, protocol)
+
+
+def protocol_stage(kind: str, protocol: str) -> str:
+    """The name of a protocol's sample or fid stage: `sample-ddim50`, or `sample` for the one [sample] protocol."""
+    return f"{kind}-{protocol}" if protocol else kind
 
 
 def stages_dir(workdir: Path) -> Path:
@@ -276,16 +293,17 @@ def make_plan(config: WorkflowConfig, name: str, workdir: Path, *, strict: bool 
         + (", with the best tuned settings" if c.tune else ""),
     )
     stages.append(train)
-    if c.sample.enabled:
-        s = c.sample
+    protocols = c.sampling_protocols() if c.sample.enabled else {}
+    for protocol, s in protocols.items():
         stages.append(
             _stage(
                 workdir,
-                "sample",
+                protocol_stage("sample", protocol),
                 ["train"],
                 _without(cfg.to_dict(s), NOT_IN_KEY),
                 {"train": train.key},
-                f"{s.n} samples, {s.sampler} {s.steps} steps",
+                f"{s.n} samples, {s.sampler} {s.steps} steps" + (f", guidance w={s.cfg:g}" if s.cfg else ""),
+                protocol,
             )
         )
     if c.nll.enabled:
@@ -312,27 +330,31 @@ def make_plan(config: WorkflowConfig, name: str, workdir: Path, *, strict: bool 
         )
     if c.fid.enabled:
         keys = {s.name: s.key for s in stages}
-        fid_in = {**data_in, "sample": keys["sample"]}
+        extractor = {}
         if c.uses_feature_classifier:
-            fid_in["features"] = keys["features"]
+            extractor["features"] = keys["features"]
         else:
             try:
-                fid_in["extractor"] = extractor_identity(c)
+                extractor["extractor"] = extractor_identity(c)
             except UserError as err:
                 if strict:
                     raise
                 problems.append(str(err))
-                fid_in["extractor"] = "unavailable"
-        stages.append(
-            _stage(
-                workdir,
-                "fid",
-                data_needs + ["sample"] + (["features"] if c.uses_feature_classifier else []),
-                _without(cfg.to_dict(c.fid), NOT_IN_KEY),
-                fid_in,
-                f"Fréchet distance ({c.fid.features} features) to {c.fid.reference_split}",
+                extractor["extractor"] = "unavailable"
+        for protocol in protocols:
+            sample = protocol_stage("sample", protocol)
+            stages.append(
+                _stage(
+                    workdir,
+                    protocol_stage("fid", protocol),
+                    data_needs + [sample] + (["features"] if c.uses_feature_classifier else []),
+                    _without(cfg.to_dict(c.fid), NOT_IN_KEY),
+                    {**data_in, "sample": keys[sample], **extractor},
+                    f"Fréchet distance ({c.fid.features} features) to {c.fid.reference_split}"
+                    + (f" of the {protocol} samples" if protocol else ""),
+                    protocol,
+                )
             )
-        )
     return Plan(config, name, workdir, stages, dataset_uri, ds_identity, problems)
 
 

@@ -184,7 +184,7 @@ def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
     """Run one stage and write its record (the mark that it is done) atomically beside its output."""
     t0 = time.perf_counter()
     try:
-        record = RUNNERS[stage.name](stage, ctx)
+        record = RUNNERS[stage.kind](stage, ctx)
     except (Exception, KeyboardInterrupt) as err:
         if not isinstance(err, UserError):
             echo(f"stage {stage.name} failed after {duration(time.perf_counter() - t0)}: {type(err).__name__}: {err}")
@@ -261,10 +261,12 @@ def _finish(plan: Plan, ctx: Context, parent: ParentRun, uri: str, seconds: floa
     folder = workflow_dir(plan.workdir, plan.name)
     folder.mkdir(parents=True, exist_ok=True)
     grid = None
-    if "sample" in records and records["sample"]["outputs"].get("grid"):
+    samples = [s.name for s in plan.stages if s.kind == "sample"]
+    if samples and records[samples[0]]["outputs"].get("grid"):
         grid = str(folder / GRID_FILE)
-        shutil.copyfile(records["sample"]["outputs"]["grid"], grid)
-    fid = records.get("fid", {}).get("summary") or {}
+        shutil.copyfile(records[samples[0]]["outputs"]["grid"], grid)
+    fids = {s.protocol: records[s.name].get("summary") for s in plan.stages if s.kind == "fid"}
+    fid = fids.pop("", None) or {}
     summary = {
         "workflow": plan.name,
         "plan": plan.key,
@@ -278,6 +280,7 @@ def _finish(plan: Plan, ctx: Context, parent: ParentRun, uri: str, seconds: floa
         "nll": records.get("nll", {}).get("summary"),
         "nll_untrained": records.get("nll_untrained", {}).get("summary"),
         "fid": fid or None,
+        "fid_by_protocol": fids or None,
         "stages": {
             s.name: {
                 "key": s.key,
@@ -312,10 +315,14 @@ def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None
         if base:
             line += f"   (untrained network: {base['nll_bpd']:.3f})"
         echo(line + f"   [{nll['bpd_convention']} convention, one forward pass per image]")
+        others = {c: v for c, v in (nll.get("nll_bpd_by_convention") or {}).items() if c != nll["bpd_convention"]}
+        if others:
+            echo("  the same NLL in " + ", ".join(f"the {c} convention: {v:.3f}" for c, v in others.items()))
     elif base:
         echo(f"  NLL of the untrained network: {base['nll_bpd']:.3f} bits/dim")
-    fid = s.get("fid")
-    if fid:
+    fids = {"": s["fid"]} if s.get("fid") else {}
+    fids.update(s.get("fid_by_protocol") or {})
+    for protocol, fid in fids.items():
         metric = fid["metric"]
         if metric == "eval/fid":
             what = "FID (Inception-v3 features)"
@@ -323,6 +330,8 @@ def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None
             what = f"FD in the features of a classifier trained on {metric[len('eval/fd_') :]} ({metric}; not FID)"
         else:
             what = f"FD of the raw data ({metric})"
+        if protocol:
+            what = f"{what}, {protocol}"
         echo(
             f"  {what}: {fid['value']:.3f}   ({fid['samples_count']} samples vs {fid['reference_count']} reference images)"
         )

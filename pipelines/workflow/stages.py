@@ -37,7 +37,7 @@ from pipelines.train.run_dir import read_run_file
 from pipelines.train.step import build_network
 from pipelines.tune.sweep import run_for_workflow
 from pipelines.workflow.config import stage_settings
-from pipelines.workflow.plan import Plan, Stage
+from pipelines.workflow.plan import Plan, Stage, protocol_stage
 from pipelines.workflow.progress import TrainingProgress
 
 
@@ -216,16 +216,19 @@ def run_sample(stage: Stage, ctx: Context) -> dict[str, Any]:
     result = sample.run(
         cfg.nest(
             SampleConfig,
-            **ctx.pool_settings(ctx.plan.config.sample),
+            **ctx.pool_settings(ctx.plan.config.sampling_protocols()[stage.protocol]),
             checkpoint=ctx.output("train", "checkpoint"),
             out=stage.output,
             train_run_id=ctx.records["train"].get("mlflow_run_id"),
             tracking=ctx.tracking,
         )
     )
+    if stage.protocol:
+        _label_run(ctx, result.run_id, f"sample-{stage.protocol}", {"cdm.protocol": stage.protocol})
+    metrics = {"sample/count": float(result.count), "sample/images_per_s": result.images_per_s}
     return {
         "outputs": {"samples": result.uri, "grid": result.grid},
-        "metrics": {"sample/count": float(result.count), "sample/images_per_s": result.images_per_s},
+        "metrics": _of_protocol(metrics, stage.protocol),
         "mlflow_run_id": result.run_id,
     }
 
@@ -244,7 +247,11 @@ def run_nll(stage: Stage, ctx: Context) -> dict[str, Any]:
     )
     return {
         "outputs": {"scores": result.scores_uri},
-        "metrics": {"eval/nll_bpd": result.nll_bpd, "eval/nll_bpd_ci95": result.ci95},
+        "metrics": {
+            "eval/nll_bpd": result.nll_bpd,
+            "eval/nll_bpd_ci95": result.ci95,
+            **{f"eval/nll_bpd_{c}": v for c, v in result.summary.get("nll_bpd_by_convention", {}).items()},
+        },
         "mlflow_run_id": result.run_id,
         "summary": result.summary,
     }
@@ -275,16 +282,18 @@ def run_fid(stage: Stage, ctx: Context) -> dict[str, Any]:
         cfg.nest(
             FidConfig,
             **settings,
-            samples=ctx.output("sample", "samples"),
+            samples=ctx.output(protocol_stage("sample", stage.protocol), "samples"),
             reference=ctx.plan.dataset_uri,
             tracking=ctx.tracking,
         )
     )
-    summary = dataclasses.asdict(result)
+    summary = {**dataclasses.asdict(result), "protocol": stage.protocol or None}
     storage.write_json(str(Path(stage.output) / "result.json"), summary)
+    if stage.protocol:
+        _label_run(ctx, result.run_id, f"fid-{stage.protocol}", {"cdm.protocol": stage.protocol})
     return {
         "outputs": {"result": str(Path(stage.output) / "result.json")},
-        "metrics": {result.metric: result.value},
+        "metrics": _of_protocol({result.metric: result.value}, stage.protocol),
         "mlflow_run_id": result.run_id,
         "summary": summary,
     }
@@ -303,6 +312,11 @@ RUNNERS: dict[str, Callable[[Stage, Context], dict[str, Any]]] = {
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _of_protocol(metrics: dict[str, float], protocol: str) -> dict[str, float]:
+    """A protocol's figures under names of their own (eval/fid_ddim50): the parent run holds every protocol's."""
+    return {f"{k}_{protocol}": v for k, v in metrics.items()} if protocol else metrics
 
 
 def _label_run(ctx: Context, run_id: str | None, name: str, tags: dict[str, str]) -> None:
