@@ -362,10 +362,16 @@ def _start_of_continuation(
     The checkpoint asked for, else the newest of the run's current line that loads (saying which it
     passed over). Starting anywhere but the newest of the line starts a branch: its checkpoints get
     their own suffix (Ray's checkpoint manager must never see a folder twice), and the line it left is
-    no longer the run's (see run_dir.checkpoint_line).
+    no longer the run's (see run_dir.checkpoint_line). The newest is the newest Ray recorded, so a
+    folder written but never recorded (a worker stopped in between) is written again, as Ray would;
+    with --from-checkpoint it is the newest folder of the line, so a chosen start never overwrites one.
     """
     names, line = checkpoint_names(run_dir), checkpoint_line(run_dir, info)
+    newest = line[0] if line else None
     if from_checkpoint is not None:
+        # A chosen checkpoint leaves every newer folder of the line as it is, recorded by Ray or not.
+        on_disk = checkpoint_line(run_dir, info, registered=False)
+        newest = on_disk[0] if on_disk else None
         used = from_checkpoint.rstrip("/").rsplit("/", 1)[-1]
         if used not in names:
             raise UserError(
@@ -390,7 +396,7 @@ def _start_of_continuation(
         if skipped:
             warn(f"warning: {'; '.join(skipped)}; continuing from {used}, the newest checkpoint that loads")
     branch, record = info.get("branch", ""), {}
-    if used != (line[0] if line else None):
+    if used != newest:
         branch = new_branch(info)
         record = {"branches": {**info.get("branches", {}), branch: used}, "branch": branch}
     return {"resume_from": used, "checkpoint_suffix": branch}, record
