@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -120,3 +121,34 @@ def digits_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "ds"
     prepare_quick("digits", out, samples_per_shard=500)
     return out
+
+
+def exact_mixture_checkpoint(dataset: Path, folder: Path, T: int) -> Path:
+    """checkpoint.pt in `folder` of the exact CDM logits of a toy2d "gmm" dataset's mixture (linear schedule)."""
+    from cdm_core.analytic import GaussianMixtureLogits
+    from cdm_core.checkpoint import save_checkpoint
+    from pipelines.data import shards as sh
+
+    dist = sh.open_dataset(dataset).meta["toy"]["distribution"]
+    model = GaussianMixtureLogits(dist["weights"], dist["means"], dist["covariances"], "linear", T)
+    path = Path(folder) / "checkpoint.pt"
+    config = {
+        "model": {"kind": "cdm"},
+        "schedule": {"name": "linear", "T": T},
+        "loss": {"prior": None},
+        "data": {"num_labels": None},
+    }
+    save_checkpoint(path, model=model, step=0, config=config)
+    return path
+
+
+def cli_in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """`cdm ARGV` through the console script's own entry point in this process: (exit code, stdout + stderr)."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv("CDM_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["cdm", *argv])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out = capsys.readouterr()
+    return done.value.code, out.out + out.err

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import prepare_quick
+from conftest import exact_mixture_checkpoint, prepare_quick
 
 ray = pytest.importorskip("ray")
 
-from cdm_core.analytic import GaussianMixtureLogits  # noqa: E402
-from cdm_core.checkpoint import save_checkpoint  # noqa: E402
 from pipelines.common.config import nest  # noqa: E402
-from pipelines.data import shards as sh  # noqa: E402
 from pipelines.data.readers import load_split  # noqa: E402
 from pipelines.evaluate.config import FidConfig, NllConfig, SampleConfig  # noqa: E402
 from pipelines.evaluate.fid import run as run_fid  # noqa: E402
@@ -31,17 +28,7 @@ T = 20
 def setup(ray_session, tmp_path_factory):
     data = tmp_path_factory.mktemp("gmm") / "ds"
     prepare_quick("toy2d", data, name="gmm", num_train=200, num_test=240, samples_per_shard=30)
-    dist = sh.open_dataset(data).meta["toy"]["distribution"]
-    model = GaussianMixtureLogits(dist["weights"], dist["means"], dist["covariances"], "linear", T)
-    path = tmp_path_factory.mktemp("exact") / "checkpoint.pt"
-    config = {
-        "model": {"kind": "cdm"},
-        "schedule": {"name": "linear", "T": T},
-        "loss": {"prior": None},
-        "data": {"num_labels": None},
-    }
-    save_checkpoint(path, model=model, step=0, config=config)
-    return data, path
+    return data, exact_mixture_checkpoint(data, tmp_path_factory.mktemp("exact"), T)
 
 
 def _killing(monkeypatch, tmp_path, after: int = 2):

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import prepare_quick
+from conftest import exact_mixture_checkpoint, prepare_quick
 from ray.cluster_utils import Cluster
 
-from cdm_core.analytic import GaussianMixtureLogits
-from cdm_core.checkpoint import save_checkpoint
 from pipelines.common import config as cfg
 from pipelines.common.config import nest
 from pipelines.common.errors import UserError
-from pipelines.data import shards as sh
 from pipelines.evaluate.config import NllConfig
 from pipelines.evaluate.nll import run as run_nll
 from pipelines.train.config import TrainConfig
@@ -46,17 +43,7 @@ def cluster():
 def gmm_and_model(tmp_path_factory):
     data = tmp_path_factory.mktemp("gmm") / "ds"
     prepare_quick("toy2d", data, name="gmm", num_train=20, num_test=120, samples_per_shard=40)
-    dist = sh.open_dataset(data).meta["toy"]["distribution"]
-    model = GaussianMixtureLogits(dist["weights"], dist["means"], dist["covariances"], "linear", T)
-    path = tmp_path_factory.mktemp("exact") / "checkpoint.pt"
-    config = {
-        "model": {"kind": "cdm"},
-        "schedule": {"name": "linear", "T": T},
-        "loss": {"prior": None},
-        "data": {"num_labels": None},
-    }
-    save_checkpoint(path, model=model, step=0, config=config)
-    return data, path
+    return data, exact_mixture_checkpoint(data, tmp_path_factory.mktemp("exact"), T)
 
 
 def test_a_batch_stage_waits_for_the_node_that_joins_after_it_began(cluster, gmm_and_model, tmp_path):

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from pipelines.cli import main
+from conftest import cli_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train_tiny.toml")
@@ -23,15 +22,6 @@ CDM = str(Path(sys.executable).parent / "cdm")
 def _cdm(*args, cwd):
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     return subprocess.run([CDM, *args], cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
-
-
-def _main(argv, capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.delenv("CDM_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["cdm", *argv])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out = capsys.readouterr()
-    return done.value.code, out.out + out.err
 
 
 def test_bad_config_value_through_the_console_script(tmp_path):
@@ -72,7 +62,7 @@ def test_missing_dataset_through_the_console_script(tmp_path):
 )
 def test_config_mistakes(argv, message, digits_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out = _main(["train", TINY, "--set", f"data.uri={digits_dataset}", *argv], capsys, monkeypatch)
+    code, out = cli_in_process(["train", TINY, "--set", f"data.uri={digits_dataset}", *argv], capsys, monkeypatch)
     assert code == 2 and message in out, out
     assert "Traceback" not in out and not (tmp_path / "mlflow.db").exists()
 
@@ -89,7 +79,7 @@ def test_bad_files_and_resume_targets(tmp_path, capsys, monkeypatch):
         (["train", "--resume", str(tmp_path)], "not a run folder with cdm_run.json"),
         (["train", TINY, "--resume", str(tmp_path)], "give either CONFIG or --resume RUN"),
     ]:
-        code, out = _main(argv, capsys, monkeypatch)
+        code, out = cli_in_process(argv, capsys, monkeypatch)
         assert code == 2 and message in out, (argv, out)
         assert "Traceback" not in out
 
@@ -97,7 +87,7 @@ def test_bad_files_and_resume_targets(tmp_path, capsys, monkeypatch):
 def test_print_config_applies_overrides(capsys, monkeypatch):
     import json
 
-    code, out = _main(
+    code, out = cli_in_process(
         ["train", TINY, "--set", "optim.lr=1e-4", "--set", "schedule.name=ot", "--print-config"], capsys, monkeypatch
     )
     assert code == 0

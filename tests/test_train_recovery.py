@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_in_process
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
 from cdm_core.checkpoint import load_checkpoint  # noqa: E402
 from cdm_core.objective import cdm_loss  # noqa: E402
-from pipelines.cli import main  # noqa: E402
 from pipelines.common import config as cfg  # noqa: E402
 from pipelines.data.readers import load_split, to_model_input  # noqa: E402
 from pipelines.train.config import TrainConfig  # noqa: E402
@@ -73,15 +73,6 @@ def _run_of(store, name: str):
     client = _client(store)
     exp = client.get_experiment_by_name("cdm").experiment_id
     return client.search_runs([exp], filter_string=f"tags.`cdm.run_name` = '{name}'")[0]
-
-
-def _cdm(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.delenv("CDM_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["cdm", *argv])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out = capsys.readouterr()
-    return done.value.code, out.out + out.err
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +121,7 @@ def test_the_printed_fix_finishes_the_run(diverged, store, capsys, monkeypatch):
     _, message, run_dir = diverged
     command = re.search(r"`(cdm train [^`]+)`", message).group(1)
     argv = command.replace("optim.lr=…", "optim.lr=1e-3").split()[1:] + ["--set", "optim.grad_clip=1"]
-    code, out = _cdm(argv, capsys, monkeypatch)
+    code, out = cli_in_process(argv, capsys, monkeypatch)
     assert code == 0, out[-3000:]
     info = _run_of(store, "diverges")
     assert info.info.status == "FINISHED"
@@ -156,7 +147,9 @@ def test_resume_passes_over_damaged_checkpoints_along_the_run_s_own_line(diverge
     for folder in damaged:
         whole = (folder / "checkpoint.pt").read_bytes()
         (folder / "checkpoint.pt").write_bytes(whole[: len(whole) // 3])
-    code, out = _cdm(["train", "--resume", str(run_dir), "--set", f"train.steps={STEPS + 4}"], capsys, monkeypatch)
+    code, out = cli_in_process(
+        ["train", "--resume", str(run_dir), "--set", f"train.steps={STEPS + 4}"], capsys, monkeypatch
+    )
     assert code == 0, out[-3000:]
     warning = [line for line in out.splitlines() if line.startswith("warning:") and "continuing from" in line]
     assert len(warning) == 1 and warning[0].count("truncated or damaged") == len(damaged), out[-3000:]
