@@ -5,6 +5,10 @@ hits both sides alike), one fresh subprocess per measured operation for peak
 memory. Prints a table and writes benchmarks/results/core.json (a flat object).
 
     python benchmarks/core.py [--preset mnist] [--batch 16] [--reps 5]
+
+It also times the real training step (`pipelines.train.step.TrainStep`: loss, backward, Adam,
+EMA) eager and compiled (`train.compile`), CDM and DDM, in a fresh process for one torch thread
+and for two; a compiled step's first call compiles, and its seconds are reported apart.
 """
 
 from __future__ import annotations
@@ -144,6 +148,72 @@ def torch_compile_double_backward() -> str:
         return f"fails: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
+def train_steps(preset: str, batch: int) -> dict:
+    """Eager and compiled TrainSteps of a CDM and a DDM (configs/mnist.toml with `preset`), each with its batch."""
+    from cdm_core.ema import EMA
+    from pipelines.common import config as cfg
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule
+
+    steps = {}
+    for kind in ("cdm", "ddm"):
+        for compiled in (False, True):
+            config = cfg.load(
+                TrainConfig,
+                Path(__file__).resolve().parents[1] / "configs" / "mnist.toml",
+                [
+                    "data.uri=unused",
+                    f"model.preset={preset}",
+                    f"model.kind={kind}",
+                    f"train.compile={compiled}".lower(),
+                ],
+            )
+            torch.manual_seed(0)
+            model = build_network(config, 1, 28)
+            opt, sched = build_optimizer(model, config.optim)
+            step = TrainStep(
+                config,
+                model,
+                EMA(model, config.ema.decay),
+                opt,
+                sched,
+                build_schedule(config),
+                None,
+                torch.device("cpu"),
+                torch.Generator().manual_seed(0),
+            )
+            steps[f"{kind}_train_step{'_compiled' if compiled else ''}"] = step
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return {name: (lambda step=step: step(x)) for name, step in steps.items()}
+
+
+def compiled_part(preset: str, batch: int, reps: int) -> dict:
+    """Compilation seconds and interleaved step times of eager and compiled steps, in this process."""
+    ops = train_steps(preset, batch)
+    compile_seconds = {}
+    for name in [n for n in ops if n.endswith("_compiled")]:
+        start = time.perf_counter()
+        ops[name]()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        ops[name]()
+        compile_seconds[name] = first - (time.perf_counter() - start)
+    secs = time_interleaved(ops, reps)
+    out = {f"{name}_seconds": v for name, v in secs.items()}
+    out.update({f"{name}_compile_seconds": v for name, v in compile_seconds.items()})
+    for kind in ("cdm", "ddm"):
+        out[f"{kind}_compiled_speedup"] = secs[f"{kind}_train_step"] / secs[f"{kind}_train_step_compiled"]
+    out["cdm_vs_ddm_step_ratio_compiled"] = secs["cdm_train_step_compiled"] / secs["ddm_train_step_compiled"]
+    return out
+
+
+def compiled_in_fresh_process(preset: str, batch: int, reps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--compiled-part", "--preset", preset, "--batch", str(batch)]
+    cmd += ["--reps", str(reps), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="mnist")
@@ -153,8 +223,12 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads; 1 keeps ratios stable on a shared 2-core machine"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compiled-part", action="store_true", help=argparse.SUPPRESS)  # one fresh process's part
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compiled_part:
+        print(json.dumps(compiled_part(args.preset, args.batch, args.reps)))
+        return
 
     load_at_start = os.getloadavg()[0]
     cdm, ddm, schedule, x = build(args.preset, args.batch)
@@ -162,6 +236,7 @@ def main() -> None:
     memory = {op: peak_memory_mib(args.preset, args.batch, op) for op in ops}
     secs = time_interleaved(ops, args.reps)
     compile_status = torch_compile_double_backward()
+    compiled = {n: compiled_in_fresh_process(args.preset, args.batch, args.reps, n) for n in (1, 2)}
 
     b = args.batch
     result = {
@@ -190,6 +265,7 @@ def main() -> None:
         "channels_last_speedup_cpu": secs["cdm_train_step"] / secs["cdm_train_step_channels_last"],
         "bf16_autocast_speedup_cpu": secs["cdm_train_step"] / secs["cdm_train_step_bf16_autocast"],
         "torch_compile_double_backward": compile_status,
+        **{f"threads{n}_{key}": value for n, part in compiled.items() for key, value in part.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -206,6 +282,16 @@ def main() -> None:
     print(f"channels_last CDM step speed-up   : {result['channels_last_speedup_cpu']:.2f}x (CPU)")
     print(f"bf16 autocast CDM step speed-up   : {result['bf16_autocast_speedup_cpu']:.2f}x (CPU)")
     print(f"torch.compile with double backward: {compile_status}")
+    print()
+    print("the training step (TrainStep: loss, backward, Adam, EMA), eager and compiled (train.compile)")
+    print(f"{'threads':<8} {'step':<10} {'eager ms':>9} {'compiled ms':>12} {'speed-up':>9} {'compile s':>10}")
+    for n, part in compiled.items():
+        for kind in ("cdm", "ddm"):
+            eager, comp = part[f"{kind}_train_step_seconds"], part[f"{kind}_train_step_compiled_seconds"]
+            print(
+                f"{n:<8} {kind:<10} {1000 * eager:>9.1f} {1000 * comp:>12.1f} {eager / comp:>8.2f}x "
+                f"{part[f'{kind}_train_step_compiled_compile_seconds']:>10.0f}"
+            )
     print(f"wrote {args.out}")
 
 

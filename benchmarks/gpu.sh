@@ -15,8 +15,12 @@
 #     the datasheet's dense bf16 peak of the GPU it finds (989 TFLOP/s for H100/H200
 #     SXM, 835 for the NVL cards, 756 for H100 PCIe, 312 for A100; none for others)
 #     and against a bf16 8192³ matmul measured on the same GPU;
-#   - peak GPU memory.
-# Runs in well under 5 minutes on an H100/H200. Needs torch (and numpy, typer,
+#   - peak GPU memory;
+#   - each of the four (CDM, DDM) x (bf16, fp32) eager and compiled (train.compile: torch.compile, the CDM's
+#     input gradient through torch.func), the compilation's seconds reported apart from the step time
+#     (BENCH_COMPILE=0 skips the compiled rows). FLOPs of a compiled step are its eager twin's: the same
+#     arithmetic, which a dispatch-level counter cannot see inside a compiled graph.
+# Sized to finish in under 8 minutes on an H100/H200, compilation included (~1-2 min per compiled graph). Needs torch (and numpy, typer,
 # pyyaml) but not Ray or MLflow. Writes gpu_train.json into $OUT if set (the
 # device tool's output folder), else into benchmarks/results/.
 #
@@ -80,9 +84,10 @@ def measured_matmul_tflops(n=8192, reps=10):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def make_step(kind, precision):
+def make_step(kind, precision, compiled=False):
     config = cfg.load(TrainConfig, "configs/cifar10.toml", [
-        f"model.kind={kind}", f"model.preset={preset}", f"train.precision={precision}", f"train.batch_size={batch}"])
+        f"model.kind={kind}", f"model.preset={preset}", f"train.precision={precision}", f"train.batch_size={batch}",
+        f"train.compile={'true' if compiled else 'false'}"])
     channels, size = 3, 32
     torch.manual_seed(0)
     model = build_network(config, channels, size).to(device)
@@ -118,9 +123,21 @@ def flops_of_one_step(step, x):
     return Count.total
 
 
-def bench(kind, precision):
-    step, x, params = make_step(kind, precision)
-    flops = flops_of_one_step(step, x)
+def bench(kind, precision, compiled=False, flops=None):
+    step, x, params = make_step(kind, precision, compiled)
+    compile_seconds = None
+    if compiled:  # the first call compiles; the second, timed too, tells the compilation from a step
+        sync()
+        t = time.perf_counter()
+        step(x)
+        sync()
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        step(x)
+        sync()
+        compile_seconds = round(first - (time.perf_counter() - t), 1)
+    else:
+        flops = flops_of_one_step(step, x)
     for _ in range(warmup):
         step(x)
     sync()
@@ -139,6 +156,7 @@ def bench(kind, precision):
         "tflop_per_step": round(flops / 1e12, 4),
         "achieved_tflops": round(flops / seconds / 1e12, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "compile_seconds": compile_seconds,
     }
     del step, x
     if device.type == "cuda":
@@ -147,7 +165,13 @@ def bench(kind, precision):
 
 
 matmul = measured_matmul_tflops()
-rows = {"cdm_bf16": bench("cdm", "bf16"), "cdm_fp32": bench("cdm", "fp32"), "ddm_bf16": bench("ddm", "bf16")}
+rows = {}
+for kind in ("cdm", "ddm"):
+    for precision in ("bf16", "fp32"):
+        rows[f"{kind}_{precision}"] = bench(kind, precision)
+        if os.environ.get("BENCH_COMPILE", "1") == "1":
+            eager_flops = rows[f"{kind}_{precision}"]["tflop_per_step"] * 1e12
+            rows[f"{kind}_{precision}_compiled"] = bench(kind, precision, True, eager_flops)
 results = {
     "device": DEVICE_NAME,
     "torch": torch.__version__,
@@ -167,13 +191,17 @@ for name, row in rows.items():
     if matmul:
         results[f"{name}_mfu_vs_measured_matmul"] = round(row["achieved_tflops"] / matmul, 4)
 results["cdm_vs_ddm_step_time_bf16"] = round(rows["cdm_bf16"]["step_ms"] / rows["ddm_bf16"]["step_ms"], 2)
+for name in [n for n in rows if n.endswith("_compiled")]:
+    results[f"{name}_speedup"] = round(rows[name[: -len("_compiled")]]["step_ms"] / rows[name]["step_ms"], 3)
 
 print(f"\n{results['device']}, {results['model']}, batch {batch}")
-print(f"{'':10} {'images/s':>9} {'ms/step':>8} {'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6}")
+print(f"{'':18} {'images/s':>9} {'ms/step':>8} {'TFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6} {'GiB':>6} {'compile s':>9} {'speed-up':>8}")
 for name, row in rows.items():
     mfu = results[name + "_mfu_vs_datasheet"]
-    print(f"{name:10} {row['images_per_s']:>9} {row['step_ms']:>8} {row['tflop_per_step']:>11} {row['achieved_tflops']:>8} "
-          f"{format(mfu, '.1%') if mfu is not None else '-':>6} {row['peak_memory_gib']!s:>6}")
+    print(f"{name:18} {row['images_per_s']:>9} {row['step_ms']:>8} {row['tflop_per_step']:>11} {row['achieved_tflops']:>8} "
+          f"{format(mfu, '.1%') if mfu is not None else '-':>6} {row['peak_memory_gib']!s:>6} "
+          f"{row['compile_seconds'] if row['compile_seconds'] is not None else '-':>9} "
+          f"{results.get(name + '_speedup', '-'):>8}")
 print(f"MFU against the datasheet's {DATASHEET_BF16_TFLOPS} TFLOP/s dense bf16; measured bf16 matmul: {results['measured_bf16_matmul_tflops']} TFLOP/s")
 with open(out_path, "w") as f:
     json.dump(results, f, indent=2)

@@ -72,6 +72,12 @@ def sample_timesteps(
     return t.to(device)
 
 
+def draw_noise(x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ε ~ N(0, I) shaped like x0, drawn on the generator's device and moved to x0's."""
+    device = generator.device if generator is not None else x0.device
+    return torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device).to(x0.device)
+
+
 def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped (B, 1, …, 1) to broadcast against `like`."""
     picked = values.to(device=like.device, dtype=like.dtype)[t]
@@ -83,6 +89,9 @@ def noise_data(x0: torch.Tensor, t: torch.Tensor, schedule: Schedule, noise: tor
     return _per_sample(schedule.a, t, x0) * x0 + _per_sample(schedule.s, t, x0) * noise
 
 
+INPUT_GRADS = ("autograd", "func")
+
+
 def denoise_with_logits(
     logits_fn: LogitsFn,
     x: torch.Tensor,
@@ -90,9 +99,27 @@ def denoise_with_logits(
     schedule: Schedule,
     *,
     create_graph: bool = False,
+    input_grad: str = "autograd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ε̂(x, t) and the logits of the same forward pass (training needs both)."""
+    """ε̂(x, t) and the logits of the same forward pass (training needs both).
+
+    `input_grad` is how ∇_x is taken; both give the same numbers. "autograd": `torch.autograd.grad`
+    (with `create_graph` for a loss on ε̂). "func": `torch.func.grad`, whose result is always
+    differentiable with respect to the network's parameters (`create_graph` is implied) and which,
+    unlike `torch.autograd.grad` inside a compiled function, `torch.compile` traces into one graph
+    whose backward it can compile: the double backward becomes a first-order backward of that graph.
+    """
     t = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
+    if input_grad == "func":
+
+        def ratio(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = logits_fn(z)
+            return (logits[:, -1] - logits.gather(1, t[:, None]).squeeze(1)).sum(), logits
+
+        grad, logits = torch.func.grad(ratio, has_aux=True)(x)
+        return _per_sample(schedule.s, t, x) * (grad + x), logits
+    if input_grad != "autograd":
+        raise ValueError(f"input_grad must be one of {', '.join(INPUT_GRADS)}, got {input_grad!r}")
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = logits_fn(x_in)
@@ -187,6 +214,7 @@ def cdm_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    input_grad: str = "autograd",
 ) -> LossParts:
     """Algorithm 1: L = w_ce·CE(ℓ(x_t), t) + w_mse·mean‖ε̂(x_t, t) − ε‖², t ~ π.
 
@@ -195,6 +223,9 @@ def cdm_loss(
     is calibrated against. With w_mse = 0 the input gradient is skipped, so
     CE-only training costs one backward pass. Under `torch.no_grad()` (e.g.
     validation) the denoiser is evaluated without a double-backward graph.
+    `input_grad="func"` takes ∇_x with `torch.func.grad` (see `denoise_with_logits`): the form
+    `torch.compile` can compile; pass `t` and `noise` then, since a compiled function cannot draw
+    from a `torch.Generator`.
     """
     if w_ce < 0 or w_mse < 0 or (w_ce == 0 and w_mse == 0):
         raise ValueError(f"loss weights must be non-negative and not both zero, got w_ce={w_ce}, w_mse={w_mse}")
@@ -202,15 +233,12 @@ def cdm_loss(
     if t is None:
         t = sample_timesteps(batch, schedule.num_classes, prior, generator=generator, device=x0.device)
     if noise is None:
-        noise = torch.randn(
-            x0.shape, generator=generator, dtype=x0.dtype, device=generator.device if generator else x0.device
-        )
-        noise = noise.to(x0.device)
+        noise = draw_noise(x0, generator)
     x_t = noise_data(x0, t, schedule, noise)
 
     if w_mse > 0:
         training = torch.is_grad_enabled()
-        eps_hat, logits = denoise_with_logits(logits_fn, x_t, t, schedule, create_graph=training)
+        eps_hat, logits = denoise_with_logits(logits_fn, x_t, t, schedule, create_graph=training, input_grad=input_grad)
         mse = F.mse_loss(eps_hat.float(), noise.float())
     else:
         logits = logits_fn(x_t)

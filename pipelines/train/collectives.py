@@ -42,3 +42,56 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+# DDP's default bucket size: gradients are all-reduced in flat buckets of about this many bytes.
+_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def average_gradients(parameters: list[torch.Tensor]) -> None:
+    """Replace every parameter's gradient by its mean over the workers, as DistributedDataParallel does.
+
+    For a step that DDP cannot wrap (the compiled step calls the network inside `torch.func.grad`,
+    where DDP's forward hooks do not run). Gradients are summed in flat buckets of ~25 MiB (DDP's
+    default), on the device they live on, then divided by the world size; a parameter without a
+    gradient takes part as zeros, so every worker sends buckets of the same sizes. Unlike DDP the
+    reduction starts after the backward, not overlapped with it.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in parameters:
+        if bucket and bucket[-1].dtype != p.grad.dtype:  # a flat bucket holds one dtype
+            _reduce_bucket(bucket, world)
+            bucket, size = [], 0
+        bucket.append(p.grad)
+        size += p.grad.numel() * p.grad.element_size()
+        if size >= _BUCKET_BYTES:
+            _reduce_bucket(bucket, world)
+            bucket, size = [], 0
+    if bucket:
+        _reduce_bucket(bucket, world)
+
+
+def _reduce_bucket(grads: list[torch.Tensor], world: int) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Give every worker rank 0's parameters and buffers (what DDP does when it wraps a module)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)

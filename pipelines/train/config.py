@@ -123,6 +123,11 @@ class TrainSection:
     batch_size: int = option(128, ge=1, doc="GLOBAL batch, split evenly over the workers")
     seed: int = option(0, doc="seed of initialisation, noise levels, noise and label dropout")
     precision: Literal["fp32", "bf16"] = option("fp32", doc="bf16 = autocast to bfloat16 (GPUs with bf16 support)")
+    compile: bool = option(
+        False,
+        doc="compile the training step with torch.compile (a CDM's input gradient through torch.func); "
+        "the first step pays the compilation (minutes); needs a C++ compiler on CPU, Triton on GPU",
+    )
     log_every: int = option(
         100, ge=1, doc="log train/* metrics every this many steps (averaged over the window and the workers)"
     )

@@ -289,7 +289,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         step = _start_from(config.run.init_from, model, ema, optimizer, scheduler, config)
     if rng != "restored":
         _seed(generator, config.train.seed, rank, step)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world > 1
+    # DDP when world > 1; a compiled step takes the bare network and averages gradients itself (TrainStep).
+    strategy = None if config.train.compile else "ddp"
+    model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy)
 
     train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
     validator = Validator(config, schedule, prior, device)

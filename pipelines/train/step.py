@@ -8,17 +8,19 @@ benchmarks/train.py, so the benchmark measures Ray's overhead and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cdm_core.ddm import ddm_loss
+from cdm_core.ddm import ddm_loss, sample_ddm_timesteps
 from cdm_core.ema import EMA
 from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset
-from cdm_core.objective import cdm_loss, drop_labels, log_prior
+from cdm_core.objective import cdm_loss, draw_noise, drop_labels, log_prior, sample_timesteps
 from cdm_core.schedules import Schedule, get_schedule
+from pipelines.train import collectives
 from pipelines.train.config import OptimSection, TrainConfig
 
 
@@ -85,6 +87,17 @@ class TrainStep:
 
     The non-finite check uses the gradient norm: under DDP it is identical on every
     worker, so all workers take the same decision without an extra collective.
+
+    With `train.compile` the objective runs through `torch.compile`, a CDM's input gradient
+    through `torch.func.grad` (`cdm_loss(input_grad="func")`): `torch.autograd.grad(create_graph=True)`,
+    the eager form, is a double backward that compilation refuses. The random draws (label dropout,
+    t, ε) stay outside the compiled function, from the same generator in the same order, so a
+    compiled step sees the eager step's t and ε; dropout inside the network draws from torch's
+    default generator in both (the compiled kernels draw it differently, so with dropout > 0 the
+    masks, not their distribution, differ from eager). DDP cannot wrap a network called inside
+    `torch.func.grad` (its forward hooks do not run there), so a compiled step is given the bare
+    network and averages the gradients over the workers itself (`collectives.average_gradients`),
+    after starting from rank 0's weights as DDP would.
     """
 
     def __init__(
@@ -111,32 +124,83 @@ class TrainStep:
         self.autocast = config.train.precision == "bf16"
         self.null_label = config.data.num_labels if config.model.conditional else None
         self.poison_loss = False  # set by fault injection (tests): turns the next loss into NaN
+        self.compiled = None
+        self.average_gradients = False
+        if config.train.compile:
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                raise ValueError("a compiled step takes the bare network: it averages the gradients itself")
+            self.compiled = torch.compile(functools.partial(self.objective, input_grad="func"))
+            self.average_gradients = collectives.world_size() > 1
+            collectives.broadcast_parameters(model)
+
+    def draw(
+        self, x: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The step's random inputs from its generator, in this order: labels after dropout (None if
+        unconditional), noise levels t, noise ε."""
+        y = None
+        if self.null_label is not None:
+            y = drop_labels(labels, self.config.model.label_dropout, self.null_label, generator=self.generator)
+        if self.config.model.kind == "cdm":
+            t = sample_timesteps(
+                x.shape[0], self.schedule.num_classes, self.prior, generator=self.generator, device=x.device
+            )
+        else:
+            t = sample_ddm_timesteps(x.shape[0], self.schedule, generator=self.generator, device=x.device)
+        return y, t, draw_noise(x, self.generator)
+
+    def objective(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        input_grad: str = "autograd",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, ce, mse) of the training objective for given draws (a DDM's ce is 0)."""
+        cfg = self.config
+        if cfg.model.kind == "cdm":
+            logits_fn = model if y is None else (lambda z: model(z, y))
+            parts = cdm_loss(
+                logits_fn,
+                x,
+                self.schedule,
+                w_ce=cfg.loss.w_ce,
+                w_mse=cfg.loss.w_mse,
+                t=t,
+                noise=noise,
+                input_grad=input_grad,
+            )
+            return parts.total, parts.ce, parts.mse
+        eps_model = model if y is None else (lambda z, t_: model(z, t_, y))
+        mse = ddm_loss(eps_model, x, self.schedule, t=t, noise=noise)
+        return mse, torch.zeros_like(mse), mse
 
     def loss(
         self, x: torch.Tensor, labels: torch.Tensor | None, model: nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, ce, mse) of the training objective on a batch, for `model` (default: the one being trained)."""
-        cfg = self.config
-        model = self.model if model is None else model
-        y = None
-        if self.null_label is not None:
-            y = drop_labels(labels, cfg.model.label_dropout, self.null_label, generator=self.generator)
+        """(total, ce, mse) of the training objective on a batch, for `model` (default: the one being
+        trained, compiled if `train.compile`; any other, e.g. a probe, runs eagerly)."""
+        y, t, noise = self.draw(x, labels)
+        objective = self.objective
+        if model is None:
+            model, objective = self.model, self.compiled or self.objective
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if cfg.model.kind == "cdm":
-                logits_fn = model if y is None else (lambda z: model(z, y))
-                parts = cdm_loss(
-                    logits_fn,
-                    x,
-                    self.schedule,
-                    w_ce=cfg.loss.w_ce,
-                    w_mse=cfg.loss.w_mse,
-                    prior=self.prior,
-                    generator=self.generator,
-                )
-                return parts.total, parts.ce, parts.mse
-            eps_model = model if y is None else (lambda z, t: model(z, t, y))
-            mse = ddm_loss(eps_model, x, self.schedule, generator=self.generator)
-            return mse, torch.zeros_like(mse), mse
+            return objective(model, x, y, t, noise)
+
+    def backward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Gradients of the step's loss in the parameters' `.grad` (averaged over the workers);
+        returns (total, ce, mse)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, ce, mse = self.loss(x, labels)
+        if self.poison_loss:
+            loss = loss * float("nan")
+            self.poison_loss = False
+        loss.backward()
+        if self.average_gradients:
+            collectives.average_gradients(list(self.model.parameters()))
+        return loss, ce, mse
 
     def finite_from(
         self, weights: dict[str, torch.Tensor], probe: nn.Module, x: torch.Tensor, labels: torch.Tensor | None
@@ -153,12 +217,7 @@ class TrainStep:
         return math.isfinite(float(loss)) and math.isfinite(float(norm))
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> StepResult:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, mse = self.loss(x, labels)
-        if self.poison_loss:
-            loss = loss * float("nan")
-            self.poison_loss = False
-        loss.backward()
+        loss, ce, mse = self.backward(x, labels)
         clip = self.config.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         result = StepResult(loss.detach(), ce.detach(), mse.detach(), float(norm))

@@ -1,0 +1,138 @@
+"""The compiled training step (`train.compile`) against the eager one, in one process (no Ray).
+
+Compiling costs one to two minutes per graph here (Inductor writes and builds C++ for each
+kernel); the tests share graphs where they can: the `linear` and `ot` schedules differ only in
+the values of a and s, which are the graph's inputs, so each network compiles once. The
+unconditional CDM's graph is also the one the two-worker tests in test_train.py run, which
+Inductor's on-disk cache then serves.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdm_core.ema import EMA
+from pipelines.common import config as cfg
+from pipelines.train.config import TrainConfig
+from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(*overrides: str) -> TrainConfig:
+    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])
+
+
+def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
+    torch.manual_seed(seed)
+    model = build_network(config, 1, 8)
+    opt, sched = build_optimizer(model, config.optim)
+    return TrainStep(
+        config,
+        model,
+        EMA(model, config.ema.decay),
+        opt,
+        sched,
+        build_schedule(config),
+        None,
+        torch.device("cpu"),
+        torch.Generator().manual_seed(seed),
+    )
+
+
+def gradients(step: TrainStep) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in step.model.named_parameters()}
+
+
+def assert_same_gradients(eager: dict[str, torch.Tensor], compiled: dict[str, torch.Tensor]) -> float:
+    """Each parameter's gradient within 1e-4 of the largest gradient entry (float32 sums in another order);
+    returns the largest difference relative to that scale."""
+    scale = max(float(g.abs().max()) for g in eager.values())
+    assert scale > 0
+    worst = max(float((eager[n] - compiled[n]).abs().max()) for n in eager) / scale
+    assert worst < 1e-4, f"compiled gradients differ from eager by {worst:.2e} of the largest gradient"
+    return worst
+
+
+# A one-level network without attention: for the DDM and dropout checks, whose graphs need not be the
+# preset's, at a third of its compilation time.
+ONE_LEVEL = ("model.channel_mult=[1]", "model.attn_resolutions=[]")
+CASES = {
+    "cdm": (),
+    "cdm-conditional": ("model.conditional=true", "data.num_labels=10", "model.label_dropout=0.5"),
+    "ddm-one-level": ("model.kind=ddm", *ONE_LEVEL),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_compiled_step_gives_the_eager_losses_and_gradients(case):
+    """Same weights, same generator: the same draws, losses and parameter gradients, then the same
+    on the `linear` and the `ot` schedule; label dropout (0.5 here) is drawn as in eager. (Weights after
+    Adam are not compared: Adam moves a weight by ~lr for any gradient, so a near-zero gradient's last
+    digits decide its direction; the second step's losses and gradients show the updates agree.)"""
+    g = torch.Generator().manual_seed(7)
+    x, labels = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+    labels = labels if "conditional" in case else None
+    for schedule in ("linear", "ot"):
+        overrides = (*CASES[case], f"schedule.name={schedule}")
+        eager, compiled = make_step(tiny(*overrides)), make_step(tiny(*overrides, "train.compile=true"))
+        assert compiled.compiled is not None and eager.compiled is None
+        for _ in range(2):  # the second step runs from the updated weights, with fresh draws
+            loss_e, ce_e, mse_e = eager.backward(x, labels)
+            loss_c, ce_c, mse_c = compiled.backward(x, labels)
+            assert math.isfinite(float(loss_e))
+            for e, c in ((loss_e, loss_c), (ce_e, ce_c), (mse_e, mse_c)):
+                assert float(c) == pytest.approx(float(e), rel=1e-5, abs=1e-7)
+            assert_same_gradients(gradients(eager), gradients(compiled))
+            for step in (eager, compiled):
+                step.optimizer.step()
+                step.scheduler.step()
+
+
+def test_a_compiled_step_trains_and_skips_a_nonfinite_update():
+    step = make_step(tiny("train.compile=true"))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    assert step(x).finite
+    before = [p.detach().clone() for p in step.model.parameters()]
+    step.poison_loss = True
+    assert not step(x).finite
+    assert all(torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+    assert step(x).finite and step.ema.num_updates == 2
+
+
+def test_dropout_in_a_compiled_step_is_random_per_step_and_follows_torch_seed():
+    """Inside the compiled graph dropout draws from torch's default generator, as eager dropout does:
+    each call a new mask, the same mask again after the same torch.manual_seed. A one-level network keeps
+    this graph's compilation short."""
+    config = tiny("train.compile=true", "model.dropout=0.5", *ONE_LEVEL)
+    step = make_step(config)
+    with torch.no_grad():  # residual branches start at zero, which would hide what dropout does before them
+        for p in step.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    t = torch.full((4,), 5)
+    noise = torch.randn(x.shape)
+
+    def loss(seed: int | None = None) -> float:
+        if seed is not None:
+            torch.manual_seed(seed)
+        return float(step.compiled(step.model, x, None, t, noise)[0])  # the training graph, without its backward
+
+    seeded = [loss(3), loss(3)]
+    free = [loss(), loss(), loss()]
+    assert seeded[0] == seeded[1]
+    assert len(set(free)) == 3, f"dropout masks repeat across compiled calls: {free}"
+    eager = float(step.objective(step.model.eval(), x, None, t, noise)[0])
+    assert all(value != eager for value in free)  # no-dropout (eval) loss differs: dropout is on
