@@ -79,16 +79,26 @@ class GaussianMixture:
     def posterior_mean_noise(self, x: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """E[ε | x_t = x] in closed form, without autograd: Σ_k r_k(x) · s C_k⁻¹ (x − a μ_k)."""
         t = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
-        means, covs = self._noisy_components(schedule)
-        if bool((t == t[0]).all()):  # a sampler step: one t for the whole batch, factorise once
-            t = t[:1]
-        means, covs = means[t], covs[t]  # (B or 1, K, d), (B or 1, K, d, d)
+        return self.posterior_mean_noise_at(x, schedule.a.to(torch.float64)[t], schedule.s.to(torch.float64)[t])
+
+    def posterior_mean_noise_at(self, x: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """E[ε | a·x_0 + s·ε = x] for any scales, e.g. `Schedule.continuous(τ)` at a real τ: a and s are (B,).
+
+        The same closed form as `posterior_mean_noise`, and differentiable in x
+        (the probability-flow ODE's divergence takes its Jacobian).
+        """
+        a = torch.as_tensor(a, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        s = torch.as_tensor(s, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        if bool((a == a[0]).all() and (s == s[0]).all()):  # a sampler or solver step: one level, factorise once
+            a, s = a[:1], s[:1]
+        means = a[:, None, None] * self.means[None]  # (B or 1, K, d)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.means.device)
+        covs = a[:, None, None, None] ** 2 * self.covs[None] + s[:, None, None, None] ** 2 * eye
         x = x.to(torch.float64)
         diff = x[:, None, :] - means
         r = torch.softmax(self._gaussian_log_prob(diff, covs) + self.weights.log(), dim=-1)
         cond = torch.linalg.solve(covs, diff[..., None]).squeeze(-1)  # C_k⁻¹ (x − a μ_k)
-        s = schedule.s.to(torch.float64)[t][:, None]
-        return s * (r[..., None] * cond).sum(1)
+        return s[:, None] * (r[..., None] * cond).sum(1)
 
     def entropy(self, n: int = 400_000, seed: int = 0) -> tuple[float, float]:
         """Differential entropy in nats by Monte Carlo on exact log-densities: (estimate, standard error).
