@@ -150,10 +150,9 @@ def torch_compile_double_backward() -> str:
 
 def train_steps(preset: str, batch: int) -> dict:
     """Eager and compiled TrainSteps of a CDM and a DDM (configs/mnist.toml with `preset`), each with its batch."""
-    from cdm_core.ema import EMA
     from pipelines.common import config as cfg
     from pipelines.train.config import TrainConfig
-    from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule
+    from pipelines.train.step import fresh_train_step
 
     steps = {}
     for kind in ("cdm", "ddm"):
@@ -168,21 +167,7 @@ def train_steps(preset: str, batch: int) -> dict:
                     f"train.compile={compiled}".lower(),
                 ],
             )
-            torch.manual_seed(0)
-            model = build_network(config, 1, 28)
-            opt, sched = build_optimizer(model, config.optim)
-            step = TrainStep(
-                config,
-                model,
-                EMA(model, config.ema.decay),
-                opt,
-                sched,
-                build_schedule(config),
-                None,
-                torch.device("cpu"),
-                torch.Generator().manual_seed(0),
-            )
-            steps[f"{kind}_train_step{'_compiled' if compiled else ''}"] = step
+            steps[f"{kind}_train_step{'_compiled' if compiled else ''}"] = fresh_train_step(config, 1, 28)
     x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return {name: (lambda step=step: step(x)) for name, step in steps.items()}
 

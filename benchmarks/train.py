@@ -76,26 +76,12 @@ def plain_loop(config, dataset: Path, threads: int) -> dict:
     """The training step alone: one process, data already in memory."""
     import torch
 
-    from cdm_core.ema import EMA
     from pipelines.data.readers import LocalReader
-    from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
+    from pipelines.train.step import fresh_train_step
 
     torch.set_num_threads(threads)
     reader = LocalReader(dataset, "train")
-    torch.manual_seed(0)
-    model = build_network(config, 1, 8)
-    opt, sched = build_optimizer(model, config.optim)
-    step = TrainStep(
-        config,
-        model,
-        EMA(model, config.ema.decay),
-        opt,
-        sched,
-        build_schedule(config),
-        build_prior(config),
-        torch.device("cpu"),
-        torch.Generator().manual_seed(0),
-    )
+    step = fresh_train_step(config, 1, 8)
     done, epoch, stamps = 0, 0, {}
     while done < config.train.steps:
         for batch in reader.batches(config.train.batch_size, shuffle=True, epoch=epoch, drop_last=True):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_tracking_uri():
@@ -152,3 +154,22 @@ def cli_in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
         main()
     out = capsys.readouterr()
     return done.value.code, out.out + out.err
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP barriers stall them badly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_train_config(*overrides: str):
+    """configs/train_tiny.toml with `overrides`, for steps and networks built outside a run (no dataset)."""
+    from pipelines.common import config as cfg
+    from pipelines.train.config import TrainConfig
+
+    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])

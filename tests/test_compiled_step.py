@@ -10,46 +10,20 @@ Inductor's on-disk cache then serves.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
-from cdm_core.ema import EMA
-from pipelines.common import config as cfg
 from pipelines.train.config import TrainConfig
-from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule
+from pipelines.train.step import TrainStep, fresh_train_step
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(*overrides: str) -> TrainConfig:
-    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+tiny = tiny_train_config
 
 
 def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
-    torch.manual_seed(seed)
-    model = build_network(config, 1, 8)
-    opt, sched = build_optimizer(model, config.optim)
-    return TrainStep(
-        config,
-        model,
-        EMA(model, config.ema.decay),
-        opt,
-        sched,
-        build_schedule(config),
-        None,
-        torch.device("cpu"),
-        torch.Generator().manual_seed(seed),
-    )
+    return fresh_train_step(config, 1, 8, seed=seed)
 
 
 def gradients(step: TrainStep) -> dict[str, torch.Tensor]:

@@ -34,13 +34,7 @@ from cdm_core.schedules import SCHEDULE_NAMES, get_schedule
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches: threads do not help, and on a loaded 2-core machine they slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exact_eps_fn(mixture: GaussianMixture, schedule):

@@ -34,13 +34,7 @@ STEPS = {"ddpm": 100, "ddim": 50, "dpmsolver2m": 25, "dpmsolver++2m": 25, "euler
 EULER_UNIFORM_STEPS = 1000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2-D batches are too small for threads to help, and on a loaded machine two threads run ~15× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

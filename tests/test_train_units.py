@@ -6,45 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from cdm_core.ema import EMA
 from cdm_core.objective import bits_per_dim
 from pipelines.common import config as cfg
 from pipelines.train.config import TrainConfig
-from pipelines.train.step import TrainStep, build_network, build_optimizer, build_schedule, lr_factor
+from pipelines.train.step import TrainStep, build_network, build_schedule, fresh_train_step, lr_factor
 from pipelines.train.validation import Validator, t_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine OpenMP barriers stall them badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(*overrides: str) -> TrainConfig:
-    return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+tiny = tiny_train_config
 
 
 def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
-    torch.manual_seed(seed)
-    model = build_network(config, 1, 8)
-    opt, sched = build_optimizer(model, config.optim)
-    return TrainStep(
-        config,
-        model,
-        EMA(model, config.ema.decay),
-        opt,
-        sched,
-        build_schedule(config),
-        None,
-        torch.device("cpu"),
-        torch.Generator().manual_seed(seed),
-    )
+    return fresh_train_step(config, 1, 8, seed=seed)
 
 
 def test_learning_rate_warms_up_then_decays():

@@ -185,7 +185,8 @@ class TrainStep:
         y, t, noise = self.draw(x, labels)
         objective = self.objective
         if model is None:
-            model, objective = self.model, self.compiled or self.objective
+            model = self.model
+            objective = self.compiled if self.compiled is not None else self.objective
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return objective(model, x, y, t, noise)
 
@@ -226,3 +227,25 @@ class TrainStep:
             self.scheduler.step()
             self.ema.update(self.model)
         return result
+
+
+def fresh_train_step(
+    config: TrainConfig, channels: int, image_size: int, device: torch.device | None = None, seed: int = 0
+) -> TrainStep:
+    """A TrainStep on a new network (initialised from `seed`), with its optimiser, EMA, schedule and prior:
+    the step outside Ray Train, for benchmarks and tests."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(seed)
+    model = build_network(config, channels, image_size).to(device)
+    optimizer, scheduler = build_optimizer(model, config.optim)
+    return TrainStep(
+        config,
+        model,
+        EMA(model, config.ema.decay, config.ema.start_step),
+        optimizer,
+        scheduler,
+        build_schedule(config),
+        build_prior(config),
+        device,
+        torch.Generator(device=device).manual_seed(seed),
+    )
