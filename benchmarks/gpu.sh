@@ -38,10 +38,9 @@ import json, os, platform, sys, time
 
 import torch
 
-from cdm_core.ema import EMA
 from pipelines.common import config as cfg
 from pipelines.train.config import TrainConfig
-from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule
+from pipelines.train.step import fresh_train_step
 
 out_path = sys.argv[1]
 device = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
@@ -89,13 +88,9 @@ def make_step(kind, precision, compiled=False):
         f"model.kind={kind}", f"model.preset={preset}", f"train.precision={precision}", f"train.batch_size={batch}",
         f"train.compile={'true' if compiled else 'false'}"])
     channels, size = 3, 32
-    torch.manual_seed(0)
-    model = build_network(config, channels, size).to(device)
-    opt, sched = build_optimizer(model, config.optim)
-    step = TrainStep(config, model, EMA(model, config.ema.decay), opt, sched, build_schedule(config), build_prior(config),
-                     device, torch.Generator(device=device).manual_seed(0))
+    step = fresh_train_step(config, channels, size, device)
     x = (torch.rand(batch, channels, size, size, device=device) * 2 - 1)
-    return step, x, sum(p.numel() for p in model.parameters())
+    return step, x, sum(p.numel() for p in step.model.parameters())
 
 
 def flops_of_one_step(step, x):
