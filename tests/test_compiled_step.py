@@ -110,3 +110,49 @@ def test_dropout_in_a_compiled_step_is_random_per_step_and_follows_torch_seed():
     assert len(set(free)) == 3, f"dropout masks repeat across compiled calls: {free}"
     eager = float(step.objective(step.model.eval(), x, None, t, noise)[0])
     assert all(value != eager for value in free)  # no-dropout (eval) loss differs: dropout is on
+
+
+def _two_process_worker(rank: int, world: int, port: int, x: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # Different initial weights on each process: the step must start from rank 0's, as DDP would.
+        step = fresh_train_step(tiny("train.compile=true"), 1, 8, seed=rank)
+        step.backward(x[rank * 4 : (rank + 1) * 4])
+        torch.save({n: p.grad for n, p in step.model.named_parameters()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_compiled_step_on_two_processes_averages_gradients_as_ddp(tmp_path):
+    """train.compile has no DDP wrapper: the step broadcasts rank 0's weights and all-reduces the gradients
+    itself (gloo here, as Ray Train sets it up on CPU workers). Both processes must end with the gradient of
+    one eager process on the global batch with each process's draws. The graph is the `cdm` case's above,
+    which Inductor's on-disk cache then serves."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from cdm_core.objective import cdm_loss
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mp.start_processes(_two_process_worker, args=(2, port, x, str(tmp_path / "grads")), nprocs=2, start_method="spawn")
+
+    eager = make_step(tiny())  # seed 0: rank 0's weights
+    draws = [fresh_train_step(tiny(), 1, 8, seed=rank).draw(x[rank * 4 : (rank + 1) * 4], None) for rank in (0, 1)]
+    t, noise = torch.cat([d[1] for d in draws]), torch.cat([d[2] for d in draws])
+    cfg_loss = eager.config.loss
+    cdm_loss(
+        eager.model, x, eager.schedule, t=t, noise=noise, w_ce=cfg_loss.w_ce, w_mse=cfg_loss.w_mse
+    ).total.backward()
+    reference = gradients(eager)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"grads.{rank}", weights_only=True)
+        assert_same_gradients(
+            reference, {n: g if g is not None else torch.zeros_like(reference[n]) for n, g in got.items()}
+        )
