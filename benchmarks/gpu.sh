@@ -86,7 +86,9 @@ def measured_matmul_tflops(n=8192, reps=10):
 def make_step(kind, precision, compiled=False):
     config = cfg.load(TrainConfig, "configs/cifar10.toml", [
         f"model.kind={kind}", f"model.preset={preset}", f"train.precision={precision}", f"train.batch_size={batch}",
-        f"train.compile={'true' if compiled else 'false'}"])
+        f"train.compile={'true' if compiled else 'false'}",
+        # the classifier head's width is the CDM's; the DDM's head outputs the image
+        *(["model.head_channels=none"] if kind == "ddm" else [])])
     channels, size = 3, 32
     step = fresh_train_step(config, channels, size, device)
     x = (torch.rand(batch, channels, size, size, device=device) * 2 - 1)
