@@ -9,8 +9,14 @@
 3. Feature extraction images/s: the `train-features` classifier, torch-fidelity's
    Inception-v3 (randomly initialised: a speed figure only, no FID is computed),
    and the FID stage end to end.
+4. Likelihood cost side by side (the paper's Table 3): one-pass vs ELBO vs ODE on
+   the same model and images, through the NLL workers' own code (`LikelihoodScorer`,
+   one thread, one batch): images/s, NFE per sample and bits/dim of each. By default
+   the benchmark's untrained CDM on mnist5k (speed only: its bits/dim mean nothing);
+   `--likelihood-checkpoint CKPT --likelihood-data DATASET` measures a trained model.
 
-Prints a table and writes benchmarks/results/eval.json (a flat object).
+Prints a table and writes benchmarks/results/eval.json (a flat object); `--only likelihood`
+runs part 4 alone and updates its keys in the existing file.
 
     python benchmarks/eval.py [--preset tiny] [--batch 100] [--workdir /tmp/cdm-eval-bench]
 """
@@ -67,6 +73,59 @@ def time_call(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def likelihood_costs(checkpoint: Path, data: Path, n: int, elbo_stride: int, rtol: float) -> dict:
+    """One-pass, ELBO and ODE on the same n test images of `data`, one thread, the NLL workers' own code path."""
+    from pipelines.data import shards as sh
+    from pipelines.data.readers import LocalReader
+    from pipelines.evaluate.nll import LikelihoodScorer, Methods, bpd_offset
+
+    ds = sh.open_dataset(data)
+    split = "test" if ds.count("test") else "train"
+    reader = LocalReader(data, split)
+    index = np.arange(min(n, len(reader)))
+    batch = {
+        "x": reader.inputs(index),
+        "index": index,
+        "label": np.zeros(len(index), np.int64),
+        "pad": np.zeros(len(index), bool),
+    }
+    out: dict = {"likelihood_images": len(index), "likelihood_checkpoint": str(checkpoint)}
+    for method in ("one-pass", "elbo", "ode"):
+        scorer = LikelihoodScorer(
+            str(checkpoint),
+            True,
+            "cpu",
+            1,
+            dequantize=False,
+            seed=0,
+            offset=bpd_offset("standard"),
+            conditional=False,
+            methods=Methods((method,), elbo_stride, rtol, rtol, "hutchinson"),
+        )
+        scorer(batch)  # warm-up (and the one-pass figure's repeat)
+        start = time.perf_counter()
+        scored = scorer(batch)
+        seconds = time.perf_counter() - start
+        key = method.replace("-", "_")
+        bpd = {"one-pass": "bpd", "elbo": "bpd_elbo", "ode": "bpd_ode"}[method]
+        nfe = 1.0 if method == "one-pass" else float(scored[f"nfe_{key}"].mean())
+        out |= {
+            f"likelihood_{key}_nfe_per_sample": nfe,
+            f"likelihood_{key}_images_per_s_1thread": round(len(index) / seconds, 3),
+            f"likelihood_{key}_bpd": round(float(scored[bpd].mean()), 4),
+        }
+        if method == "one-pass":
+            out["likelihood_T"] = scorer.trained.schedule.T
+            out["likelihood_schedule"] = scorer.trained.config["schedule"]["name"]
+    out |= {
+        "likelihood_elbo_stride": elbo_stride,
+        "likelihood_ode_rtol_atol": rtol,
+        "likelihood_ode_trace": "hutchinson",
+    }
+    out["likelihood_bpd_convention"] = "standard (ELBO: discrete, comparable)"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="U-Net preset for the NLL and sampling measurements.")
@@ -75,7 +134,29 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=["likelihood"], default=None, help="Run part 4 alone; update its keys.")
+    parser.add_argument("--likelihood-checkpoint", type=Path, default=None)
+    parser.add_argument("--likelihood-data", type=Path, default=None)
+    parser.add_argument("--likelihood-n", type=int, default=16, help="Images scored by each method.")
+    parser.add_argument("--elbo-stride", type=int, default=10, help="ELBO classes kept: every N-th (NFE = T/N).")
+    parser.add_argument("--ode-tol", type=float, default=1e-5, help="The ODE's rtol = atol.")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.only == "likelihood":
+        if not (args.likelihood_checkpoint and args.likelihood_data):
+            parser.error("--only likelihood needs --likelihood-checkpoint and --likelihood-data")
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result = {k: v for k, v in result.items() if not k.startswith("likelihood_")}
+        result |= likelihood_costs(
+            args.likelihood_checkpoint, args.likelihood_data, args.likelihood_n, args.elbo_stride, args.ode_tol
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        for key, value in result.items():
+            if key.startswith("likelihood_"):
+                print(f"  {key:<44}  {value}")
+        print(f"wrote {args.out}")
+        return
 
     import ray
 
@@ -211,8 +292,17 @@ def main() -> None:
         )
     )
     result[f"fid_stage_classifier_images_per_s_{os.cpu_count()}workers"] = round(fid.images_per_s, 1)
-    result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     ray.shutdown()
+
+    # 4. Likelihood cost side by side: one-pass vs ELBO vs ODE, the same model and images.
+    result |= likelihood_costs(
+        args.likelihood_checkpoint or work / "cdm",
+        args.likelihood_data or data,
+        args.likelihood_n,
+        args.elbo_stride,
+        args.ode_tol,
+    )
+    result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -596,9 +596,10 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (UNetClassifier, UNetDenoiser, MLPClassifier, MLPDenoiser)
 }
 # The exact logits of a Gaussian mixture, stored like a network so the batch stages can be checked end to end.
-from cdm_core.analytic import GaussianMixtureLogits  # noqa: E402
+from cdm_core.analytic import ConditionalGaussianMixtureLogits, GaussianMixtureLogits  # noqa: E402
 
-_MODEL_CLASSES[GaussianMixtureLogits.__name__] = GaussianMixtureLogits
+for _exact in (GaussianMixtureLogits, ConditionalGaussianMixtureLogits):
+    _MODEL_CLASSES[_exact.__name__] = _exact
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -47,6 +47,19 @@ def _checkpoint(path: Path, *overrides: str) -> None:
     save_checkpoint(path / "checkpoint.pt", model=build_network(config, 1, 8), step=0, config=cfg.to_dict(config))
 
 
+def _bad_arrays(w: Path) -> None:
+    import numpy as np
+
+    x = np.zeros((20, 3), np.float32)
+    x[17, 1] = np.nan
+    np.save(w / "nan.npy", x)
+    np.save(w / "rank3.npy", np.zeros((4, 2, 3), np.float32))
+    np.save(w / "ints.npy", np.zeros((4, 3), np.int64))
+    np.save(w / "vec.npy", np.arange(60, dtype=np.float64).reshape(20, 3))
+    np.save(w / "labels19.npy", np.zeros(19, np.int64))
+    np.savez(w / "two.npz", a=np.zeros((4, 3)), b=np.zeros((4, 3)))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A folder of good data and models, and of bad files beside them."""
@@ -56,6 +69,9 @@ def world(tmp_path_factory):
     prepare_quick("mnist5k", w / "mnist")
     _checkpoint(w / "cdm")
     _checkpoint(w / "ddm", "model.kind=ddm", "checkpoint.score=val/mse")
+    _checkpoint(w / "cond", "model.conditional=true", "data.num_labels=10")  # for `cdm classify`
+    prepare_quick("toy2d", w / "board", name="checkerboard", num_train=10, num_test=5)  # no labels
+    _bad_arrays(w)  # for `cdm prepare arrays`
     good = (w / "cdm" / "checkpoint.pt").read_bytes()
     (w / "truncated").mkdir()
     (w / "truncated" / "checkpoint.pt").write_bytes(good[: len(good) // 2])
@@ -112,7 +128,7 @@ def _cannot_create(folder: Path) -> bool:
 
 
 def _hashes(w: Path) -> dict[str, str]:
-    kept = ("data", "toy", "mnist", "cdm", "ddm", "notes", "afile", "imgs")
+    kept = ("data", "toy", "mnist", "cdm", "ddm", "cond", "board", "notes", "afile", "imgs")
     out = {}
     for name in kept:
         for path in sorted((w / name).rglob("*")) if (w / name).is_dir() else [w / name]:
@@ -146,6 +162,28 @@ CASES = [
     ),
     ("prepare-empty-image-folder", "prepare imagefolder --path emptyfolder --out o4 --no-track", r"emptyfolder"),
     ("prepare-bad-fraction", "prepare digits --test-fraction 1.5 --out o5 --no-track", r"--test-fraction 1.5"),
+    ("prepare-arrays-nan", "prepare arrays --path nan.npy --out oa1 --no-track", r"nan\.npy: sample 17 holds NaN"),
+    (
+        "prepare-arrays-rank",
+        "prepare arrays --path rank3.npy --out oa2 --no-track",
+        r"rank3\.npy: shape \(4, 2, 3\) has rank 3; .*\(N, D\) vectors or \(N, C, H, W\)",
+    ),
+    ("prepare-arrays-int", "prepare arrays --path ints.npy --out oa3 --no-track", r"ints\.npy: dtype int64; .*float"),
+    (
+        "prepare-arrays-label-count",
+        "prepare arrays --path vec.npy --labels labels19.npy --out oa4 --no-track",
+        r"labels19\.npy: 19 labels for the 20 samples of .*vec\.npy",
+    ),
+    (
+        "prepare-arrays-npz-without-key",
+        "prepare arrays --path two.npz --out oa5 --no-track",
+        r"two\.npz: holds several arrays \(a, b\); choose the data with --key",
+    ),
+    (
+        "train-image-preset-on-vectors",
+        f"train {TINY} --set data.uri=toy",
+        r"model\.preset: 'tiny' is a U-Net for images, .* holds vectors of dimension 2; set model\.preset=mlp",
+    ),
     (
         "prepare-config-unknown-option",
         "prepare --config prepare.toml --out o6 --no-track",
@@ -202,13 +240,19 @@ CASES = [
     ("nll-bare-pickle", "nll pickled data --no-track", r"cannot load checkpoint"),
     ("nll-foreign-torch-file", "nll foreign data --no-track", r"not a cdm checkpoint"),
     ("nll-no-checkpoint", "nll emptyfolder data --no-track", r"no checkpoint at emptyfolder"),
-    ("nll-ddm", "nll ddm data --no-track", r"needs a CDM"),
+    ("nll-ddm-one-pass", "nll ddm data --method one-pass --no-track", r"needs a CDM.*use --method ode"),
+    ("nll-unknown-method", "nll cdm data --method exactly --no-track", r"--method 'exactly' is not one of"),
     ("nll-wrong-shape", "nll cdm toy --no-track", r"the model takes \(1, 8, 8\)"),
     ("nll-unknown-split", "nll cdm data --split valid --no-track", r"no split 'valid'"),
     ("nll-unwritable-out", "nll cdm data --out afile/scores --no-track", r"afile/scores: cannot write there"),
     ("nll-read-only-out", "nll cdm data --out locked/scores --no-track", r"locked/scores: cannot write there"),
     ("nll-bad-convention", "nll cdm data --bpd-convention metric --no-track", r"--bpd-convention 'metric'"),
     ("ood-shape-mismatch", "ood cdm data toy --no-track", r"one shape"),
+    # classify
+    ("classify-unconditional", "classify cdm data --no-track", r"unconditional CDM; .*needs a class-cond"),
+    ("classify-ddm", "classify ddm data --no-track", r"'ddm' model; .*needs a class-cond"),
+    ("classify-unlabeled-dataset", "classify cond board --no-track", r"board: the dataset has no labels"),
+    ("classify-other-classes", "classify cond toy --no-track", r"the model has 10 classes, \S*toy has 3"),
     # sample
     ("sample-unknown-sampler", "sample cdm --out s1 --sampler heun --no-track", r"--sampler 'heun'"),
     ("sample-too-many-steps", "sample cdm --out s2 --steps 500 --no-track", r"between 1 and the model's T=20"),

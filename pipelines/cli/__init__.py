@@ -16,7 +16,7 @@ from importlib.metadata import version as dist_version
 
 import typer
 
-from pipelines.cli import cluster, data, evaluate, train, tune, workflow
+from pipelines.cli import classify, cluster, data, evaluate, train, tune, workflow
 from pipelines.common.errors import UserError
 
 app = typer.Typer(
@@ -84,6 +84,7 @@ app.command("nll")(evaluate.nll)
 app.command("ood")(evaluate.ood)
 app.command("fid")(evaluate.fid)
 app.command("train-features")(evaluate.train_features)
+app.command("classify")(classify.classify)
 
 # The workflow that chains the stages.
 app.command("run")(workflow.run)

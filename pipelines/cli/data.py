@@ -31,6 +31,8 @@ def prepare(
     labels: str = setting(PrepareConfig, "labels"),
     num_train: Optional[int] = setting(PrepareConfig, "num_train"),
     num_test: Optional[int] = setting(PrepareConfig, "num_test"),
+    key: Optional[str] = setting(PrepareConfig, "key"),
+    normalize: Optional[str] = setting(PrepareConfig, "normalize"),
     samples_per_shard: int = setting(PrepareConfig, "samples_per_shard"),
     skip_bad: bool = setting(PrepareConfig, "skip_bad", "--skip-bad"),
     force: bool = setting(PrepareConfig, "force", "--force"),
@@ -47,6 +49,7 @@ def prepare(
       cdm prepare cifar10 --path ~/cifar-10-python.tar.gz --out data/cifar10
       cdm prepare imagefolder --path ~/celeba/img_align_celeba --preset celeba --out data/celeba64
       cdm prepare toy2d --name gmm8 --out data/gmm8
+      cdm prepare arrays --path latents.npz --key z --labels y.npy --out data/latents
       cdm prepare --config configs/mnist.toml --seed 1
     """
     # Deferred, as in every command here: the stage imports numpy, pyarrow and MLflow (seconds); `cdm --help` should not wait.
@@ -67,6 +70,12 @@ def prepare(
     shards = sum(len(v["shards"]) for v in result.meta["splits"].values())
     verb = "up to date" if result.up_to_date else "wrote"
     typer.echo(f"{verb}: {result.uri} ({counts}; {shards} shards) in {result.seconds:.1f} s")
+    norm = result.meta.get("normalization")
+    if norm and norm.get("kind") == "standardize":
+        typer.echo(
+            "normalization: standardize per channel (train-split mean/std in dataset.json); the model sees "
+            "(x - mean)/std, and NLLs and samples are reported in the data's own units"
+        )
     skipped = result.meta["skipped"]["count"]
     if skipped:
         typer.secho(f"skipped {skipped} bad input(s); see 'skipped' in dataset.json", fg=typer.colors.YELLOW, err=True)

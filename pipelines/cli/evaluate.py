@@ -91,6 +91,11 @@ def nll(
     dataset: str = argument(NllConfig, "dataset"),
     split: str = setting(NllConfig, "split"),
     out: Optional[str] = setting(NllConfig, "out", "--out"),
+    method: Optional[str] = setting(NllConfig, "method"),
+    elbo_stride: int = setting(NllConfig, "elbo_stride"),
+    ode_rtol: float = setting(NllConfig, "ode_rtol"),
+    ode_atol: float = setting(NllConfig, "ode_atol"),
+    trace: Optional[str] = setting(NllConfig, "trace"),
     dequantize: bool = setting(NllConfig, "dequantize", "--dequantize"),
     bpd_convention: Optional[str] = setting(NllConfig, "bpd_convention"),
     conditional: bool = setting(NllConfig, "conditional", "--conditional"),
@@ -105,9 +110,9 @@ def nll(
     train_run_id: Optional[str] = setting(NllConfig, "train_run_id"),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
-    """Negative log-likelihood of every sample of a split in one forward pass each; mean bits/dim with a 95% CI.
+    """Negative log-likelihood of every sample of a split (one-pass, ELBO, ODE); mean bits/dim with a 95% CI.
 
-    Example: cdm nll runs/mnist/checkpoint data/mnist5k --split test
+    Example: cdm nll runs/mnist/checkpoint data/mnist5k --split test --method all
     """
     from pipelines.evaluate import nll as stage  # deferred: see the module docstring
 
@@ -119,6 +124,11 @@ def nll(
             out=out,
             train_run_id=train_run_id,
             track=not no_track,
+            method=method,
+            elbo_stride=elbo_stride,
+            ode_rtol=ode_rtol,
+            ode_atol=ode_atol,
+            trace=trace,
             scoring=ScoringSection(
                 bpd_convention=bpd_convention,
                 dequantize=dequantize,
@@ -132,12 +142,16 @@ def nll(
         )
     )
     s = result.summary
-    deq = "dequantized" if s["dequantize"] else "no dequantization"
-    typer.echo(
-        f"NLL {s['nll_bpd']:.4f} ± {s['nll_bpd_ci95']:.4f} bits/dim (95% CI, {s['count']} samples of "
-        f"{s['split']}; convention {s['bpd_convention']}, {deq})"
-    )
+    for name, m in s["methods"].items():
+        deq = "dequantized" if m["dequantize"] else "no dequantization"
+        typer.echo(
+            f"NLL {name:<8} {m['nll_bpd']:.4f} ± {m['nll_bpd_ci95']:.4f} bits/dim (95% CI, {s['count']} samples of "
+            f"{s['split']}; convention {m['convention']}, {deq}; {m['nfe_per_sample']:g} NFE/sample, "
+            f"{m['seconds']:.1f} s)"
+        )
     typer.echo(f"per-sample scores: {result.scores_uri}")
+    if result.plot:
+        typer.echo(f"one-pass vs the other methods, per sample: {result.plot}")
 
 
 def ood(

@@ -11,7 +11,7 @@ from typing import Optional
 
 from pipelines.common.config import TrackingSection, option
 
-SOURCES = ("mnist5k", "digits", "cifar10", "imagefolder", "toy2d")
+SOURCES = ("mnist5k", "digits", "cifar10", "imagefolder", "toy2d", "arrays")
 TOY_NAMES = ("gmm", "gmm8", "gmm25", "checkerboard", "two_moons")
 
 
@@ -19,7 +19,9 @@ TOY_NAMES = ("gmm", "gmm8", "gmm25", "checkerboard", "two_moons")
 class SourceOptions:
     """Everything that determines a source's content (and so its fingerprint)."""
 
-    path: Optional[str] = option(None, doc="Input for cifar10 (tar.gz or folder) and imagefolder (folder).")
+    path: Optional[str] = option(
+        None, doc="Input for cifar10 (tar.gz or folder), imagefolder (folder) and arrays (.npy or .npz file)."
+    )
     name: Optional[str] = option(None, doc=f"toy2d distribution: {', '.join(TOY_NAMES)}.")
     test_fraction: Optional[float] = option(
         None, doc="Held-out fraction, stratified by class (mnist5k/digits default 0.1, imagefolder 0)."
@@ -29,7 +31,17 @@ class SourceOptions:
     crop: Optional[int] = option(None, doc="imagefolder: center-crop CROP×CROP before resizing.")
     channels: Optional[int] = option(None, doc="imagefolder: 1 (grayscale) or 3 (RGB, default).")
     preset: Optional[str] = option(None, doc="imagefolder: 'celeba' (128×128 crop at (89, 121) → 64×64).")
-    labels: str = option("auto", doc="imagefolder: auto | folder (class subfolders) | none.")
+    labels: str = option(
+        "auto",
+        doc="imagefolder: auto | folder (class subfolders) | none. arrays: a .npy file of N integer labels, "
+        "or the name of an array in the --path .npz (auto/none: unlabeled).",
+    )
+    key: Optional[str] = option(None, doc="arrays: which array of the --path .npz holds the data.")
+    normalize: Optional[str] = option(
+        None,
+        doc="arrays: standardize (default; per-channel mean/std of the train split, recorded in dataset.json and "
+        "undone in likelihoods and samples) | none (the model sees the data as given).",
+    )
     num_train: Optional[int] = option(None, doc="toy2d: training points (default 10000).")
     num_test: Optional[int] = option(None, doc="toy2d: test points (default 2000).")
 

@@ -41,16 +41,34 @@ def save_png(grid: np.ndarray, path: str | Path, min_side: int = 256) -> None:
 def save_preview(ds: sh.Dataset, path: Path, n: int = 64) -> None:
     """A PNG grid of the first n training images (a scatter plot for vector data)."""
     split = "train" if "train" in ds.splits else ds.splits[0]
+    if ds.spec.kind == "vector" and len(ds.spec.shape) == 3:
+        save_png(image_grid([array_picture(x) for _, _, x, _ in _take(ds, split, n)]), path)
+        return
     if ds.spec.kind == "vector":
         pts = np.stack([x for _, _, x, _ in _take(ds, split, 5000)])
         fig = Figure(figsize=(4, 4), dpi=100)
         ax = fig.subplots()
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set_aspect("equal")
-        ax.set_title(f"{ds.meta['source']} {ds.meta.get('toy', {}).get('name', '')} ({split}, {len(pts)} points)")
+        if pts.shape[1] >= 2:
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
+            ax.set_aspect("equal")
+            what = "points" if pts.shape[1] == 2 else f"points, dimensions 0 and 1 of {pts.shape[1]}"
+        else:
+            ax.hist(pts[:, 0], bins=50)
+            what = "values"
+        ax.set_title(f"{ds.meta['source']} {ds.meta.get('toy', {}).get('name', '')} ({split}, {len(pts)} {what})")
         fig.savefig(path)
         return
     save_png(image_grid([x for _, _, x, _ in _take(ds, split, n)]), path)
+
+
+def array_picture(x: np.ndarray) -> np.ndarray:
+    """A float (C, H, W) array as a uint8 (H, W, 1|3) picture: its own min..max stretched to 0..255
+    (3 channels as RGB, otherwise the first channel in grey). For looking at, not for measuring."""
+    a = np.asarray(x, dtype=np.float64)
+    a = a if a.shape[0] in (1, 3) else a[:1]
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return np.rint(scaled * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def _take(ds: sh.Dataset, split: str, n: int) -> list[tuple[str, int, Any, int]]:

@@ -2,7 +2,9 @@
 
 Both yield the same columns:
 
-    x      float32, images as (C, H, W) scaled to [-1, 1] (x/127.5 − 1); vectors as stored
+    x      float32, images as (C, H, W) scaled to [-1, 1] (x/127.5 − 1); vectors (D,) and arrays (C, H, W)
+           as stored, then normalized as dataset.json records (pipelines.data.normalization; a stage that feeds
+           a trained model passes the model's normalization instead)
     label  int64, −1 for unlabeled data
     index  int64, the sample's position in its split (keys are `<split>-<index:08d>`)
     pad    bool, True for the padding rows described below
@@ -37,9 +39,25 @@ import numpy as np
 import ray
 
 from pipelines.common.errors import UserError
+from pipelines.data import normalization as nz
 from pipelines.data import shards as sh
 
 COLUMNS = ("x", "label", "index", "pad")
+DATASET = "dataset"  # normalization=DATASET: the one the dataset's own dataset.json records
+
+
+def resolve_normalization(ds: sh.Dataset, normalization: Any) -> nz.Normalization | None:
+    """The transform a reader applies: the dataset's own (DATASET), a given one (a model's), or None (as stored)."""
+    if isinstance(normalization, str):
+        if normalization != DATASET:
+            raise ValueError(f"normalization must be {DATASET!r}, None or a Normalization, got {normalization!r}")
+        return nz.of_dataset(ds.meta, ds.loc.where(sh.DATASET_JSON))
+    if normalization is not None and ds.spec.kind == "image":
+        raise UserError(
+            f"{ds.loc.uri}: holds 8-bit images, and the model was trained on continuous data (normalization "
+            f"{normalization.kind}); give it a dataset prepared like its training data (`cdm prepare arrays`)"
+        )
+    return normalization
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -85,10 +103,11 @@ class LocalReader:
     decodes every sample with the same checks as `cdm verify`.
     """
 
-    def __init__(self, uri: str | os.PathLike, split: str, *, verify: bool = True):
+    def __init__(self, uri: str | os.PathLike, split: str, *, verify: bool = True, normalization: Any = DATASET):
         self.dataset = sh.open_dataset(uri)
         self.split = split
         self.spec = self.dataset.spec
+        self.normalization = resolve_normalization(self.dataset, normalization)
         n = self.dataset.count(split)
         if verify:
             sh.require_valid_shards(self.dataset, [split])
@@ -109,10 +128,11 @@ class LocalReader:
         return len(self.labels)
 
     def inputs(self, indices: np.ndarray) -> np.ndarray:
-        """Model inputs for these indices: float32 (B, C, H, W) in [-1, 1] (vectors unchanged)."""
+        """Model inputs for these indices: float32 (B, C, H, W) in [-1, 1] (vectors and arrays normalized)."""
         if self.spec.kind == "image":
             return to_model_input(self.data[indices])
-        return self.data[indices].astype(np.float32)
+        x = self.data[indices].astype(np.float32)
+        return self.normalization.apply(x) if self.normalization is not None else x
 
     def batches(
         self,
@@ -168,6 +188,7 @@ def _decode_batch(
     flip: bool,
     pad: bool,
     keep_below: int | None,
+    normalization: nz.Normalization | None = None,
 ) -> dict[str, np.ndarray]:
     """Raw WebDataset rows (key, url, png/npy bytes, cls bytes) → the reader's columns."""
     keys = [str(k) for k in batch["__key__"]]
@@ -195,6 +216,8 @@ def _decode_batch(
             x[f] = x[f][..., ::-1]
     else:
         x = np.stack(xs).astype(np.float32) if xs else np.zeros((0, *spec.shape), np.float32)
+        if normalization is not None:
+            x = normalization.apply(x)
     return {
         "x": x,
         "label": np.asarray(labels, dtype=np.int64),
@@ -211,8 +234,12 @@ def ray_dataset(
     pad_to_multiple_of: int = 1,
     verify: bool = True,
     shuffle: str | None = None,
+    normalization: Any = DATASET,
 ) -> Any:
     """A `ray.data.Dataset` of one split with columns x, label, index, pad (see module docstring).
+
+    normalization: of continuous data, the dataset's own (DATASET, the default), a model's
+    (`pipelines.data.normalization.of_model`), or None (the values as stored).
 
     Pass `pad_to_multiple_of=num_workers` when Ray Train splits it across workers.
     verify=True checks every shard's size and SHA-256 against dataset.json first,
@@ -234,6 +261,7 @@ def ray_dataset(
     if verify:
         sh.require_valid_shards(ds_meta, [split])
     loc = ds_meta.loc
+    norm = resolve_normalization(ds_meta, normalization)
 
     def read(shards: list[dict[str, Any]], *, pad: bool, keep_below: int | None, shuffle: bool) -> Any:
         paths = [loc.path(s["name"]) for s in shards]
@@ -245,7 +273,7 @@ def ray_dataset(
             shuffle="files" if shuffle else None,
             override_num_blocks=len(paths),
         )
-        fn = functools.partial(_decode_batch, spec=spec, flip=flip, pad=pad, keep_below=keep_below)
+        fn = functools.partial(_decode_batch, spec=spec, flip=flip, pad=pad, keep_below=keep_below, normalization=norm)
         return raw.map_batches(fn, batch_format="numpy")
 
     ds = read(shard_list, pad=False, keep_below=None, shuffle=shuffle == "files")

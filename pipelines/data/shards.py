@@ -11,7 +11,8 @@ filesystem such as `s3://`, `gs://`, `memory://`)::
                        presence means the dataset is complete
 
 Each sample in a shard is `<key>.png` (images, uint8, mode L or RGB) or
-`<key>.npy` (float32 vectors, e.g. toy 2-D data) plus `<key>.cls` (the integer
+`<key>.npy` (float32 data as given: (D,) vectors, e.g. toy 2-D data, or (C, H, W)
+arrays, from `cdm prepare arrays`; kind "vector" either way) plus `<key>.cls` (the integer
 label, absent for unlabeled data). Keys are `<split>-<index:08d>`, `index` being
 the sample's position in its split; shards hold consecutive indices.
 
@@ -82,8 +83,8 @@ def encode_npy(vector: np.ndarray) -> bytes:
 class SampleSpec:
     """What every sample of a dataset looks like (from dataset.json `sample`)."""
 
-    kind: str  # "image" | "vector"
-    shape: tuple[int, ...]  # (H, W, C) for images, (D,) for vectors
+    kind: str  # "image" (8-bit, PNG) | "vector" (float32, npy)
+    shape: tuple[int, ...]  # (H, W, C) for images; (D,) for vectors, (C, H, W) for arrays
     labeled: bool
     num_classes: int | None = None
 
@@ -182,20 +183,31 @@ class ShardInfo:
 
 @dataclass
 class _Stats:
-    """Running per-channel sum / sum of squares in float64 (values scaled to [0, 1] for images)."""
+    """Running per-channel sum / sum of squares / min / max in float64 (values scaled to [0, 1] for images)."""
 
     n: int = 0
     s: np.ndarray | None = None
     ss: np.ndarray | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
 
     def add(self, values: np.ndarray) -> None:  # values: (..., C)
         flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
         if self.s is None:
             self.s = np.zeros(flat.shape[1])
             self.ss = np.zeros(flat.shape[1])
+            self.lo = np.full(flat.shape[1], np.inf)
+            self.hi = np.full(flat.shape[1], -np.inf)
         self.n += flat.shape[0]
         self.s += flat.sum(0)
         self.ss += (flat * flat).sum(0)
+        self.lo = np.minimum(self.lo, flat.min(0))
+        self.hi = np.maximum(self.hi, flat.max(0))
+
+    def extremes(self) -> tuple[list[float], list[float]]:
+        if not self.n:
+            return [], []
+        return [float(v) for v in self.lo], [float(v) for v in self.hi]
 
     def result(self) -> tuple[list[float], list[float]]:
         if not self.n:
@@ -241,13 +253,19 @@ class SplitWriter:
             self._stats.add(data.astype(np.float64) / 255.0)
         else:
             sample[VECTOR_ENCODING] = encode_npy(data)
-            self._stats.add(data[None, :])
+            # per channel: each dimension of a (D,) vector, axis 0 of a (C, H, W) array
+            self._stats.add(data[None, :] if data.ndim == 1 else data.reshape(data.shape[0], -1).T)
         if self.spec.labeled:
             if label is None or label < 0:
                 raise ValueError(f"{source_id}: labeled dataset but no label")
             sample["cls"] = str(int(label)).encode("ascii")
         self._writer.write(sample)
-        h, w, c = self.spec.shape if self.spec.kind == "image" else (None, None, None)
+        if self.spec.kind == "image":
+            h, w, c = self.spec.shape
+        elif len(self.spec.shape) == 3:
+            c, h, w = self.spec.shape
+        else:
+            h, w, c = None, None, None
         self.manifest_rows.append(
             {
                 "key": key,
@@ -289,7 +307,10 @@ class SplitWriter:
     def close(self) -> dict[str, Any]:
         self._finish_shard()
         mean, std = self._stats.result()
-        return {"count": self.count, "mean": mean, "std": std, "shards": [s.to_json() for s in self.shards]}
+        out: dict[str, Any] = {"count": self.count, "mean": mean, "std": std}
+        if self.spec.kind == "vector":
+            out["min"], out["max"] = self._stats.extremes()
+        return {**out, "shards": [s.to_json() for s in self.shards]}
 
 
 def write_manifest(loc: Location, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -340,7 +361,7 @@ def dataset_meta(
         "class_names": class_names,
         "samples_per_shard": samples_per_shard,
         "counts": {s: m["count"] for s, m in splits.items()},
-        "stats_units": "pixel values / 255 (images); raw values (vectors)",
+        "stats_units": "pixel values / 255 (images); values as given (vectors and arrays, per channel)",
         "splits": splits,
         "manifest": manifest,
         "skipped": skipped,

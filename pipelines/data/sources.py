@@ -2,7 +2,7 @@
 
 Each source turns its input into a `Source`: the sample shape, class names,
 a fingerprint of its inputs (for skipping up-to-date outputs), and for each
-split a generator of `Record`s (uint8 (H, W, C) images or float32 vectors) in a
+split a generator of `Record`s (uint8 (H, W, C) images, or float32 (D,) vectors and (C, H, W) arrays) in a
 fixed, seeded order. Class-sorted inputs (mnist5k, digits, image folders) are
 shuffled once with the seed so that every shard holds a mix of classes.
 """
@@ -32,6 +32,7 @@ from cdm_core.mixture import toy_mixture
 from pipelines.common.errors import UserError
 from pipelines.common.storage import sha256_file
 from pipelines.data.config import SOURCES, TOY_NAMES, SourceOptions
+from pipelines.data.normalization import Normalization
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"}
 # The paper's CelebA-64 preprocessing (DDIM/official CDM code): a 128×128 crop
@@ -42,7 +43,7 @@ CELEBA_SIZE = 64
 
 @dataclass
 class Record:
-    data: np.ndarray  # uint8 (H, W, C) or float32 (D,)
+    data: np.ndarray  # uint8 (H, W, C), or float32 (D,) or (C, H, W)
     label: int | None
     source_id: str  # where the sample came from (original index / file), kept in the manifest
 
@@ -68,7 +69,7 @@ class BadInputs:
 @dataclass
 class Source:
     name: str
-    kind: str  # "image" | "vector"
+    kind: str  # "image" (8-bit, PNG) | "vector" (float32 npy: (D,) vectors or (C, H, W) arrays)
     shape: tuple[int, ...] | None  # None: taken from the first record (image folders without --size)
     labeled: bool
     class_names: list[str] | None
@@ -89,6 +90,7 @@ def build_source(name: str, opts: SourceOptions) -> Source:
         "cifar10": _cifar10,
         "imagefolder": _imagefolder,
         "toy2d": _toy2d,
+        "arrays": _arrays,
     }
     if name not in builders:
         raise UserError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
@@ -177,6 +179,9 @@ def _array_source(
 # --------------------------------------------------------------------------- mnist5k / digits
 
 
+_ARRAYS_ONLY = ("key", "normalize")  # the arrays source's own options
+
+
 def _reject(opts: SourceOptions, source: str, *names: str) -> None:
     given = [n for n in names if getattr(opts, n) not in (None, "auto")]
     if given:
@@ -203,7 +208,9 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _mnist5k(opts: SourceOptions) -> Source:
-    _reject(opts, "mnist5k", "path", "name", "size", "crop", "channels", "preset", "num_train", "num_test")
+    _reject(
+        opts, "mnist5k", *_ARRAYS_ONLY, "path", "name", "size", "crop", "channels", "preset", "num_train", "num_test"
+    )
     images, labels, digest = load_mnist5k()
     f = _check_fraction(0.1 if opts.test_fraction is None else opts.test_fraction)
     return _array_source(
@@ -219,7 +226,7 @@ def _mnist5k(opts: SourceOptions) -> Source:
 
 
 def _digits(opts: SourceOptions) -> Source:
-    _reject(opts, "digits", "path", "name", "crop", "channels", "preset", "num_train", "num_test")
+    _reject(opts, "digits", *_ARRAYS_ONLY, "path", "name", "crop", "channels", "preset", "num_train", "num_test")
     from sklearn.datasets import load_digits  # noqa: PLC0415 -- deferred: see load_mnist5k
 
     bunch = load_digits()
@@ -312,7 +319,7 @@ def _cifar_members(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
 
 
 def _cifar10(opts: SourceOptions) -> Source:
-    _reject(opts, "cifar10", "name", "size", "crop", "channels", "preset", "num_train", "num_test")
+    _reject(opts, "cifar10", *_ARRAYS_ONLY, "name", "size", "crop", "channels", "preset", "num_train", "num_test")
     if opts.test_fraction is not None:
         raise UserError("source cifar10 does not take --test-fraction: it uses the official train/test split")
     if not opts.path:
@@ -420,7 +427,7 @@ def _find_partition_file(path: Path) -> Path | None:
 
 
 def _imagefolder(opts: SourceOptions) -> Source:
-    _reject(opts, "imagefolder", "name", "num_train", "num_test")
+    _reject(opts, "imagefolder", *_ARRAYS_ONLY, "name", "num_train", "num_test")
     if not opts.path:
         raise UserError("source imagefolder needs --path (a folder of images, optionally in class subfolders)")
     root = Path(opts.path).expanduser().resolve()
@@ -713,7 +720,7 @@ def toy_log_density(dist: dict[str, Any], x: np.ndarray) -> np.ndarray | None:
 
 
 def _toy2d(opts: SourceOptions) -> Source:
-    _reject(opts, "toy2d", "path", "size", "crop", "channels", "preset")
+    _reject(opts, "toy2d", *_ARRAYS_ONLY, "path", "size", "crop", "channels", "preset")
     if opts.test_fraction is not None:
         raise UserError("source toy2d does not take --test-fraction: use --num-train / --num-test")
     if not opts.name:
@@ -753,4 +760,168 @@ def _toy2d(opts: SourceOptions) -> Source:
         inputs={"generator": "numpy PCG64", "numpy": np.__version__.split(".")[0]},
         splits={split: split_fn(split) for split in data},
         extra=extra,
+    )
+
+
+# --------------------------------------------------------------------------- arrays
+
+_ARRAYS_LAYOUT = "cdm prepare arrays takes float arrays: (N, D) vectors or (N, C, H, W) arrays"
+
+
+def _load_npy_or_npz(path: Path, key: str | None, flag: str) -> tuple[np.ndarray, list[str]]:
+    """One array from a .npy file, or the array `key` of a .npz (the only one when key is None); never unpickles."""
+    if not path.exists():
+        raise UserError(f"{path}: does not exist; {flag} must be a .npy or .npz file")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file; {flag} must be a .npy or .npz file")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise UserError(f"{path}: {flag} must be a .npy or .npz file (numpy.save / numpy.savez)")
+    try:
+        if suffix == ".npy":
+            if key is not None:
+                raise UserError(f"--key {key}: {path.name} is a .npy file holding one array; --key is for .npz files")
+            return np.load(path, mmap_mode="r", allow_pickle=False), []
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if not names:
+                raise UserError(f"{path}: the .npz holds no arrays")
+            if key is None:
+                if len(names) > 1:
+                    raise UserError(
+                        f"{path}: holds several arrays ({', '.join(names)}); choose the data with --key NAME"
+                    )
+                key = names[0]
+            if key not in names:
+                raise UserError(f"{path}: has no array {key!r} (--key); it holds {', '.join(names)}")
+            return npz[key], names
+    except UserError:
+        raise
+    except Exception as err:  # a damaged file, or object arrays that would need pickle
+        raise UserError(f"{path}: not a readable {suffix} file ({err})") from None
+
+
+def _array_labels(
+    opts: SourceOptions, data_path: Path, npz_names: list[str], n: int, where: str
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """(labels or None, their fingerprint); --labels is a .npy file or an array of the data's .npz."""
+    given = opts.labels
+    if given in ("auto", "none"):
+        return None, {}
+    if given in npz_names:
+        arr, _ = _load_npy_or_npz(data_path, given, "--labels")
+        lwhere, digest = f"{data_path}[{given}]", None
+    else:
+        lpath = Path(given).expanduser().resolve()
+        if not lpath.exists() and npz_names:
+            raise UserError(
+                f"--labels {given}: neither a file nor an array of {data_path.name} (it holds {', '.join(npz_names)})"
+            )
+        arr, _ = _load_npy_or_npz(lpath, None, "--labels")
+        lwhere, digest = str(lpath), sha256_file(lpath)
+    arr = np.asarray(arr)
+    if arr.ndim != 1:
+        raise UserError(f"{lwhere}: labels of shape {arr.shape}; expected one integer label per sample, shape ({n},)")
+    if len(arr) != n:
+        raise UserError(f"{lwhere}: {len(arr)} labels for the {n} samples of {where}; give one label per sample")
+    if arr.dtype.kind not in "iu":
+        raise UserError(f"{lwhere}: labels are {arr.dtype}; they must be integers 0..K-1 (save y.astype(np.int64))")
+    arr = arr.astype(np.int64)
+    negative = np.flatnonzero(arr < 0)
+    if len(negative):
+        raise UserError(f"{lwhere}: label {arr[negative[0]]} at index {negative[0]}; labels must be 0..K-1")
+    return arr, {"labels_sha256": digest or _sha256_bytes(arr.tobytes())}
+
+
+def _arrays(opts: SourceOptions) -> Source:
+    _reject(opts, "arrays", "name", "size", "crop", "channels", "preset", "num_train", "num_test")
+    if not opts.path:
+        raise UserError("source arrays needs --path, a .npy or .npz file of float arrays (N, D) or (N, C, H, W)")
+    path = Path(opts.path).expanduser().resolve()
+    normalize = opts.normalize or "standardize"
+    if normalize not in ("standardize", "none"):
+        raise UserError(f"--normalize {normalize!r}: choose standardize or none")
+    raw, npz_names = _load_npy_or_npz(path, opts.key, "--path")
+    where = f"{path}[{opts.key}]" if opts.key else str(path)
+    if raw.dtype.kind != "f":
+        raise UserError(
+            f"{where}: dtype {raw.dtype}; {_ARRAYS_LAYOUT} (save x.astype(np.float32)); 8-bit images go through "
+            "`cdm prepare imagefolder`"
+        )
+    if raw.ndim not in (2, 4):
+        raise UserError(f"{where}: shape {tuple(raw.shape)} has rank {raw.ndim}; {_ARRAYS_LAYOUT}")
+    if raw.shape[0] == 0 or 0 in raw.shape[1:]:
+        raise UserError(f"{where}: shape {tuple(raw.shape)} holds no values; {_ARRAYS_LAYOUT}")
+    n = int(raw.shape[0])
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(raw, dtype=np.float32)  # what the shards hold (float64 rounds to float32)
+    flat = x.reshape(n, -1)
+    finite = np.isfinite(flat).all(1)
+    bad_idx = np.flatnonzero(~finite)
+
+    def problem(i: int) -> str:
+        row = flat[i]
+        if np.isnan(row).any():
+            return "holds NaN"
+        if np.isfinite(np.asarray(raw[i], dtype=np.float64)).all():
+            return f"holds a value beyond the float32 range (|x| > {np.finfo(np.float32).max:.3g})"
+        return "holds inf"
+
+    if len(bad_idx) and not getattr(opts, "skip_bad", False):
+        more = f" (and {len(bad_idx) - 1} more sample(s) hold NaN or inf)" if len(bad_idx) > 1 else ""
+        raise UserError(
+            f"{where}: sample {bad_idx[0]} {problem(int(bad_idx[0]))}{more}; remove or fix them "
+            "(or pass --skip-bad to skip such samples with a warning)"
+        )
+    labels, label_inputs = _array_labels(opts, path, npz_names, n, where)
+    f = _check_fraction(0.1 if opts.test_fraction is None else opts.test_fraction)
+    train_idx, test_idx = stratified_split(labels if labels is not None else np.zeros(n, np.int64), f, opts.seed)
+
+    # Per-channel statistics of the (finite) training samples, in float64: the standardization, if asked.
+    shape = tuple(int(d) for d in x.shape[1:])
+    kept = train_idx[finite[train_idx]]
+    if not len(kept):
+        raise UserError(f"{where}: no finite sample in the train split; nothing to prepare")
+    train = x[kept].astype(np.float64)
+    axes = (0,) if len(shape) == 1 else (0, 2, 3)
+    mean, std = train.mean(axis=axes), train.std(axis=axes)
+    if normalize == "standardize":
+        flat_std = np.flatnonzero(~(std > 0))
+        if len(flat_std):
+            what = "dimension" if len(shape) == 1 else "channel"
+            raise UserError(
+                f"{where}: {what} {flat_std[0]} is constant in the train split (std 0), so standardization would "
+                f"divide by zero; pass --normalize none, or drop that {what}"
+            )
+        norm = Normalization("standardize", tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    else:
+        norm = Normalization("identity")
+
+    def split_fn(idx: np.ndarray) -> Callable[[BadInputs], Iterator[Record]]:
+        def gen(bad: BadInputs) -> Iterator[Record]:
+            for i in idx:
+                i = int(i)
+                if not finite[i]:
+                    bad.report(f"{where}: sample {i}", problem(i), "remove or fix it")
+                    continue
+                yield Record(x[i], int(labels[i]) if labels is not None else None, f"{path.name}:{i}")
+
+        return gen
+
+    splits = {"train": split_fn(train_idx)}
+    if len(test_idx):
+        splits["test"] = split_fn(test_idx)
+    return Source(
+        name="arrays",
+        kind="vector",
+        shape=shape,
+        labeled=labels is not None,
+        class_names=[str(c) for c in range(int(labels.max()) + 1)] if labels is not None else None,
+        options={"key": opts.key, "labels": opts.labels, "normalize": normalize, "test_fraction": f, "seed": opts.seed},
+        inputs={"sha256": sha256_file(path), **label_inputs},
+        splits=splits,
+        extra={
+            "normalization": norm.to_json(),
+            "array": {"file": path.name, "key": opts.key, "dtype": str(raw.dtype), "shape": [n, *shape]},
+        },
     )

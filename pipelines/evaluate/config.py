@@ -24,6 +24,8 @@ RETIRED_SAMPLERS = {
     "DPM-Solver++(2M) on the data prediction (what dpm2 ran)",
 }
 CONVENTIONS = ("standard", "official", "continuous")
+NLL_METHODS = ("one-pass", "elbo", "ode")  # the order figures are reported in; "all" = every one that applies
+TRACES = ("exact", "hutchinson")  # cdm_core.likelihood.TRACES
 
 
 def sampler_problem(name: str) -> Optional[str]:
@@ -58,7 +60,9 @@ class ScoringSection:
     )
     dequantize: bool = option(False, doc="Uniform dequantization x + u·2/255 (8-bit images).")
     conditional: bool = option(False, doc="Score log p(x|y) with each sample's label (conditional models).")
-    seed: int = option(0, doc="Seed of the dequantization noise.")
+    seed: int = option(
+        0, doc="Seed of the per-sample noise: dequantization, and for `cdm nll` the ELBO's x_t and the ODE's probes."
+    )
     batch_size: int = option(256, doc="Images per forward pass.")
     use_ema: bool = option(True, doc="Score with the EMA weights (false: the raw weights).")
     allow_tf32: bool = option(
@@ -126,9 +130,37 @@ class NllConfig:
         None, doc="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."
     )
     track: bool = option(True, doc="Log an MLflow run.")
+    method: Optional[str] = option(
+        None,
+        doc="one-pass (Theorem 3.2, 1 NFE; CDM only), elbo (DDPM bound, T NFE), ode (probability-flow ODE, "
+        "adaptive), or all that apply; comma-separated lists too. Default: one-pass for a CDM, ode for a DDM.",
+    )
+    elbo_stride: int = option(1, ge=1, doc="The ELBO keeps every N-th class (1: all T; larger is cheaper, looser).")
+    ode_rtol: float = option(1e-5, doc="Relative tolerance of the ODE's adaptive solver (dopri5, torchdiffeq).")
+    ode_atol: float = option(1e-5, doc="Absolute tolerance of the ODE's adaptive solver.")
+    trace: Optional[str] = option(
+        None,
+        doc="The ODE's divergence: exact (one backward per dimension: small dimension) or hutchinson "
+        "(one Rademacher probe per sample, seeded from --seed and its index); default hutchinson for images, "
+        "exact for vectors.",
+    )
     scoring: ScoringSection = field(default_factory=ScoringSection)
     pool: PoolSection = field(default_factory=PoolSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def check(self) -> None:
+        if self.method is not None:
+            for m in self.method.split(","):
+                if m.strip() not in (*NLL_METHODS, "all"):
+                    raise FieldError("method", f"{m.strip()!r} is not one of {', '.join((*NLL_METHODS, 'all'))}")
+        if self.trace is not None and self.trace not in TRACES:
+            raise FieldError("trace", f"{self.trace!r} is not one of {', '.join(TRACES)}")
+        for name in ("ode_rtol", "ode_atol"):
+            value = getattr(self, name)
+            if not (value > 0 and value < 1):
+                raise FieldError(name, f"{value!r} must be in (0, 1)")
+        if self.elbo_stride < 1:
+            raise FieldError("elbo_stride", f"{self.elbo_stride!r} must be >= 1")
 
 
 @dataclass
@@ -188,3 +220,37 @@ class TrainFeaturesConfig:
     threads: int = option(1, doc="torch threads on CPU.")
     track: bool = option(True, doc="Log an MLflow run.")
     tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+PRIORS = ("train", "uniform")
+
+
+@dataclass
+class ClassifyConfig:
+    checkpoint: str = option("", doc="A class-conditional CDM checkpoint.pt or the folder holding one.")
+    dataset: str = option("", doc="A labeled, prepared dataset with the model's classes (`cdm prepare` output).")
+    split: str = option("test", doc="Which split to classify.")
+    prior: str = option(
+        "train", doc="The class prior p(y): train (the label frequencies of the dataset's train split) or uniform."
+    )
+    out: Optional[str] = option(
+        None,
+        doc="Folder for scores.parquet, summary.json and confusion.png (default outputs/classify/<dataset>-<split>).",
+    )
+    batch_size: int = option(
+        512, doc="(sample, class) pairs per forward pass: each sample is scored once per class, all in one batch."
+    )
+    use_ema: bool = option(True, doc="Classify with the EMA weights (false: the raw weights).")
+    allow_tf32: bool = option(False, doc="Let GPUs use TF32 for fp32 matmuls and convolutions (faster; moves scores).")
+    train_run_id: Optional[str] = option(
+        None, doc="MLflow run that trained the checkpoint, to link to (default: read from the checkpoint)."
+    )
+    track: bool = option(True, doc="Log an MLflow run.")
+    pool: PoolSection = field(default_factory=PoolSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def check(self) -> None:
+        if self.prior not in PRIORS:
+            raise FieldError("prior", f"{self.prior!r} is not one of {', '.join(PRIORS)}")
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"{self.batch_size} must be >= 1")

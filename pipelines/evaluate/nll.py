@@ -1,15 +1,32 @@
-"""The NLL stage: the CDM's likelihood of every sample of a dataset split, one forward pass each.
+"""The NLL stage: the likelihood of every sample of a dataset split, by one, two or three methods.
 
 `run(NllConfig(...))` is the stage (`cdm nll` in pipelines.cli).
 
 A Ray Data pipeline reads the split's shards, and a pool of actors (one model
-each, EMA weights by default) scores batches with no gradient:
+each, EMA weights by default) scores batches. The methods (`--method`):
 
-    log p(x) = ℓ_0(x) − ℓ_{T+1}(x) + log N(x; 0, I) + log π(T+1) − log π(0)    (Theorem 3.2)
+  one-pass  a CDM's exact log-density in one forward pass, no gradient (1 NFE):
+                log p(x) = ℓ_0(x) − ℓ_{T+1}(x) + log N(x; 0, I) + log π(T+1) − log π(0)    (Theorem 3.2)
+  elbo      the DDPM variational bound over the model's classes (every `--elbo-stride`-th), with the
+            discretized Gaussian decoder, on the 8-bit data (`cdm_core.likelihood.elbo_bits_per_dim`;
+            one ε̂ per kept class: T NFE). Its bits/dim are a discrete probability's, −log2 P(x)/d, no
+            offset: they compare directly with the one-pass figure in the standard convention
+            (convention "discrete"). Never dequantized (the bound is of the 8-bit data itself).
+  ode       the probability-flow ODE's exact log-density (`cdm_core.likelihood.ode_log_likelihood`,
+            dopri5 with `--ode-rtol/--ode-atol`; NFE adaptive, per batch), the divergence exact or by
+            Hutchinson's estimate; same conventions and dequantization as one-pass.
+A CDM's ε̂ is Theorem 3.1's (`cdm_eps_fn` at the classes, `cdm_continuous_eps_fn` between them), a DDM's
+its network's (`ddm_eps_fn`, `ddm_continuous_eps_fn`); `--conditional` passes each sample's label to all.
+The ELBO's x_t noise and the ODE's probes are drawn per sample from (seed, index), as the dequantization
+noise is, so a sample's figures do not depend on batching or worker count (the ODE's up to its solver
+tolerance: the adaptive steps are shared by a batch).
 
-Per-sample results (key, index, label, log p in nats, bits/dim) go to
-`scores.parquet`; the mean bits/dim with a 95% confidence interval goes to
-stdout and MLflow (`eval/nll_bpd`, `eval/nll_bpd_ci95`). Before anything is
+Per-sample results (key, index, label; one-pass: log_px, bpd; elbo: bpd_elbo, nats_elbo, nfe_elbo;
+ode: log_px_ode, bpd_ode, nfe_ode; each method's seconds_* as the sample's share of its batch's time)
+go to `scores.parquet`; each method's mean bits/dim with a 95% confidence interval, its NFE per sample
+and seconds go to stdout, `summary.json` ("methods") and MLflow (`eval/nll_bpd` and `eval/nll_bpd_ci95`
+for one-pass, `eval/nll_bpd_elbo`, `eval/nll_bpd_ode`, `eval/nfe_per_sample_*`, `eval/nll_seconds_*`).
+With one-pass and another method, `nll_methods.png` plots them per sample. Before anything is
 reported the scored keys are checked against the dataset's manifest: every
 sample of the split exactly once.
 
@@ -17,7 +34,9 @@ Bits/dim conventions (always recorded as the `bpd_convention` param; for images 
 also hold the mean in both image conventions, `eval/nll_bpd_standard` and `eval/nll_bpd_official`):
   standard    8-bit images in [-1, 1]: −log p/(d ln 2) + log2(127.5)
   official    the official CDM code's −log p/(d ln 2) + 7
-  continuous  −log p/(d ln 2), no bin offset (the default for vector data)
+  continuous  −log p/(d ln 2), no bin offset (the default for vector data and arrays); log p is the density of
+              the data as given: a model trained on normalized data (`cdm prepare arrays --normalize
+              standardize`) sees z = (x − μ)/σ, and log p_x(x) = log p_z(z) − Σ log σ (pipelines.data.normalization)
 Uniform dequantization (`--dequantize`) adds u·2/255, u ~ U[0, 1), drawn
 per sample from (seed, index), so it does not depend on batching either.
 """
@@ -27,6 +46,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,25 +58,86 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from matplotlib.figure import Figure
 
+from cdm_core.likelihood import cdm_continuous_eps_fn, ddm_continuous_eps_fn, elbo_bits_per_dim, ode_log_likelihood
 from cdm_core.objective import LOG2_BIN_OFFSET, OFFICIAL_CODE_OFFSET, log_likelihood_from_logits, nats_to_bits_per_dim
+from cdm_core.samplers import cdm_eps_fn, ddm_eps_fn
 from pipelines.common import storage
 from pipelines.common.checkpoints import checkpoint_file, load_trained_model
+from pipelines.common.config import FieldError
 from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
-from pipelines.data.readers import ray_dataset
-from pipelines.evaluate.config import CONVENTIONS, NllConfig, PoolSection, ScoringSection
+from pipelines.data.normalization import of_model
+from pipelines.data.readers import DATASET, ray_dataset
+from pipelines.evaluate.config import CONVENTIONS, NLL_METHODS, NllConfig, PoolSection, ScoringSection
 from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
 
 SCORES = "scores.parquet"
 SUMMARY = "summary.json"
+SCATTER = "nll_methods.png"
 OFFSETS = {"standard": LOG2_BIN_OFFSET, "official": OFFICIAL_CODE_OFFSET, "continuous": 0.0}
 
 
 def bpd_offset(convention: str) -> float:
     return OFFSETS[convention]
+
+
+ELBO_CONVENTION = "discrete"
+ELBO_NOTE = (
+    "−log2 P(x)/d of the 8-bit data, no offset: compares directly with a density's bits/dim in the standard "
+    "convention (+log2 127.5: a density times the (2/255)^d bin volume is the bin's probability to first order); "
+    "the official convention's figures are 7 − log2(127.5) = 0.0056 higher"
+)
+# The column that holds each method's per-sample bits/dim, and the suffix of its other columns and metrics.
+BPD_COLUMN = {"one-pass": "bpd", "elbo": "bpd_elbo", "ode": "bpd_ode"}
+SUFFIX = {"one-pass": "one_pass", "elbo": "elbo", "ode": "ode"}
+# Per-sample noise streams (seed, index, tag): the tags keep the three kinds of noise apart.
+DEQUANTIZE_TAG, ELBO_TAG, PROBE_TAG = 7, 11, 13
+
+
+@dataclass(frozen=True)
+class Methods:
+    """Which likelihoods a scorer computes, and their settings (`NllConfig`'s method, elbo_stride, ode_*, trace)."""
+
+    names: tuple[str, ...] = ("one-pass",)
+    elbo_stride: int = 1
+    ode_rtol: float = 1e-5
+    ode_atol: float = 1e-5
+    trace: str = "hutchinson"
+
+
+def resolve_methods(config: NllConfig, kind: str, data_kind: str) -> Methods:
+    """The methods `config` asks for, for a model of `kind` on data of `data_kind`; one clear line if one cannot apply."""
+    try:
+        config.check()
+    except FieldError as err:
+        raise UserError(f"--{err.field.replace('_', '-')} {err.message}") from None
+    asked = [m.strip() for m in (config.method or ("one-pass" if kind == "cdm" else "ode")).split(",")]
+    if "all" in asked:
+        names = [m for m in NLL_METHODS if (m != "one-pass" or kind == "cdm") and (m != "elbo" or data_kind == "image")]
+    else:
+        names = [m for m in NLL_METHODS if m in asked]
+    if "one-pass" in names and kind != "cdm":
+        raise UserError(
+            f"{config.checkpoint}: a {kind!r} model; the one-forward-pass likelihood needs a CDM (model.kind = 'cdm'): "
+            "for this model use --method ode (the exact likelihood of its probability-flow ODE) or --method elbo"
+        )
+    if "elbo" in names and data_kind != "image":
+        raise UserError(
+            "--method elbo: the ELBO's discretized decoder is for 8-bit images and this dataset holds continuous "
+            "vectors; use --method ode (or one-pass for a CDM)"
+        )
+    trace = config.trace or ("hutchinson" if data_kind == "image" else "exact")
+    return Methods(tuple(names), config.elbo_stride, config.ode_rtol, config.ode_atol, trace)
+
+
+def _ci95(values: np.ndarray) -> tuple[float, float]:
+    std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    # normal approximation of the mean's sampling distribution: fine for the thousands of images scored here
+    return (1.96 * std / math.sqrt(len(values)) if len(values) > 1 else float("nan")), std
 
 
 @dataclass
@@ -65,51 +146,131 @@ class SplitScores:
 
     dataset: str
     split: str
-    table: Any  # pyarrow.Table: key, index, label, log_px, bpd
+    table: Any  # pyarrow.Table: key, index, label, then each method's columns (BPD_COLUMN, module docstring)
     convention: str
     offset: float
     dequantized: bool
     seconds: float
     allow_tf32: bool = False
+    methods: Methods = Methods()
 
     @property
     def count(self) -> int:
         return self.table.num_rows
 
     @property
+    def method(self) -> str:
+        """The headline figure's (`nll_bpd`, `bpd`): the exact likelihood where there is one, one-pass before ODE."""
+        return next(m for m in ("one-pass", "ode", "elbo") if m in self.methods.names)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy()
+
+    @property
     def bpd(self) -> np.ndarray:
-        return self.table.column("bpd").to_numpy()
+        return self.column(BPD_COLUMN[self.method])
 
     @property
     def log_px(self) -> np.ndarray:
-        return self.table.column("log_px").to_numpy()
+        return self.column({"one-pass": "log_px", "ode": "log_px_ode", "elbo": "nats_elbo"}[self.method]) * (
+            -1.0 if self.method == "elbo" else 1.0
+        )
 
-    def summary(self) -> dict[str, Any]:
-        bpd = self.bpd
-        std = float(bpd.std(ddof=1)) if len(bpd) > 1 else float("nan")
-        return {
-            "dataset": self.dataset,
-            "split": self.split,
-            "count": self.count,
+    def method_summary(self, method: str) -> dict[str, Any]:
+        bpd = self.column(BPD_COLUMN[method])
+        ci95, std = _ci95(bpd)
+        suffix = SUFFIX[method]
+        seconds = float(self.column(f"seconds_{suffix}").sum())
+        out: dict[str, Any] = {
             "nll_bpd": float(bpd.mean()),
-            # normal approximation of the mean's sampling distribution: fine for the thousands of images scored here
-            "nll_bpd_ci95": 1.96 * std / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan"),
+            "nll_bpd_ci95": ci95,
             "nll_bpd_std": std,
-            "mean_log_px_nats": float(self.log_px.mean()),
-            "bpd_convention": self.convention,
+            "nfe_per_sample": 1.0 if method == "one-pass" else float(self.column(f"nfe_{suffix}").mean()),
+            # The workers' compute for this method (each sample's share of its batch's time), summed over workers.
+            "seconds": seconds,
+            "images_per_s": self.count / seconds if seconds > 0 else float("nan"),
+        }
+        if method == "elbo":
+            nats = self.column("nats_elbo")
+            return out | {
+                "mean_nats": float(nats.mean()),
+                "convention": ELBO_CONVENTION,
+                "bpd_offset": 0.0,
+                "convention_note": ELBO_NOTE,
+                "dequantize": False,
+                "stride": self.methods.elbo_stride,
+            }
+        log_px = self.column("log_px" if method == "one-pass" else "log_px_ode")
+        out |= {
+            "mean_log_px_nats": float(log_px.mean()),
+            "convention": self.convention,
             "bpd_offset": self.offset,
-            # The same mean in the other conventions for 8-bit images (they differ by their offsets only), so a
-            # figure can be set beside the paper's (its code's +7) and beside the literature's (+log2 127.5).
             "nll_bpd_by_convention": (
                 {c: float(bpd.mean()) - self.offset + OFFSETS[c] for c in ("standard", "official")}
                 if self.convention != "continuous"
                 else {}
             ),
             "dequantize": self.dequantized,
+        }
+        if method == "ode":
+            out |= {
+                "solver": "dopri5 (torchdiffeq)",
+                "rtol": self.methods.ode_rtol,
+                "atol": self.methods.ode_atol,
+                "trace": self.methods.trace,
+            }
+        return out
+
+    def consistency(self) -> dict[str, Any]:
+        """One-pass against the other methods per sample, on one footing (the ELBO moved to this convention)."""
+        if "one-pass" not in self.methods.names or len(self.methods.names) < 2:
+            return {}
+        one = self.column("bpd")
+        out: dict[str, Any] = {}
+        if "elbo" in self.methods.names:
+            gap = self.column("bpd_elbo") + self.offset - LOG2_BIN_OFFSET - one
+            out["elbo_minus_one_pass_bpd"] = {
+                "mean": float(gap.mean()),
+                "min": float(gap.min()),
+                "max": float(gap.max()),
+                "fraction_one_pass_le_elbo": float((gap >= 0).mean()),
+            }
+        if "ode" in self.methods.names:
+            gap = self.column("bpd_ode") - one
+            out["ode_minus_one_pass_bpd"] = {
+                "mean": float(gap.mean()),
+                "mean_abs": float(np.abs(gap).mean()),
+                "min": float(gap.min()),
+                "max": float(gap.max()),
+            }
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        methods = {m: self.method_summary(m) for m in self.methods.names}
+        first = methods[self.method]
+        summary = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "count": self.count,
+            "method": self.method,
+            "nll_bpd": first["nll_bpd"],
+            "nll_bpd_ci95": first["nll_bpd_ci95"],
+            "nll_bpd_std": first["nll_bpd_std"],
+            "mean_log_px_nats": float(self.log_px.mean()),
+            "bpd_convention": first["convention"],
+            "bpd_offset": first["bpd_offset"],
+            # The same mean in the other conventions for 8-bit images (they differ by their offsets only), so a
+            # figure can be set beside the paper's (its code's +7) and beside the literature's (+log2 127.5).
+            "nll_bpd_by_convention": first.get("nll_bpd_by_convention", {}),
+            "dequantize": self.dequantized,
             "allow_tf32": self.allow_tf32,
             "seconds": self.seconds,
             "images_per_s": self.count / self.seconds if self.seconds > 0 else float("nan"),
+            "methods": methods,
         }
+        if consistency := self.consistency():
+            summary["consistency"] = consistency
+        return summary
 
 
 @dataclass
@@ -117,6 +278,7 @@ class NllResult:
     summary: dict[str, Any]
     scores_uri: str
     run_id: Optional[str] = None
+    plot: Optional[str] = None
 
     @property
     def nll_bpd(self) -> float:
@@ -137,14 +299,26 @@ class NllResult:
 def dequantization_noise(indices: np.ndarray, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """u ~ U[0, 1) per sample, from its own stream (seed, index): independent of batching and worker count."""
     return (
-        np.stack([np.random.default_rng([seed, int(i), 7]).random(shape, dtype=np.float32) for i in indices])
+        np.stack(
+            [np.random.default_rng([seed, int(i), DEQUANTIZE_TAG]).random(shape, dtype=np.float32) for i in indices]
+        )
         if len(indices)
         else np.zeros((0, *shape), np.float32)
     )
 
 
+def sample_generators(indices: np.ndarray, seed: int, tag: int, device: str) -> list[torch.Generator]:
+    """One torch generator per sample, seeded from its own stream (seed, index, tag), as the dequantization noise."""
+    gens = []
+    for i in indices:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(np.random.default_rng([seed, int(i), tag]).integers(2**62)))
+        gens.append(g)
+    return gens
+
+
 class LikelihoodScorer:
-    """A Ray Data actor: loads the model once, then scores batches {x, label, index, pad} → {index, label, log_px, bpd}."""
+    """A Ray Data actor: loads the model once, then scores batches {x, label, index, pad} → {index, label, <methods' columns>}."""
 
     def __init__(
         self,
@@ -158,6 +332,7 @@ class LikelihoodScorer:
         offset: float,
         conditional: bool,
         allow_tf32: bool = False,
+        methods: Methods = Methods(),
         faults: dict[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
@@ -168,25 +343,70 @@ class LikelihoodScorer:
         self.seed = seed
         self.offset = offset
         self.conditional = conditional
+        self.methods = methods
+        self.schedule = self.trained.schedule.to(device=device, dtype=torch.float32)
         self.faults, self.calls = faults or {}, 0
+
+    def _eps_fns(self, y: torch.Tensor | None) -> tuple[Any, Any]:
+        """The ε̂ of the ELBO (integer classes) and of the ODE (real τ) for this model, conditioned on y if given."""
+        model = self.trained.model
+        if self.trained.kind == "cdm":
+            return cdm_eps_fn(model, self.schedule, y), cdm_continuous_eps_fn(model, self.trained.schedule, y)
+        return ddm_eps_fn(model, y), ddm_continuous_eps_fn(model, self.trained.schedule, y)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1
         maybe_die(self.faults, self.calls)
         keep = ~batch["pad"]
         x_np, index, label = batch["x"][keep], batch["index"][keep], batch["label"][keep]
+        n, dims = len(index), int(np.prod(x_np.shape[1:]))
+        x8 = torch.from_numpy(np.ascontiguousarray(x_np)).to(self.device)  # the data as stored (8-bit levels)
         if self.dequantize:
             x_np = x_np + dequantization_noise(index, x_np.shape[1:], self.seed) * np.float32(2.0 / 255.0)
         x = torch.from_numpy(np.ascontiguousarray(x_np)).to(self.device)
-        with torch.no_grad():
-            if self.conditional:
-                logits = self.trained.model(x, torch.from_numpy(label).to(self.device))
+        y = torch.from_numpy(label).to(self.device) if self.conditional else None
+        out: dict[str, np.ndarray] = {"index": index, "label": label}
+        elbo_eps, ode_eps = self._eps_fns(y)
+        for method in self.methods.names:
+            start = time.perf_counter()
+            if method == "one-pass":
+                with torch.no_grad():
+                    logits = self.trained.model(x) if y is None else self.trained.model(x, y)
+                    # float64 from here on: the likelihood is a difference of large logits plus log N(x; 0, I).
+                    log_px = log_likelihood_from_logits(logits.double(), x.double(), self.trained.prior)
+                    bpd = nats_to_bits_per_dim(log_px, dims, self.offset)
+                out |= {"log_px": log_px.cpu().numpy(), "bpd": bpd.cpu().numpy()}
+            elif method == "elbo":
+                gens = sample_generators(index, self.seed, ELBO_TAG, self.device)
+                elbo = elbo_bits_per_dim(elbo_eps, x8, self.schedule, stride=self.methods.elbo_stride, generator=gens)
+                out |= {
+                    "bpd_elbo": elbo.bpd.cpu().numpy(),
+                    "nats_elbo": elbo.nats.cpu().numpy(),
+                    "nfe_elbo": np.full(n, elbo.nfe, np.int64),
+                }
             else:
-                logits = self.trained.model(x)
-            # float64 from here on: the likelihood is a difference of large logits plus log N(x; 0, I).
-            log_px = log_likelihood_from_logits(logits.double(), x.double(), self.trained.prior)
-            bpd = nats_to_bits_per_dim(log_px, x[0].numel(), self.offset)
-        return {"index": index, "label": label, "log_px": log_px.cpu().numpy(), "bpd": bpd.cpu().numpy()}
+                probes = (
+                    sample_generators(index, self.seed, PROBE_TAG, self.device)
+                    if self.methods.trace == "hutchinson"
+                    else None
+                )
+                log_px, nfe = ode_log_likelihood(
+                    ode_eps,
+                    x,
+                    self.trained.schedule,
+                    rtol=self.methods.ode_rtol,
+                    atol=self.methods.ode_atol,
+                    trace=self.methods.trace,
+                    generator=probes,
+                )
+                log_px = log_px.double()
+                out |= {
+                    "log_px_ode": log_px.cpu().numpy(),
+                    "bpd_ode": nats_to_bits_per_dim(log_px, dims, self.offset).cpu().numpy(),
+                    "nfe_ode": np.full(n, nfe, np.int64),
+                }
+            out[f"seconds_{SUFFIX[method]}"] = np.full(n, (time.perf_counter() - start) / max(n, 1))
+        return out
 
 
 # --------------------------------------------------------------------------- scoring a split
@@ -194,10 +414,6 @@ class LikelihoodScorer:
 
 def _check_model_fits(trained: Any, ds: sh.Dataset, conditional: bool) -> None:
     where = ds.loc.uri
-    if trained.kind != "cdm":
-        raise UserError(
-            f"{trained.path}: a {trained.kind!r} model; the one-forward-pass likelihood needs a CDM (model.kind = 'cdm')"
-        )
     spec = ds.spec
     want = tuple(trained.model.data_shape)
     have = (spec.shape[2], spec.shape[0], spec.shape[1]) if spec.kind == "image" else tuple(spec.shape)
@@ -256,11 +472,27 @@ def check_complete(keys: list[str], expected: list[str], where: str) -> None:
         )
 
 
-def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSection, pool: PoolSection) -> SplitScores:
-    """Score every sample of `split` on Ray workers; sorted by index and checked against the manifest."""
+def score_split(
+    checkpoint: str,
+    dataset: str,
+    split: str,
+    options: ScoringSection,
+    pool: PoolSection,
+    methods: Optional[Methods | NllConfig] = None,
+) -> SplitScores:
+    """Score every sample of `split` on Ray workers; sorted by index and checked against the manifest.
+
+    `methods`: a Methods, or an NllConfig whose method settings are resolved for this model and data
+    (default: the one-pass likelihood, which needs a CDM: a DDM is refused, as `cdm ood` wants).
+    """
     ds = sh.open_dataset(dataset)
     ckpt = checkpoint_file(checkpoint)
     trained = load_trained_model(ckpt, use_ema=options.use_ema)
+    if not isinstance(methods, Methods):
+        asked = methods or NllConfig(checkpoint=str(checkpoint), method="one-pass")  # `cdm ood`: one-pass only
+        methods = resolve_methods(asked, trained.kind, ds.spec.kind)
+    elif "one-pass" in methods.names and trained.kind != "cdm":
+        resolve_methods(NllConfig(checkpoint=str(checkpoint), method="one-pass"), trained.kind, ds.spec.kind)
     _check_model_fits(trained, ds, options.conditional)
     convention = resolve_convention(options.bpd_convention, ds.spec.kind, options.dequantize)
     if options.batch_size < 1:
@@ -270,7 +502,8 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
     start = time.perf_counter()
     n_blocks = len(ds.shards(split))
     plan = plan_pool(pool, reserve_cpus=1, max_useful=max(n_blocks, -(-len(expected) // options.batch_size)))
-    scored = ray_dataset(dataset, split).map_batches(
+    norm = of_model(trained.config)  # continuous data: the model's own normalization, whatever the dataset's
+    scored = ray_dataset(dataset, split, normalization=DATASET if norm is None else norm).map_batches(
         LikelihoodScorer,
         fn_constructor_kwargs={
             "checkpoint": str(ckpt),
@@ -282,6 +515,7 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
             "offset": bpd_offset(convention),
             "conditional": options.conditional,
             "allow_tf32": options.allow_tf32,
+            "methods": methods,
             "faults": faults_from_env(),
         },
         batch_size=options.batch_size,
@@ -290,28 +524,78 @@ def score_split(checkpoint: str, dataset: str, split: str, options: ScoringSecti
         num_cpus=plan.cpus_per_worker,
         num_gpus=plan.gpus_per_worker,
     )
-    columns: dict[str, list[np.ndarray]] = {"index": [], "label": [], "log_px": [], "bpd": []}
+    columns: dict[str, list[np.ndarray]] = {}
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for name in columns:
-            columns[name].append(batch[name])
+        for name, values in batch.items():
+            columns.setdefault(name, []).append(values)
     seconds = time.perf_counter() - start
-    arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in columns.items()}
-    order = np.argsort(arrays["index"], kind="stable")
-    index = arrays["index"][order].astype(np.int64)
+    arrays = {k: np.concatenate(v) for k, v in columns.items()}
+    index = arrays.pop("index", np.zeros(0, np.int64))
+    order = np.argsort(index, kind="stable")
+    index = index[order].astype(np.int64)
     keys = [sh.sample_key(split, int(i)) for i in index]
     check_complete(keys, expected, f"{ds.loc.uri} split {split}")
-    table = pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "index": pa.array(index, pa.int64()),
-            "label": pa.array(arrays["label"][order].astype(np.int64), pa.int64()),
-            "log_px": pa.array(arrays["log_px"][order].astype(np.float64), pa.float64()),
-            "bpd": pa.array(arrays["bpd"][order].astype(np.float64), pa.float64()),
-        }
-    )
+    # The density of the data as given: undo the normalization's Jacobian (log p_x = log p_z − Σ log σ).
+    log_det = norm.log_det(tuple(trained.model.data_shape)) if norm is not None else 0.0
+    for name in ("log_px", "log_px_ode"):
+        if name in arrays and log_det:
+            arrays[name] = arrays[name] - log_det
+            bpd_name = "bpd" if name == "log_px" else "bpd_ode"
+            arrays[bpd_name] = arrays[bpd_name] + log_det / (int(np.prod(trained.model.data_shape)) * math.log(2))
+    table = {
+        "key": pa.array(keys, pa.string()),
+        "index": pa.array(index, pa.int64()),
+        "label": pa.array(arrays.pop("label")[order].astype(np.int64), pa.int64()),
+    }
+    for name in sorted(arrays, key=_column_order):
+        values = arrays[name][order]
+        integer = name.startswith("nfe_")
+        table[name] = pa.array(
+            values.astype(np.int64 if integer else np.float64), pa.int64() if integer else pa.float64()
+        )
     return SplitScores(
-        ds.loc.uri, split, table, convention, bpd_offset(convention), options.dequantize, seconds, options.allow_tf32
+        ds.loc.uri,
+        split,
+        pa.table(table),
+        convention,
+        bpd_offset(convention),
+        options.dequantize,
+        seconds,
+        options.allow_tf32,
+        methods,
     )
+
+
+def _column_order(name: str) -> tuple[int, str]:
+    """log_px, bpd (one-pass) first, then the ELBO's and the ODE's columns, the seconds last."""
+    first = ("log_px", "bpd", "bpd_elbo", "nats_elbo", "nfe_elbo", "log_px_ode", "bpd_ode", "nfe_ode")
+    return (first.index(name), name) if name in first else (len(first), name)
+
+
+def save_method_scatter(scores: SplitScores, path: Path) -> None:
+    """Per sample: the one-pass bits/dim on x, the ELBO's and the ODE's on y, and the diagonal."""
+    one = scores.column("bpd")
+    fig = Figure(figsize=(5.5, 5.0))
+    ax = fig.subplots()
+    ys = []
+    if "elbo" in scores.methods.names:
+        # The ELBO's discrete bits/dim compare with the standard convention: moved to this one's footing.
+        ys.append(("ELBO", scores.column("bpd_elbo") + scores.offset - LOG2_BIN_OFFSET, "tab:orange"))
+    if "ode" in scores.methods.names:
+        ys.append(("ODE", scores.column("bpd_ode"), "tab:blue"))
+    for name, y, color in ys:
+        ax.scatter(one, y, s=8, alpha=0.6, color=color, label=f"{name} (mean {y.mean():.3f})")
+    values = np.concatenate([one, *(y for _, y, _ in ys)])
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.02 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=1, label="y = x")
+    ax.set_xlabel(f"one-pass bits/dim (mean {one.mean():.3f})")
+    ax.set_ylabel("bits/dim")
+    deq = "dequantized" if scores.dequantized else "not dequantized"
+    ax.set_title(f"{scores.count} samples of {scores.split}; convention {scores.convention}, {deq}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def write_scores(scores: SplitScores, out: str) -> str:
@@ -343,6 +627,28 @@ def default_out(dataset: str, split: str, stage: str = "nll") -> str:
 # --------------------------------------------------------------------------- the stage
 
 
+def method_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of each method's figure: eval/nll_bpd (one-pass, as always), eval/nll_bpd_elbo, …_ode."""
+    metrics: dict[str, float] = {}
+    for method, m in summary["methods"].items():
+        suffix = SUFFIX[method]
+        if method == "one-pass":
+            metrics |= {
+                "eval/nll_bpd": m["nll_bpd"],
+                "eval/nll_bpd_ci95": m["nll_bpd_ci95"],
+                "eval/nll_mean_log_px_nats": m["mean_log_px_nats"],
+                **{f"eval/nll_bpd_{c}": v for c, v in m["nll_bpd_by_convention"].items()},
+            }
+        else:
+            metrics |= {f"eval/nll_bpd_{suffix}": m["nll_bpd"], f"eval/nll_bpd_{suffix}_ci95": m["nll_bpd_ci95"]}
+        metrics |= {
+            f"eval/nfe_per_sample_{suffix}": m["nfe_per_sample"],
+            f"eval/nll_seconds_{suffix}": m["seconds"],
+            f"eval/nll_images_per_s_{suffix}": m["images_per_s"],
+        }
+    return metrics
+
+
 def run(config: NllConfig) -> NllResult:
     if not config.checkpoint or not config.dataset:
         raise UserError("nll needs a checkpoint and a dataset")
@@ -350,13 +656,25 @@ def run(config: NllConfig) -> NllResult:
     storage.check_writable(out)  # before the split is scored, not after
     ckpt = checkpoint_file(config.checkpoint)
 
-    def work() -> tuple[dict[str, Any], str]:
-        scores = score_split(config.checkpoint, config.dataset, config.split, config.scoring, config.pool)
-        return scores.summary(), write_scores(scores, out)
+    def work() -> tuple[dict[str, Any], str, Optional[str]]:
+        scores = score_split(config.checkpoint, config.dataset, config.split, config.scoring, config.pool, config)
+        uri = write_scores(scores, out)
+        plot = None
+        if "one-pass" in scores.methods.names and len(scores.methods.names) > 1:
+            loc = storage.resolve(out)
+            if loc.is_local():
+                plot = str(Path(loc.root) / SCATTER)
+                save_method_scatter(scores, Path(plot))
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_method_scatter(scores, Path(tmp) / SCATTER)
+                    loc.write_bytes(SCATTER, (Path(tmp) / SCATTER).read_bytes())
+                plot = loc.where(SCATTER)
+        return scores.summary(), uri, plot
 
     if not config.track:
-        summary, uri = work()
-        return NllResult(summary, uri)
+        summary, uri, plot = work()
+        return NllResult(summary, uri, plot=plot)
 
     tracking = store_uri(config.tracking)
     scoring = config.scoring
@@ -375,22 +693,34 @@ def run(config: NllConfig) -> NllResult:
     with mlflow_run(
         config.tracking.experiment, f"nll-{config.split}", tracking, params, tags, config.tracking.parent_run_id
     ) as active:
-        summary, uri = work()
-        # Which convention a figure uses is part of the figure: logged as params next to it.
-        mlflow.log_params({"bpd_convention": summary["bpd_convention"], "bpd_offset": summary["bpd_offset"]})
+        summary, uri, plot = work()
+        methods = summary["methods"]
+        # Which method and convention a figure uses is part of the figure: logged as params next to it.
+        method_params: dict[str, Any] = {"method": ",".join(methods)}
+        density = next((m for m in ("one-pass", "ode") if m in methods), None)
+        if density:
+            method_params |= {
+                "bpd_convention": methods[density]["convention"],
+                "bpd_offset": methods[density]["bpd_offset"],
+            }
+        if "elbo" in methods:
+            method_params |= {"elbo_stride": methods["elbo"]["stride"], "elbo_convention": ELBO_CONVENTION}
+        if "ode" in methods:
+            ode = methods["ode"]
+            method_params |= {"ode_rtol": ode["rtol"], "ode_atol": ode["atol"], "ode_trace": ode["trace"]}
+        mlflow.log_params(method_params)
         mlflow.log_metrics(
             {
-                "eval/nll_bpd": summary["nll_bpd"],
-                "eval/nll_bpd_ci95": summary["nll_bpd_ci95"],
                 "eval/nll_count": float(summary["count"]),
-                "eval/nll_mean_log_px_nats": summary["mean_log_px_nats"],
                 "eval/nll_seconds": summary["seconds"],
                 "eval/nll_images_per_s": summary["images_per_s"],
-                **{f"eval/nll_bpd_{c}": v for c, v in summary["nll_bpd_by_convention"].items()},
+                **method_metrics(summary),
             }
         )
         loc = storage.resolve(out)
         if loc.is_local():
             mlflow.log_artifact(str(Path(loc.root) / SUMMARY))
+            if plot:
+                mlflow.log_artifact(plot)
         run_id = active.info.run_id
-    return NllResult(summary, uri, run_id)
+    return NllResult(summary, uri, run_id, plot)

@@ -12,6 +12,12 @@ Output: a prepared dataset (the same format as `cdm prepare`, split
 `samples`), so `cdm fid` and `cdm nll` read it like any other, plus
 `grid.png` beside the shards. Images are stored as 8-bit PNG; vector data as
 float32 .npy. Conditional models store the label each sample was drawn for.
+A model of continuous data (vectors, or arrays from `cdm prepare arrays`: its
+checkpoint records `data.normalization`) samples in its normalized space; the
+samples are mapped back to the data's units (x = μ + σ·z), stored as .npy with
+the normalization in dataset.json, and also written whole as `samples.npy`
+(N, *shape) beside the shards; `grid.png` is then a scatter plot of the first
+two dimensions, or for (C, H, W) arrays each sample stretched to its own range.
 """
 
 from __future__ import annotations
@@ -37,13 +43,15 @@ from pipelines.common.checkpoints import checkpoint_file, load_trained_model, tr
 from pipelines.common.errors import UserError
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
+from pipelines.data.normalization import Normalization, of_model
 from pipelines.data.preview import save_preview
-from pipelines.data.readers import from_model_input
+from pipelines.data.readers import from_model_input, load_split
 from pipelines.evaluate.config import SampleConfig
 from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
 
 SPLIT = "samples"
 GRID = "grid.png"
+ARRAY = "samples.npy"  # continuous data: every sample in the data's units, (N, *shape)
 # The settings that make the samples what they are (the output's fingerprint and dataset.json options).
 SAMPLE_SETTINGS = ("n", "sampler", "steps", "time_grid", "seed", "batch_size", "cfg", "label", "use_ema", "clip_x0")
 
@@ -88,10 +96,11 @@ def sample_labels(indices: range, num_labels: Optional[int], label: Optional[int
 # --------------------------------------------------------------------------- the work
 
 
-def default_clip(data_shape: tuple[int, ...], clip_x0: Optional[float]) -> Optional[float]:
-    """The clip the sampler gets: None (not set) is 1 for images and no clipping for vectors; 0 is no clipping."""
+def default_clip(data_shape: tuple[int, ...], clip_x0: Optional[float], continuous: bool = False) -> Optional[float]:
+    """The clip the sampler gets: None (not set) is 1 for images and no clipping for vectors and other
+    continuous data; 0 is no clipping."""
     if clip_x0 is None:
-        return 1.0 if len(data_shape) == 3 else None
+        return 1.0 if len(data_shape) == 3 and not continuous else None
     return clip_x0 if clip_x0 > 0 else None
 
 
@@ -128,7 +137,7 @@ def generate(
         schedule,
         steps,
         generator=generators,
-        clip_x0=default_clip(shape, clip_x0),
+        clip_x0=default_clip(shape, clip_x0, of_model(trained.config) is not None),
         time_grid=time_grid,
     )
     return {
@@ -165,8 +174,11 @@ class SampleWorker:
 # --------------------------------------------------------------------------- writing a dataset
 
 
-def spec_for(data_shape: tuple[int, ...], num_labels: Optional[int]) -> sh.SampleSpec:
-    """Dataset spec for model-shaped data: (C, H, W) images become 8-bit PNG, (D,) vectors .npy."""
+def spec_for(data_shape: tuple[int, ...], num_labels: Optional[int], continuous: bool = False) -> sh.SampleSpec:
+    """Dataset spec for model-shaped data: (C, H, W) images become 8-bit PNG, (D,) vectors and continuous
+    (C, H, W) arrays float32 .npy."""
+    if continuous and len(data_shape) in (1, 3):
+        return sh.SampleSpec("vector", tuple(data_shape), num_labels is not None, num_labels)
     if len(data_shape) == 3:
         c, h, w = data_shape
         if c not in (1, 3):
@@ -293,7 +305,7 @@ def _check_writable(out: str) -> None:
             raise UserError(
                 f"{loc.uri}: holds a prepared dataset (source {source!r}), not samples; choose another --out"
             )
-    ours = lambda n: n.endswith(".tar") or n in (sh.MANIFEST, sh.DATASET_JSON, GRID) or n.startswith(".")  # noqa: E731
+    ours = lambda n: n.endswith(".tar") or n in (sh.MANIFEST, sh.DATASET_JSON, GRID, ARRAY) or n.startswith(".")  # noqa: E731
     strangers = [n for n in loc.list_names() if not ours(n)]
     if strangers:
         raise UserError(f"{loc.uri}: holds other files ({', '.join(strangers[:3])}); choose an empty or new --out")
@@ -305,7 +317,8 @@ def run(config: SampleConfig) -> SampleResult:
     ckpt = checkpoint_file(config.checkpoint)
     trained = load_trained_model(ckpt, use_ema=config.use_ema)  # on the driver only to learn the data shape and labels
     shape = tuple(trained.model.data_shape)
-    spec = spec_for(shape, trained.num_labels)
+    norm = of_model(trained.config)  # None: a model of 8-bit images
+    spec = spec_for(shape, trained.num_labels, norm is not None)
     sample_labels(range(1), trained.num_labels, config.label)  # fail early on a bad --label
     if config.cfg > 0 and trained.num_labels is None:
         raise UserError(f"--cfg {config.cfg}: guidance needs a class-conditional model; this one is unconditional")
@@ -319,7 +332,7 @@ def run(config: SampleConfig) -> SampleResult:
         storage.check_writable(config.out)  # before any sample is drawn
 
     options = _settings(config, SAMPLE_SETTINGS)
-    options["clip_x0"] = default_clip(shape, config.clip_x0)  # the effective clip: None is none
+    options["clip_x0"] = default_clip(shape, config.clip_x0, norm is not None)  # the effective clip: None is none
     options["nfe"] = len(timestep_grid(trained.schedule.T, config.steps, config.time_grid)) - 1  # ε̂ calls per sample
     options["model_kind"] = trained.kind
     options["checkpoint"] = str(ckpt)
@@ -333,12 +346,15 @@ def run(config: SampleConfig) -> SampleResult:
                 config.out,
                 SPLIT,
                 spec,
-                _generate_on_ray(config, str(ckpt)),
+                _in_data_units(_generate_on_ray(config, str(ckpt)), norm),
                 source="samples",
                 options=options,
                 fingerprint=fingerprint,
                 samples_per_shard=config.samples_per_shard,
+                extra={"normalization": norm.to_json()} if norm is not None else None,
             )
+        if norm is not None and loc.is_local():
+            np.save(Path(loc.root) / ARRAY, load_split(config.out, SPLIT, verify=False)[0], allow_pickle=False)
         seconds = time.perf_counter() - start
         grid = _save_grid(config.out)
         return seconds, grid
@@ -374,6 +390,14 @@ def run(config: SampleConfig) -> SampleResult:
             mlflow.log_artifact(grid)
         run_id = active.info.run_id
     return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, run_id)
+
+
+def _in_data_units(
+    batches: Iterator[dict[str, np.ndarray]], norm: Optional[Normalization]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Samples of a model of continuous data, from its normalized space back to the data's units."""
+    for batch in batches:
+        yield batch if norm is None else {**batch, "x": norm.undo(batch["x"])}
 
 
 def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str, np.ndarray]]:

@@ -14,13 +14,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 from ray.autoscaler.sdk import request_resources
 
-from pipelines.common.checkpoints import training_run_id
+from pipelines.common.checkpoints import load_trained_model, training_run_id
 from pipelines.common.console import warn
 from pipelines.common.errors import UserError
+from pipelines.common.precision import set_tf32
 from pipelines.common.ray_session import cluster_address, ensure_ray
+from pipelines.data import shards as sh
+from pipelines.data.readers import DATASET, ray_dataset
 from pipelines.evaluate.config import PoolSection
 
 RESTARTS = 3  # times a batch stage's worker is started again after it died
@@ -185,3 +190,82 @@ def maybe_die(faults: dict[str, Any], calls: int) -> None:
         with open(faults["marker"], "w") as f:
             f.write(f"worker {os.getpid()} killed after {calls - 1} calls\n")
         os._exit(1)
+
+
+class ModelWorker:
+    """What a batch stage's Ray actor starts from: its torch threads, full fp32 unless asked
+    (pipelines.common.precision), the model loaded once, and the test hook's count of calls."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        use_ema: bool,
+        device: str,
+        threads: int,
+        *,
+        allow_tf32: bool = False,
+        faults: dict[str, Any] | None = None,
+    ):
+        torch.set_num_threads(threads)
+        set_tf32(allow_tf32)
+        self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
+        self.device = device
+        self.faults, self.calls = faults or {}, 0
+
+    def next_call(self) -> None:
+        """Count a call, and die here (once) if the test hook says so."""
+        self.calls += 1
+        maybe_die(self.faults, self.calls)
+
+
+@dataclass
+class SplitRows:
+    """What a pool of scorers returned for one split: its columns sorted by sample index, each row's key."""
+
+    keys: list[str]
+    index: np.ndarray
+    columns: dict[str, np.ndarray]
+    seconds: float
+
+
+def map_split(
+    dataset: str,
+    split: str,
+    scorer: type,
+    kwargs: dict[str, Any],
+    *,
+    batch_size: int,
+    pool: PoolSection,
+    normalization: Any = DATASET,
+) -> SplitRows:
+    """Run `scorer` over every sample of a split on the stage's pool of Ray actors.
+
+    `scorer` is a Ray Data actor class (a ModelWorker) taking `device`, `threads` and `faults` besides `kwargs`, called on
+    batches {x, label, index, pad} and returning columns that include `index` (pads dropped). The caller
+    checks the keys against the manifest (`pipelines.evaluate.nll.check_complete`). `normalization`: of
+    continuous data, as `ray_dataset` takes it (pass the model's, `normalization.of_model`, where it has one).
+    """
+    start = time.perf_counter()
+    ds = sh.open_dataset(dataset)
+    plan = plan_pool(pool, reserve_cpus=1, max_useful=max(len(ds.shards(split)), -(-ds.count(split) // batch_size)))
+    scored = ray_dataset(dataset, split, normalization=normalization).map_batches(
+        scorer,
+        fn_constructor_kwargs={**kwargs, "device": plan.device, "threads": plan.threads, "faults": faults_from_env()},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
+        num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
+    seconds = time.perf_counter() - start
+    columns = {k: np.concatenate(v) for k, v in parts.items()}
+    index = columns.pop("index", np.zeros(0, np.int64))
+    order = np.argsort(index, kind="stable")
+    index = index[order].astype(np.int64)
+    return SplitRows(
+        [sh.sample_key(split, int(i)) for i in index], index, {k: v[order] for k, v in columns.items()}, seconds
+    )

@@ -27,6 +27,11 @@ class DataSection:
     )
     shuffle_buffer: int = option(256, ge=0, doc="per-worker local shuffle buffer (rows); 0 = off")
     num_labels: Optional[int] = option(None, ge=1, doc="classes; filled in from dataset.json when model.conditional")
+    normalization: Optional[dict[str, Any]] = option(
+        None,
+        doc="filled in from dataset.json (leave unset): how continuous data is normalized for the model "
+        "(pipelines.data.normalization), carried by every checkpoint; none for 8-bit images",
+    )
 
 
 @dataclass
@@ -34,9 +39,13 @@ class ModelSection:
     kind: Literal["cdm", "ddm"] = option(
         "cdm", doc="cdm: noise-level classifier; ddm: the ε-prediction baseline on the same U-Net"
     )
-    preset: Literal["tiny", "mnist", "cifar10", "celeba64"] = option(
-        "cifar10", doc="U-Net size (cdm_core.networks.unet_preset)"
+    preset: Literal["tiny", "mnist", "cifar10", "celeba64", "mlp"] = option(
+        "cifar10",
+        doc="U-Net size (cdm_core.networks.unet_preset) for images and (C, H, W) arrays; mlp: the MLP networks "
+        "(cdm_core.networks.MLPClassifier / MLPDenoiser) for (D,) vectors, the only preset for them",
     )
+    mlp_hidden: Optional[int] = option(None, ge=1, doc="mlp preset: hidden width (default 256)")
+    mlp_depth: Optional[int] = option(None, ge=1, doc="mlp preset: hidden layers (default 4)")
     base_channels: Optional[int] = option(None, ge=1, doc="override the preset's base channel count")
     channel_mult: Optional[list[int]] = option(None, doc="override the preset's per-level channel multipliers")
     num_res_blocks: Optional[int] = option(None, ge=1, doc="override the preset's res blocks per level")
@@ -65,6 +74,17 @@ class ModelSection:
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def check(self) -> None:
+        if self.preset == "mlp" and self.unet_overrides():
+            name = next(iter(self.unet_overrides()))
+            raise FieldError(
+                name,
+                f"is a U-Net setting; the mlp preset takes mlp_hidden and mlp_depth, so leave {name} unset "
+                f"(--set model.{name}=none)",
+            )
+        if self.preset != "mlp":
+            for name in ("mlp_hidden", "mlp_depth"):
+                if getattr(self, name) is not None:
+                    raise FieldError(name, f"applies to the mlp preset only (model.preset is {self.preset!r})")
         if self.kind == "ddm" and self.head_channels is not None:
             raise FieldError(
                 "head_channels",

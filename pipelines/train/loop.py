@@ -265,14 +265,14 @@ def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scr
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended."""
     config = from_dict(TrainConfig, loop_config["config"])
-    channels, size = loop_config["data_shape"][0], loop_config["data_shape"][1]
+    data_shape = tuple(loop_config["data_shape"])  # (C, H, W), or (D,) for vectors
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config.scaling.cpus_per_worker)
     device = ray.train.torch.get_device()
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every worker
-    model = build_network(config, channels, size).to(device)
+    model = build_network(config, *data_shape[:2]).to(device)
     ema = EMA(model, config.ema.decay, config.ema.start_step)
     optimizer, scheduler = build_optimizer(model, config.optim)
     generator = torch.Generator(device=device)
@@ -315,7 +315,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     )
     train_data = ray.train.get_dataset_shard("train")
     per_worker = config.train.batch_size // world
-    shape = (channels, size, size)
+    shape = data_shape
 
     def log(metrics: dict[str, float], at: int) -> None:
         if logger and metrics:
@@ -388,7 +388,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                     log(last_val, step)
 
                 every = config.sampling.every
-                if logger and every and (step % every == 0 or step == steps):
+                # Grids are of 8-bit images; continuous data (data.normalization) is sampled with `cdm sample`.
+                images = config.data.normalization is None
+                if logger and every and images and (step % every == 0 or step == steps):
                     path = os.path.join(scratch, f"step_{step:08d}.png")
                     save_png(sample_grid(ema.model, config, schedule, shape, device), path)
                     logger.artifact(path, "samples")

@@ -17,20 +17,33 @@ from torch import nn
 
 from cdm_core.ddm import ddm_loss, sample_ddm_timesteps
 from cdm_core.ema import EMA
-from cdm_core.networks import UNetClassifier, UNetDenoiser, unet_preset
+from cdm_core.networks import MLPClassifier, MLPDenoiser, UNetClassifier, UNetDenoiser, unet_preset
 from cdm_core.objective import cdm_loss, draw_noise, drop_labels, log_prior, sample_timesteps
 from cdm_core.schedules import Schedule, get_schedule
 from pipelines.train import collectives
 from pipelines.train.config import OptimSection, TrainConfig
 
 
-def build_network(config: TrainConfig, channels: int, image_size: int) -> nn.Module:
+def build_network(config: TrainConfig, channels: int, image_size: int | None = None) -> nn.Module:
     """The CDM classifier or DDM denoiser of `model.preset` with the config's overrides (raises ValueError).
 
+    `build_network(config, *data_shape[:2])`: a U-Net for (C, H, W) data (H = W = image_size); for (D,)
+    vectors (image_size None, `channels` = D) the MLP of the `mlp` preset, the only one for vectors.
     Downsampling and GroupNorm eps are the preset's (the official code's) and no config field; the
     network's spec, which every checkpoint stores, records them.
     """
     m = config.model
+    if (image_size is None) != (m.preset == "mlp"):
+        if image_size is None:
+            raise ValueError(
+                f"preset {m.preset!r} is a U-Net for (C, H, W) data; (D,) vectors take model.preset = 'mlp'"
+            )
+        raise ValueError("preset 'mlp' is for (D,) vectors; (C, H, W) data takes a U-Net preset (tiny, mnist, …)")
+    if image_size is None:
+        num_labels = config.data.num_labels if m.conditional else None
+        sizes = {"hidden": m.mlp_hidden or 256, "depth": m.mlp_depth or 4}
+        mlp = MLPClassifier if m.kind == "cdm" else MLPDenoiser
+        return mlp(channels, config.schedule.T, num_labels=num_labels, **sizes)
     unet = unet_preset(m.preset, channels, image_size, config.data.num_labels if m.conditional else None)
     unet = dataclasses.replace(unet, **m.unet_overrides())  # re-runs UNetConfig's checks
     cls = UNetClassifier if m.kind == "cdm" else UNetDenoiser

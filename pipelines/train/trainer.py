@@ -41,6 +41,7 @@ from pipelines.common.console import echo, warn
 from pipelines.common.errors import UserError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.common.tracking import mlflow_run, reopened_run, store_uri
+from pipelines.data.normalization import of_dataset
 from pipelines.data.readers import LocalReader, ray_dataset
 from pipelines.data.shards import open_dataset
 from pipelines.train.config import TrainConfig, resumable
@@ -58,6 +59,8 @@ from pipelines.train.run_dir import (
 )
 from pipelines.train.step import build_network, build_prior, build_schedule
 from pipelines.train.validation import BPD_CONVENTION
+
+CONTINUOUS_CONVENTION = "continuous: bpd = -log p_x(x)/(d ln 2), no bin offset; the density of the data as given"
 
 
 class NonFiniteLossError(UserError):
@@ -79,20 +82,54 @@ class TrainResult:
 # --------------------------------------------------------------------------- config → checked, resolved config
 
 
-def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
-    """Check the config against its dataset and the code; fill data.num_labels. Returns (config, (C, H, W))."""
+def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, ...]]:
+    """Check the config against its dataset and the code; fill data.num_labels and data.normalization.
+
+    Returns (config, data shape): (C, H, W) for images and arrays (a U-Net), (D,) for vectors (the mlp preset).
+    """
     ds = open_dataset(config.data.uri)
     spec = ds.spec
-    if spec.kind != "image":
+    data_shape = (spec.shape[2], spec.shape[0], spec.shape[1]) if spec.kind == "image" else tuple(spec.shape)
+    what = "images" if spec.kind == "image" else "arrays"
+    if len(data_shape) == 1:
+        if config.model.preset != "mlp":
+            raise UserError(
+                f"model.preset: {config.model.preset!r} is a U-Net for images, and {ds.loc.uri} holds vectors of "
+                f"dimension {data_shape[0]}; set model.preset=mlp (the MLP networks; width and depth in "
+                "model.mlp_hidden, model.mlp_depth)"
+                + "".join(f" and model.{k}=none" for k in config.model.unet_overrides())
+            )
+    elif len(data_shape) == 3:
+        if config.model.preset == "mlp":
+            raise UserError(
+                f"model.preset: 'mlp' is for (D,) vectors, and {ds.loc.uri} holds {what} of shape "
+                f"{list(data_shape)} (C, H, W); choose a U-Net preset (tiny, mnist, cifar10, celeba64)"
+            )
+        if data_shape[1] != data_shape[2]:
+            raise UserError(
+                f"data.uri: {ds.loc.uri} has {data_shape[1]}×{data_shape[2]} {what}; the U-Net needs square ones"
+                + (" (prepare with --size)" if spec.kind == "image" else "")
+            )
+    else:
         raise UserError(
-            f"data.uri: {ds.loc.uri} holds {spec.kind} data; cdm train trains U-Nets on images "
-            "(for 2-D toy data use `cdm demo`)"
+            f"data.uri: {ds.loc.uri} holds samples of shape {list(data_shape)}; cdm trains (D,) or (C, H, W)"
         )
-    height, width, channels = spec.shape
-    if height != width:
+    if config.data.flip and spec.kind != "image":
+        raise UserError(f"data.flip: true flips images, and {ds.loc.uri} holds continuous data; set data.flip=false")
+    if config.validation.dequantize and spec.kind != "image":
         raise UserError(
-            f"data.uri: {ds.loc.uri} has {height}×{width} images; the U-Net needs square images (prepare with --size)"
+            f"validation.dequantize: true dequantizes 8-bit images, and {ds.loc.uri} holds continuous data; "
+            "set validation.dequantize=false"
         )
+    norm = of_dataset(ds.meta, ds.loc.where("dataset.json"))
+    recorded = norm.to_json() if norm is not None else None
+    if config.data.normalization is not None and config.data.normalization != recorded:
+        raise UserError(
+            f"data.normalization: {config.data.normalization} differs from what {ds.loc.uri}/dataset.json records "
+            f"({recorded}); it is filled in from the dataset: leave it unset (a resumed run needs its dataset as "
+            "it was prepared)"
+        )
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, normalization=recorded))
     for key in ("train_split", "val_split"):
         split = getattr(config.data, key)
         if split not in ds.splits:
@@ -118,7 +155,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
             f"but each worker's share of split {config.data.train_split!r} has only {share} samples"
         )
     try:
-        build_network(config, channels, height)
+        build_network(config, *data_shape[:2])
     except ValueError as err:
         raise cfg.ConfigError(f"model: {err}") from None
     try:
@@ -137,7 +174,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, int, int]]:
                 "cdm train run (…/checkpoint_00005000)"
             )
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, init_from=start))
-    return config, (channels, height, width)
+    return config, data_shape
 
 
 # --------------------------------------------------------------------------- test hooks
@@ -409,7 +446,7 @@ def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
         "cdm.run_name": run_name,
         "cdm.checkpoint_dir": run_dir,
         "cdm.model_kind": config.model.kind,
-        "cdm.bpd_convention": BPD_CONVENTION,
+        "cdm.bpd_convention": BPD_CONVENTION if config.data.normalization is None else CONTINUOUS_CONVENTION,
     }
 
 

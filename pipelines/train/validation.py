@@ -3,7 +3,9 @@
 The numbers sweeps optimise:
 
     val/nll_bpd   NLL in bits/dim from one forward pass (Theorem 3.2), convention
-                  −log p(x)/(d·ln 2) + log2(127.5), optionally dequantized  (CDM only)
+                  −log p(x)/(d·ln 2) + log2(127.5), optionally dequantized  (CDM only); on continuous
+                  data (data.normalization) the continuous convention −log p_x(x)/(d·ln 2), the
+                  normalization's Jacobian undone (pipelines.data.normalization)
     val/ce        cross-entropy of the noise-level classifier, averaged over the t grid  (CDM only)
     val/mse       denoising MSE ‖ε̂(x_t, t) − ε‖² per dimension, averaged over the t grid
     val/mse_t     the same per grid point (the per-t curve, plotted at the end)
@@ -36,6 +38,7 @@ from cdm_core.objective import (
 from cdm_core.samplers import cdm_eps_fn, ddim_sample, ddm_eps_fn, initial_noise
 from cdm_core.schedules import Schedule
 from pipelines.common.precision import tf32
+from pipelines.data.normalization import Normalization
 from pipelines.data.preview import image_grid
 from pipelines.data.readers import from_model_input
 from pipelines.train import collectives
@@ -68,6 +71,7 @@ class Validator:
         self.grid = t_grid(config.schedule.T, config.validation.t_points)
         self.batches: list[dict[str, torch.Tensor]] | None = None
         self.curve: list[float] = []  # val/mse per grid point, from the latest validation
+        self.normalization = Normalization.from_json(config.data.normalization, "data.normalization")
 
     def load(self, batches: Iterable[dict[str, Any]]) -> None:
         limit = self.config.validation.max_samples
@@ -107,7 +111,12 @@ class Validator:
                 if cfg.validation.dequantize:
                     g = torch.Generator().manual_seed(cfg.validation.seed + int(b["index"][0]))
                     x_nll = dequantize(x0.cpu(), g).to(self.device)
-                bpd = nats_to_bits_per_dim(log_likelihood(logits_fn, x_nll, prior=self.prior), dims, LOG2_BIN_OFFSET)
+                log_px = log_likelihood(logits_fn, x_nll, prior=self.prior)
+                if self.normalization is None:  # 8-bit images
+                    bpd = nats_to_bits_per_dim(log_px, dims, LOG2_BIN_OFFSET)
+                else:  # continuous data: the density of the data as given, no bin offset
+                    log_det = self.normalization.log_det(tuple(x0.shape[1:]))
+                    bpd = nats_to_bits_per_dim(log_px.double() - log_det, dims, 0.0)
                 sums[1] += bpd.double().sum()
             for j, t_val in enumerate(self.grid.tolist()):
                 t = torch.full((n,), t_val, dtype=torch.long, device=self.device)

@@ -98,7 +98,8 @@ SampleSection = stage_section(
 NllSection = stage_section(
     "NllSection",
     NllConfig,
-    (*WIRED, "checkpoint", "dataset"),
+    # The workflow's nll stage is the CDM's one-pass likelihood (eval/nll_bpd); `cdm nll --method` gives the others.
+    (*WIRED, "checkpoint", "dataset", "method", "elbo_stride", "ode_rtol", "ode_atol", "trace"),
     extra=[
         ("enabled", bool, option(True, doc="score the split with the trained model")),
         (
