@@ -56,7 +56,6 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import torch
 from matplotlib.figure import Figure
 
@@ -71,9 +70,9 @@ from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.normalization import of_model
-from pipelines.data.readers import DATASET, ray_dataset
+from pipelines.data.readers import DATASET
 from pipelines.evaluate.config import CONVENTIONS, NLL_METHODS, NllConfig, PoolSection, ScoringSection
-from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
+from pipelines.evaluate.workers import map_split, maybe_die, run_tags
 
 SCORES = "scores.parquet"
 SUMMARY = "summary.json"
@@ -499,41 +498,27 @@ def score_split(
         raise UserError(f"--batch-size {options.batch_size}: must be ≥ 1")
     expected = manifest_keys(ds, split)
 
-    start = time.perf_counter()
-    n_blocks = len(ds.shards(split))
-    plan = plan_pool(pool, reserve_cpus=1, max_useful=max(n_blocks, -(-len(expected) // options.batch_size)))
     norm = of_model(trained.config)  # continuous data: the model's own normalization, whatever the dataset's
-    scored = ray_dataset(dataset, split, normalization=DATASET if norm is None else norm).map_batches(
+    kwargs = {
+        "checkpoint": str(ckpt),
+        "use_ema": options.use_ema,
+        "dequantize": options.dequantize,
+        "seed": options.seed,
+        "offset": bpd_offset(convention),
+        "conditional": options.conditional,
+        "allow_tf32": options.allow_tf32,
+        "methods": methods,
+    }
+    rows = map_split(
+        dataset,
+        split,
         LikelihoodScorer,
-        fn_constructor_kwargs={
-            "checkpoint": str(ckpt),
-            "use_ema": options.use_ema,
-            "device": plan.device,
-            "threads": plan.threads,
-            "dequantize": options.dequantize,
-            "seed": options.seed,
-            "offset": bpd_offset(convention),
-            "conditional": options.conditional,
-            "allow_tf32": options.allow_tf32,
-            "methods": methods,
-            "faults": faults_from_env(),
-        },
+        kwargs,
         batch_size=options.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.workers),
-        num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker,
+        pool=pool,
+        normalization=DATASET if norm is None else norm,
     )
-    columns: dict[str, list[np.ndarray]] = {}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, values in batch.items():
-            columns.setdefault(name, []).append(values)
-    seconds = time.perf_counter() - start
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
-    index = arrays.pop("index", np.zeros(0, np.int64))
-    order = np.argsort(index, kind="stable")
-    index = index[order].astype(np.int64)
-    keys = [sh.sample_key(split, int(i)) for i in index]
+    keys, index, arrays, seconds = rows.keys, rows.index, rows.columns, rows.seconds
     check_complete(keys, expected, f"{ds.loc.uri} split {split}")
     # The density of the data as given: undo the normalization's Jacobian (log p_x = log p_z − Σ log σ).
     log_det = norm.log_det(tuple(trained.model.data_shape)) if norm is not None else 0.0
@@ -545,10 +530,10 @@ def score_split(
     table = {
         "key": pa.array(keys, pa.string()),
         "index": pa.array(index, pa.int64()),
-        "label": pa.array(arrays.pop("label")[order].astype(np.int64), pa.int64()),
+        "label": pa.array(arrays.pop("label").astype(np.int64), pa.int64()),
     }
     for name in sorted(arrays, key=_column_order):
-        values = arrays[name][order]
+        values = arrays[name]
         integer = name.startswith("nfe_")
         table[name] = pa.array(
             values.astype(np.int64 if integer else np.float64), pa.int64() if integer else pa.float64()
