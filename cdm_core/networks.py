@@ -71,8 +71,11 @@ class UNetConfig:
     ``"official"`` (DDPM and the official CDM code: zero-pad right and bottom by
     one, unpadded stride-2 conv) or ``"symmetric"`` (conv padding 1 on every
     side: the grid the official one samples, shifted by one pixel). ``norm_eps``
-    is every GroupNorm's eps. Specs saved before these three fields existed
-    rebuild the network of that time (see ``LEGACY_FIELDS``).
+    is every GroupNorm's eps. ``min_group_channels`` is the fewest channels a
+    GroupNorm group holds (see ``group_norm``): with one channel per group the
+    normalization subtracts each channel's own mean and so cancels the label or
+    time embedding a ResBlock adds per channel just before it. Specs saved before
+    these four fields existed rebuild the network of that time (see ``LEGACY_FIELDS``).
     """
 
     in_channels: int
@@ -87,6 +90,7 @@ class UNetConfig:
     head_channels: int | None = None
     downsample: str = "official"
     norm_eps: float = 1e-6
+    min_group_channels: int = 2
 
     def __post_init__(self) -> None:
         # Specs come back from JSON/torch.load as lists; the config is hashable
@@ -109,6 +113,8 @@ class UNetConfig:
             raise ValueError(f"downsample must be one of {', '.join(DOWNSAMPLE_MODES)}, got {self.downsample!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.min_group_channels < 1:
+            raise ValueError(f"min_group_channels must be >= 1, got {self.min_group_channels}")
         resolutions = self.resolutions()
         if min(resolutions) < 1:
             raise ValueError(
@@ -155,7 +161,14 @@ DOWNSAMPLE_MODES = ("official", "symmetric")
 
 # What the fields added after the first checkpoints were written meant before they
 # existed: a spec without them is an older network, which must rebuild exactly.
-LEGACY_FIELDS: dict[str, Any] = {"head_channels": None, "downsample": "symmetric", "norm_eps": 1e-5}
+# (min_group_channels 1: a 32-channel GroupNorm had 32 groups, which made the embedding of a ResBlock at that
+# width a no-op; only widths below 64 differ, so the paper's presets are the same networks either way.)
+LEGACY_FIELDS: dict[str, Any] = {
+    "head_channels": None,
+    "downsample": "symmetric",
+    "norm_eps": 1e-5,
+    "min_group_channels": 1,
+}
 
 
 def downsampled_size(n: int, mode: str) -> int:
@@ -208,10 +221,12 @@ def unet_preset(name: str, in_channels: int, image_size: int, num_labels: int | 
 # Building blocks
 
 
-def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= 32 that divides ``channels`` (32 for every width of the paper's models)."""
-    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-6, min_group_channels: int = 2) -> nn.GroupNorm:
+    """GroupNorm with the most groups (at most 32) that divide ``channels`` into groups of at least
+    ``min_group_channels`` channels: 32 for every width of the paper's models (128 and up), as the
+    official code's GroupNorm(32, ·); 16 for 32 channels; one group when no count fits."""
+    fits = [g for g in range(1, 33) if channels % g == 0 and channels // g >= min_group_channels]
+    return nn.GroupNorm(max(fits, default=1), channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -236,13 +251,19 @@ class ResBlock(nn.Module):
     """GroupNorm → SiLU → conv3x3 → [+ embedding] → GroupNorm → SiLU → dropout → conv3x3, plus skip."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, emb_dim: int | None, dropout: float, norm_eps: float
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int | None,
+        dropout: float,
+        norm_eps: float,
+        min_group_channels: int = 2,
     ) -> None:
         super().__init__()
-        self.norm1 = group_norm(in_channels, norm_eps)
+        self.norm1 = group_norm(in_channels, norm_eps, min_group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels) if emb_dim else None
-        self.norm2 = group_norm(out_channels, norm_eps)
+        self.norm2 = group_norm(out_channels, norm_eps, min_group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -263,10 +284,10 @@ class AttentionBlock(nn.Module):
     which the fused flash / memory-efficient kernels do not support.
     """
 
-    def __init__(self, channels: int, num_heads: int, norm_eps: float) -> None:
+    def __init__(self, channels: int, num_heads: int, norm_eps: float, min_group_channels: int = 2) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.norm = group_norm(channels, norm_eps)
+        self.norm = group_norm(channels, norm_eps, min_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -348,8 +369,12 @@ class UNetBackbone(nn.Module):
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         def step(in_ch: int, out_ch: int, resolution: int) -> ResAttnBlock:
-            attn = AttentionBlock(out_ch, c.num_heads, c.norm_eps) if resolution in c.attn_resolutions else None
-            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, c.dropout, c.norm_eps), attn)
+            attn = (
+                AttentionBlock(out_ch, c.num_heads, c.norm_eps, c.min_group_channels)
+                if resolution in c.attn_resolutions
+                else None
+            )
+            return ResAttnBlock(ResBlock(in_ch, out_ch, emb_dim, c.dropout, c.norm_eps, c.min_group_channels), attn)
 
         resolutions = c.resolutions()
         last = len(c.channel_mult) - 1
@@ -365,9 +390,9 @@ class UNetBackbone(nn.Module):
                 self.encoder.append(Downsample(ch, c.downsample))
                 skip_channels.append(ch)
 
-        self.middle_res1 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps)
-        self.middle_attn = AttentionBlock(ch, c.num_heads, c.norm_eps)
-        self.middle_res2 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps)
+        self.middle_res1 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps, c.min_group_channels)
+        self.middle_attn = AttentionBlock(ch, c.num_heads, c.norm_eps, c.min_group_channels)
+        self.middle_res2 = ResBlock(ch, ch, emb_dim, c.dropout, c.norm_eps, c.min_group_channels)
 
         self.decoder = nn.ModuleList()
         for level in reversed(range(len(c.channel_mult))):
@@ -434,7 +459,7 @@ class UNetClassifier(nn.Module):
         self.backbone = UNetBackbone(config, emb_dim)
         ch = self.backbone.out_channels
         head = config.head_channels or ch
-        self.head_norm = group_norm(ch, config.norm_eps)
+        self.head_norm = group_norm(ch, config.norm_eps, config.min_group_channels)
         self.head_conv = nn.Conv2d(ch, head, 3, padding=1)
         # Outputs f_θ(x), the per-class increments whose cumulative sum is the logits.
         self.logit_increments = nn.Linear(head, num_timesteps + 2)
@@ -471,7 +496,7 @@ class UNetDenoiser(nn.Module):
         self.label_embed = nn.Embedding(config.num_labels + 1, emb_dim) if config.num_labels is not None else None
         self.backbone = UNetBackbone(config, emb_dim)
         out = self.backbone.out_channels
-        self.head_norm = group_norm(out, config.norm_eps)
+        self.head_norm = group_norm(out, config.norm_eps, config.min_group_channels)
         self.head_conv = zero_init(nn.Conv2d(out, config.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -249,8 +249,9 @@ def load_checkpoint_of(model: nn.Module, folder) -> dict:
 
 
 def test_checkpoints_from_before_the_official_unet_load_as_they_were(tmp_path):
-    """Checkpoints whose spec lacks head_channels/downsample/norm_eps hold the network of that time:
-    symmetric downsampling, GroupNorm eps 1e-5, head conv as wide as the backbone."""
+    """Checkpoints whose spec lacks head_channels/downsample/norm_eps/min_group_channels hold the network of
+    that time: symmetric downsampling, GroupNorm eps 1e-5 and one channel per group at width 32, head conv as
+    wide as the backbone."""
     torch.manual_seed(0)
     legacy_config = UNetConfig(1, 8, 32, (1, 2), 1, (4,), 0.0, **LEGACY_FIELDS)
     legacy = UNetClassifier(legacy_config, T)
@@ -276,6 +277,7 @@ def test_checkpoints_from_before_the_official_unet_load_as_they_were(tmp_path):
     message = str(err.value)
     assert "checkpoint has downsample='symmetric', model has downsample='official'" in message
     assert "checkpoint has norm_eps=1e-05, model has norm_eps=1e-06" in message
+    assert "checkpoint has min_group_channels=1, model has min_group_channels=2" in message
     assert "head_channels" not in message
 
 

@@ -15,6 +15,7 @@ from cdm_core.networks import (
     Downsample,
     MLPClassifier,
     MLPDenoiser,
+    ResBlock,
     UNetClassifier,
     UNetConfig,
     UNetDenoiser,
@@ -149,15 +150,34 @@ def test_config_validation():
     # JSON round trips give lists; the config stores tuples.
     cfg = UNetConfig.from_dict(json.loads(json.dumps(unet_preset("mnist", 1, 28).to_dict())))
     assert cfg == unet_preset("mnist", 1, 28)
-    assert {"head_channels", "downsample", "norm_eps"} <= set(cfg.to_dict())  # recorded in every spec
+    assert set(LEGACY_FIELDS) <= set(cfg.to_dict())  # recorded in every spec
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         UNetConfig.from_dict({**cfg.to_dict(), "channels": 3})
 
 
 def test_group_norm_groups():
-    assert group_norm(128).num_groups == 32
+    assert group_norm(128).num_groups == 32  # the official GroupNorm(32, ·) at every width of the paper's models
+    assert group_norm(64).num_groups == 32
     assert group_norm(48).num_groups == 24
-    assert group_norm(3).num_groups == 3
+    assert group_norm(32).num_groups == 16  # two channels per group, not one
+    assert group_norm(3).num_groups == 1
+    assert group_norm(32, min_group_channels=1).num_groups == 32  # what specs without the field were built with
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_a_resblock_sees_its_embedding_at_every_width(width):
+    """The embedding is added per channel just before the second GroupNorm: with one channel per group that
+    normalization subtracts it again, and a tiny model's ResBlocks cannot see a label or a time step."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, width, 4, 4), torch.randn(2, 16)
+
+    def embedding_effect(min_group_channels: int) -> float:
+        block = randomise(ResBlock(width, width, 16, 0.0, 1e-6, min_group_channels)).eval()
+        return (block(x, emb) - block(x, emb.flip(0))).abs().max().item()
+
+    assert embedding_effect(2) > 1e-2
+    if width == 32:  # the legacy networks' bug, kept exactly for their checkpoints
+        assert embedding_effect(1) < 1e-4
 
 
 def test_paper_presets_parameter_counts():
@@ -226,12 +246,12 @@ def test_train_config_head_channels():
 
 
 def test_legacy_spec_rebuilds_the_legacy_network():
-    """A spec saved before head_channels/downsample/norm_eps existed rebuilds that network, bit for bit."""
+    """A spec saved before head_channels/downsample/norm_eps/min_group_channels existed rebuilds that network,
+    bit for bit."""
     torch.manual_seed(0)
     # An odd size, so the two downsamplings differ in shape as well as in values.
-    legacy_config = UNetConfig(
-        1, 7, 32, (1, 2), 1, (4,), 0.0, head_channels=None, downsample="symmetric", norm_eps=1e-5
-    )
+    legacy_config = UNetConfig(1, 7, 32, (1, 2), 1, (4,), 0.0, **LEGACY_FIELDS)
+    assert legacy_config.min_group_channels == 1 and legacy_config.downsample == "symmetric"
     legacy = randomise(UNetClassifier(legacy_config, T)).eval()
     old_spec = model_spec(legacy)
     for key in LEGACY_FIELDS:

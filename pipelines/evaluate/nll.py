@@ -66,13 +66,12 @@ from pipelines.common import storage
 from pipelines.common.checkpoints import checkpoint_file, load_trained_model
 from pipelines.common.config import FieldError
 from pipelines.common.errors import UserError
-from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.normalization import of_model
 from pipelines.data.readers import DATASET
 from pipelines.evaluate.config import CONVENTIONS, NLL_METHODS, NllConfig, PoolSection, ScoringSection
-from pipelines.evaluate.workers import map_split, maybe_die, run_tags
+from pipelines.evaluate.workers import ModelWorker, map_split, run_tags
 
 SCORES = "scores.parquet"
 SUMMARY = "summary.json"
@@ -316,7 +315,7 @@ def sample_generators(indices: np.ndarray, seed: int, tag: int, device: str) -> 
     return gens
 
 
-class LikelihoodScorer:
+class LikelihoodScorer(ModelWorker):
     """A Ray Data actor: loads the model once, then scores batches {x, label, index, pad} → {index, label, <methods' columns>}."""
 
     def __init__(
@@ -334,17 +333,13 @@ class LikelihoodScorer:
         methods: Methods = Methods(),
         faults: dict[str, Any] | None = None,
     ):
-        torch.set_num_threads(threads)
-        set_tf32(allow_tf32)  # this actor only scores: full fp32 unless asked (pipelines.common.precision)
-        self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
-        self.device = device
+        super().__init__(checkpoint, use_ema, device, threads, allow_tf32=allow_tf32, faults=faults)
         self.dequantize = dequantize
         self.seed = seed
         self.offset = offset
         self.conditional = conditional
         self.methods = methods
         self.schedule = self.trained.schedule.to(device=device, dtype=torch.float32)
-        self.faults, self.calls = faults or {}, 0
 
     def _eps_fns(self, y: torch.Tensor | None) -> tuple[Any, Any]:
         """The ε̂ of the ELBO (integer classes) and of the ODE (real τ) for this model, conditioned on y if given."""
@@ -354,8 +349,7 @@ class LikelihoodScorer:
         return ddm_eps_fn(model, y), ddm_continuous_eps_fn(model, self.trained.schedule, y)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.calls += 1
-        maybe_die(self.faults, self.calls)
+        self.next_call()
         keep = ~batch["pad"]
         x_np, index, label = batch["x"][keep], batch["index"][keep], batch["label"][keep]
         n, dims = len(index), int(np.prod(x_np.shape[1:]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from pipelines.data.normalization import Normalization, of_model
 from pipelines.data.preview import save_preview
 from pipelines.data.readers import from_model_input, load_split
 from pipelines.evaluate.config import SampleConfig
-from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, run_tags
+from pipelines.evaluate.workers import ModelWorker, faults_from_env, plan_pool, run_tags
 
 SPLIT = "samples"
 GRID = "grid.png"
@@ -147,8 +148,9 @@ def generate(
     }
 
 
-class SampleWorker:
-    """A Ray actor: loads the model once, then generates batches of samples by index range."""
+class SampleWorker(ModelWorker):
+    """A Ray actor: loads the model once, then generates batches of samples by index range (TF32 as torch's
+    defaults have it: samples are not a figure computed in fp32)."""
 
     def __init__(
         self,
@@ -159,15 +161,11 @@ class SampleWorker:
         settings: dict[str, Any],
         faults: dict[str, Any] | None = None,
     ):
-        torch.set_num_threads(threads)
-        self.device = device
-        self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
+        super().__init__(checkpoint, use_ema, device, threads, allow_tf32=None, faults=faults)
         self.settings = settings
-        self.faults, self.calls = faults or {}, 0
 
     def generate(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        self.calls += 1
-        maybe_die(self.faults, self.calls)
+        self.next_call()
         return generate(self.trained, range(start, stop), device=self.device, **self.settings)
 
 
@@ -426,10 +424,13 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
 
 
 def _save_grid(out: str) -> Optional[str]:
-    """grid.png (or a scatter plot for 2-D data) of the first samples, beside the shards when the output is local."""
+    """grid.png (or a scatter plot for 2-D data) of the first samples, beside the shards; the local file's path.
+
+    For an output at a URI (s3://…) the grid is drawn in a local scratch folder, then copied beside the shards.
+    """
     loc = storage.resolve(out)
-    if not loc.is_local():
-        return None
-    path = Path(loc.root) / GRID
+    path = Path(loc.root if loc.is_local() else tempfile.mkdtemp(prefix="cdm-grid-")) / GRID
     save_preview(sh.open_dataset(out), path)
+    if not loc.is_local():
+        loc.write_bytes(GRID, path.read_bytes())
     return str(path)

@@ -194,7 +194,8 @@ def maybe_die(faults: dict[str, Any], calls: int) -> None:
 
 class ModelWorker:
     """What a batch stage's Ray actor starts from: its torch threads, full fp32 unless asked
-    (pipelines.common.precision), the model loaded once, and the test hook's count of calls."""
+    (pipelines.common.precision; `allow_tf32=None` leaves torch's defaults, as sampling does), the model
+    loaded once, and the test hook's count of calls."""
 
     def __init__(
         self,
@@ -203,11 +204,12 @@ class ModelWorker:
         device: str,
         threads: int,
         *,
-        allow_tf32: bool = False,
+        allow_tf32: bool | None = False,
         faults: dict[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
-        set_tf32(allow_tf32)
+        if allow_tf32 is not None:
+            set_tf32(allow_tf32)
         self.trained = load_trained_model(checkpoint, use_ema=use_ema, device=device)
         self.device = device
         self.faults, self.calls = faults or {}, 0

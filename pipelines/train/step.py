@@ -29,8 +29,8 @@ def build_network(config: TrainConfig, channels: int, image_size: int | None = N
 
     `build_network(config, *data_shape[:2])`: a U-Net for (C, H, W) data (H = W = image_size); for (D,)
     vectors (image_size None, `channels` = D) the MLP of the `mlp` preset, the only one for vectors.
-    Downsampling and GroupNorm eps are the preset's (the official code's) and no config field; the
-    network's spec, which every checkpoint stores, records them.
+    Downsampling, GroupNorm eps and the fewest channels per GroupNorm group are the preset's (the official
+    code's) and no config field; the network's spec, which every checkpoint stores, records them.
     """
     m = config.model
     if (image_size is None) != (m.preset == "mlp"):

@@ -188,9 +188,9 @@ def run_train(stage: Stage, ctx: Context) -> dict[str, Any]:
 
 def run_nll_untrained(stage: Stage, ctx: Context) -> dict[str, Any]:
     """The NLL of the network as initialised (same architecture and seed as the train stage): the figure to beat."""
-    config, (channels, size, _) = trainer.resolve(train_config(ctx, stage.output))
+    config, shape = trainer.resolve(train_config(ctx, stage.output))
     torch.manual_seed(config.train.seed)  # as the train stage's workers do before building the network
-    model = build_network(config, channels, size)
+    model = build_network(config, *shape[:2])  # (C, H, W) images or (D,) vectors
     checkpoint = Path(stage.output) / "untrained" / CHECKPOINT_FILENAME
     save_checkpoint(checkpoint, model=model, step=0, config=cfg.to_dict(config), ema=EMA(model, config.ema.decay))
     result = nll.run(
