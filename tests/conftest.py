@@ -167,6 +167,12 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+# The tiny U-Net cut to one level (no down- or upsampling; the middle block's attention stays): the
+# compiled-step tests' network, whose CDM graph Inductor builds in ~60 C++ kernels where the two-level
+# preset's takes ~150. The presets' own graphs compile in benchmarks/core.py and benchmarks/gpu.sh.
+ONE_LEVEL = ("model.channel_mult=[1]", "model.attn_resolutions=[]")
+
+
 def tiny_train_config(*overrides: str):
     """configs/train_tiny.toml with `overrides`, for steps and networks built outside a run (no dataset)."""
     from pipelines.common import config as cfg

@@ -249,3 +249,49 @@ def test_standardized_arrays_train_with_the_unet_and_report_in_data_units(
     assert load_trained_model(ckpt).model.data_shape == (2, 8, 8)
     log_det = _check_trained(ckpt, arrays, tmp_path, capsys, monkeypatch)
     assert log_det == pytest.approx(64 * (math.log(3.0) + math.log(0.5)), rel=0.05)  # σ ≈ 3 and 0.5 per channel
+
+
+def test_cdm_run_on_vectors(ray_session, tmp_path, capsys, monkeypatch):
+    """The whole workflow on (D,) vectors: prepare, the untrained network's NLL, train (mlp), sample, NLL."""
+    workflow = tmp_path / "vectors.toml"
+    workflow.write_text(
+        f"""
+name = "vectors"
+[prepare]
+source = "toy2d"
+name = "gmm8"
+num_train = 64
+num_test = 16
+[train]
+extends = "{TINY}"
+[train.model]
+preset = "mlp"
+base_channels = "none"
+mlp_hidden = 16
+mlp_depth = 2
+[train.train]
+steps = 3
+batch_size = 16
+[train.validation]
+every = 3
+[train.checkpoint]
+every = 3
+[sample]
+n = 16
+steps = 3
+batch_size = 16
+workers = 1
+[nll]
+workers = 1
+[fid]
+enabled = false
+"""
+    )
+    argv = ["run", str(workflow), "--workdir", str(tmp_path / "work")]
+    code, text = cli_in_process(argv, capsys, monkeypatch)
+    assert code == 0, text
+    summary = json.loads(next((tmp_path / "work").glob("**/summary.json")).read_text())
+    metrics = summary["metrics"]
+    assert math.isfinite(metrics["eval/nll_bpd"]) and math.isfinite(metrics["eval/nll_bpd_untrained"])
+    samples = np.load(next((tmp_path / "work").glob("**/samples.npy")))
+    assert samples.shape == (16, 2) and np.isfinite(samples).all()

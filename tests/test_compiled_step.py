@@ -1,10 +1,14 @@
 """The compiled training step (`train.compile`) against the eager one, in one process (no Ray).
 
-Compiling costs one to two minutes per graph here (Inductor writes and builds C++ for each
-kernel); the tests share graphs where they can: the `linear` and `ot` schedules differ only in
-the values of a and s, which are the graph's inputs, so each network compiles once. The
-unconditional CDM's graph is also the one the two-worker tests in test_train.py run, which
-Inductor's on-disk cache then serves.
+Inductor writes and builds C++ for every kernel, 2–3 s each here, and a CDM's training graph (the
+forward, the input gradient and the backward of both) has ~150 of them on the tiny preset. So
+only the unconditional CDM and the dropout check compile through Inductor, both on the tiny U-Net
+cut to one level (conftest.ONE_LEVEL: ~60 kernels); the conditional CDM and the DDM, on the preset,
+go through "aot_eager" (see CASES). The `linear` and `ot` schedules differ only in the values of
+a and s, which are the graph's inputs, so each network compiles once; the unconditional CDM's
+graph is also the one the two-process test below and the two-worker test in test_train.py run,
+which Inductor's on-disk cache then serves. The presets' own graphs compile in
+benchmarks/core.py (mnist) and benchmarks/gpu.sh (the paper's, on a GPU).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import ONE_LEVEL, tiny_train_config
 
 from pipelines.train.config import TrainConfig
 from pipelines.train.step import TrainStep, fresh_train_step
@@ -22,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 tiny = tiny_train_config
 
 
-def make_step(config: TrainConfig, seed: int = 0) -> TrainStep:
-    return fresh_train_step(config, 1, 8, seed=seed)
+def make_step(config: TrainConfig, seed: int = 0, backend: str = "inductor") -> TrainStep:
+    return fresh_train_step(config, 1, 8, seed=seed, compile_backend=backend)
 
 
 def gradients(step: TrainStep) -> dict[str, torch.Tensor]:
@@ -40,13 +44,13 @@ def assert_same_gradients(eager: dict[str, torch.Tensor], compiled: dict[str, to
     return worst
 
 
-# A one-level network without attention: for the DDM and dropout checks, whose graphs need not be the
-# preset's, at a third of its compilation time.
-ONE_LEVEL = ("model.channel_mult=[1]", "model.attn_resolutions=[]")
+# (overrides, backend): the unconditional CDM through Inductor, the kernels users run; the conditional CDM
+# and the DDM through "aot_eager": the same Dynamo capture of torch.func.grad and AOTAutograd's forward and
+# backward graphs, run by eager kernels, which saves Inductor's ~2 minutes of C++ per graph here.
 CASES = {
-    "cdm": (),
-    "cdm-conditional": ("model.conditional=true", "data.num_labels=10", "model.label_dropout=0.5"),
-    "ddm-one-level": ("model.kind=ddm", *ONE_LEVEL),
+    "cdm": (ONE_LEVEL, "inductor"),
+    "cdm-conditional": (("model.conditional=true", "data.num_labels=10", "model.label_dropout=0.5"), "aot_eager"),
+    "ddm": (("model.kind=ddm",), "aot_eager"),
 }
 
 
@@ -59,9 +63,11 @@ def test_the_compiled_step_gives_the_eager_losses_and_gradients(case):
     g = torch.Generator().manual_seed(7)
     x, labels = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
     labels = labels if "conditional" in case else None
+    case_overrides, backend = CASES[case]
     for schedule in ("linear", "ot"):
-        overrides = (*CASES[case], f"schedule.name={schedule}")
-        eager, compiled = make_step(tiny(*overrides)), make_step(tiny(*overrides, "train.compile=true"))
+        overrides = (*case_overrides, f"schedule.name={schedule}")
+        eager = make_step(tiny(*overrides))
+        compiled = make_step(tiny(*overrides, "train.compile=true"), backend=backend)
         assert compiled.compiled is not None and eager.compiled is None
         for _ in range(2):  # the second step runs from the updated weights, with fresh draws
             loss_e, ce_e, mse_e = eager.backward(x, labels)
@@ -76,7 +82,7 @@ def test_the_compiled_step_gives_the_eager_losses_and_gradients(case):
 
 
 def test_a_compiled_step_trains_and_skips_a_nonfinite_update():
-    step = make_step(tiny("train.compile=true"))
+    step = make_step(tiny("train.compile=true", *ONE_LEVEL))
     x = torch.rand(4, 1, 8, 8) * 2 - 1
     assert step(x).finite
     before = [p.detach().clone() for p in step.model.parameters()]
@@ -88,8 +94,7 @@ def test_a_compiled_step_trains_and_skips_a_nonfinite_update():
 
 def test_dropout_in_a_compiled_step_is_random_per_step_and_follows_torch_seed():
     """Inside the compiled graph dropout draws from torch's default generator, as eager dropout does:
-    each call a new mask, the same mask again after the same torch.manual_seed. A one-level network keeps
-    this graph's compilation short."""
+    each call a new mask, the same mask again after the same torch.manual_seed."""
     config = tiny("train.compile=true", "model.dropout=0.5", *ONE_LEVEL)
     step = make_step(config)
     with torch.no_grad():  # residual branches start at zero, which would hide what dropout does before them
@@ -119,7 +124,7 @@ def _two_process_worker(rank: int, world: int, port: int, x: torch.Tensor, out: 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # Different initial weights on each process: the step must start from rank 0's, as DDP would.
-        step = fresh_train_step(tiny("train.compile=true"), 1, 8, seed=rank)
+        step = fresh_train_step(tiny("train.compile=true", *ONE_LEVEL), 1, 8, seed=rank)
         step.backward(x[rank * 4 : (rank + 1) * 4])
         torch.save({n: p.grad for n, p in step.model.named_parameters()}, f"{out}.{rank}")
     finally:
@@ -143,8 +148,10 @@ def test_a_compiled_step_on_two_processes_averages_gradients_as_ddp(tmp_path):
     x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     mp.start_processes(_two_process_worker, args=(2, port, x, str(tmp_path / "grads")), nprocs=2, start_method="spawn")
 
-    eager = make_step(tiny())  # seed 0: rank 0's weights
-    draws = [fresh_train_step(tiny(), 1, 8, seed=rank).draw(x[rank * 4 : (rank + 1) * 4], None) for rank in (0, 1)]
+    eager = make_step(tiny(*ONE_LEVEL))  # seed 0: rank 0's weights
+    draws = [
+        fresh_train_step(tiny(*ONE_LEVEL), 1, 8, seed=rank).draw(x[rank * 4 : (rank + 1) * 4], None) for rank in (0, 1)
+    ]
     t, noise = torch.cat([d[1] for d in draws]), torch.cat([d[2] for d in draws])
     cfg_loss = eager.config.loss
     cdm_loss(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_LEVEL
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -319,14 +320,16 @@ def test_ddp_gradients_of_the_double_backward_match_one_process(ray_session, dig
 
 def test_cdm_train_with_train_compile_runs_on_two_workers(ray_session, digits_dataset, store):
     """The real loop with train.compile: the bare network on each worker, a compiled step, checkpoints.
-    (4 images per worker is test_compiled_step.py's graph, so Inductor's on-disk cache serves it; that
-    the two workers' gradients are averaged as DDP's are is test_compiled_step.py's two-process test.)"""
+    (The one-level network with 4 images per worker is test_compiled_step.py's graph, so Inductor's on-disk
+    cache serves it; that the two workers' gradients are averaged as DDP's are is test_compiled_step.py's
+    two-process test.)"""
     from cdm_core.checkpoint import load_checkpoint
 
     config = tiny_config(
         digits_dataset,
         store,
         "compiled",
+        *ONE_LEVEL,
         "train.compile=true",
         "train.batch_size=8",
         "scaling.num_workers=2",

@@ -110,7 +110,9 @@ class TrainStep:
     masks, not their distribution, differ from eager). DDP cannot wrap a network called inside
     `torch.func.grad` (its forward hooks do not run there), so a compiled step is given the bare
     network and averages the gradients over the workers itself (`collectives.average_gradients`),
-    after starting from rank 0's weights as DDP would.
+    after starting from rank 0's weights as DDP would. `compile_backend` is torch.compile's backend
+    (Inductor, the one that makes kernels; the tests also trace through "aot_eager", which runs the
+    same captured forward and backward graphs with eager kernels, without minutes of C++ compilation).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class TrainStep:
         prior: torch.Tensor | None,
         device: torch.device,
         generator: torch.Generator,
+        compile_backend: str = "inductor",
     ):
         self.config = config
         self.model = model  # possibly DDP-wrapped
@@ -142,7 +145,8 @@ class TrainStep:
         if config.train.compile:
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 raise ValueError("a compiled step takes the bare network: it averages the gradients itself")
-            self.compiled = torch.compile(functools.partial(self.objective, input_grad="func"))
+            objective = functools.partial(self.objective, input_grad="func")
+            self.compiled = torch.compile(objective, backend=compile_backend)
             self.average_gradients = collectives.world_size() > 1
             collectives.broadcast_parameters(model)
 
@@ -243,7 +247,12 @@ class TrainStep:
 
 
 def fresh_train_step(
-    config: TrainConfig, channels: int, image_size: int, device: torch.device | None = None, seed: int = 0
+    config: TrainConfig,
+    channels: int,
+    image_size: int,
+    device: torch.device | None = None,
+    seed: int = 0,
+    compile_backend: str = "inductor",
 ) -> TrainStep:
     """A TrainStep on a new network (initialised from `seed`), with its optimiser, EMA, schedule and prior:
     the step outside Ray Train, for benchmarks and tests."""
@@ -261,4 +270,5 @@ def fresh_train_step(
         build_prior(config),
         device,
         torch.Generator(device=device).manual_seed(seed),
+        compile_backend,
     )
