@@ -9,17 +9,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test demo bench clean
+.PHONY: install browser lint format test demo bench clean
 
+# torch-fidelity's Inception-v3 FID extractor: --no-deps because the package
+# declares torchvision (for extractors we don't use), and PyPI's torchvision
+# does not import beside the pinned CPU torch. pipelines/evaluate/features.py loads
+# the Inception module without torchvision.
+# (Comments stay out of recipes: make echoes every recipe line, comments included.)
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install --quiet -e ".[test]"
-	# torch-fidelity's Inception-v3 FID extractor: --no-deps because the package
-	# declares torchvision (for extractors we don't use), and PyPI's torchvision
-	# does not import beside the pinned CPU torch. pipelines/evaluate/features.py loads
-	# the Inception module without torchvision.
 	$(PY) -m pip install --quiet --no-deps "torch-fidelity==0.4.0"
 	touch $@
 
@@ -35,8 +36,13 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Debian's chromium for the browser test of `cdm ui` (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: lint browser
+	CDM_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The whole pipeline on mnist5k with a local Ray and ./mlflow.db; rerunning skips finished stages.
 demo: install

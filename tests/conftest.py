@@ -179,3 +179,29 @@ def tiny_train_config(*overrides: str):
     from pipelines.train.config import TrainConfig
 
     return cfg.load(TrainConfig, ROOT / "configs" / "train_tiny.toml", ["data.uri=unused", *overrides])
+
+
+def two_ray_nodes(separate_temp_dirs: bool = False):
+    """A 2-node `ray.cluster_utils.Cluster` (2 CPUs each) joined by this process, for a module fixture to
+    yield from; `separate_temp_dirs`: each node its own temporary folder, so nothing passes through one disk."""
+    import shutil
+    import tempfile
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temps = [tempfile.mkdtemp(prefix=f"cdm-{n}-") for n in ("head", "node")] if separate_temp_dirs else [None, None]
+    head = {"num_cpus": 2, "include_dashboard": False, **({"temp_dir": temps[0]} if temps[0] else {})}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster.add_node(num_cpus=2, **({"temp_dir": temps[1]} if temps[1] else {}))
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for t in temps:
+            if t:
+                shutil.rmtree(t, ignore_errors=True)

@@ -229,19 +229,6 @@ def _check_trained(ckpt: Path, data: Path, tmp_path: Path, capsys, monkeypatch, 
     return log_det
 
 
-def test_toy2d_output_trains_with_the_mlp(ray_session, tmp_path, capsys, monkeypatch):
-    """(D,) vectors (here `cdm prepare toy2d`'s, kept as given) train with the mlp preset, score and sample."""
-    data = tmp_path / "gmm8"
-    prepare_quick("toy2d", data, name="gmm8", num_train=64, num_test=16)
-    mlp = ("model.preset=mlp", "model.base_channels=none", "model.mlp_hidden=16", "model.mlp_depth=2")
-    ckpt = _train(data, tmp_path, capsys, monkeypatch, *mlp)
-    trained = load_trained_model(ckpt)
-    assert trained.step == 3 and trained.model.spec()["class"] == "MLPClassifier"
-    assert trained.config["data"]["normalization"] == {"kind": "identity"}  # toy2d: the points as given
-    # (sampling (D,) vectors is checked on the exact mixture above, and on arrays below: the same code)
-    assert _check_trained(ckpt, data, tmp_path, capsys, monkeypatch, sample=False) == 0.0
-
-
 def test_standardized_arrays_train_with_the_unet_and_report_in_data_units(
     ray_session, arrays, tmp_path, capsys, monkeypatch
 ):
@@ -252,7 +239,9 @@ def test_standardized_arrays_train_with_the_unet_and_report_in_data_units(
 
 
 def test_cdm_run_on_vectors(ray_session, tmp_path, capsys, monkeypatch):
-    """The whole workflow on (D,) vectors: prepare, the untrained network's NLL, train (mlp), sample, NLL."""
+    """The whole workflow on (D,) vectors (`cdm prepare toy2d`'s, kept as given): prepare, the untrained
+    network's NLL, train with the mlp preset, sample, NLL; the trained model's figures are its one-pass
+    likelihood by hand."""
     workflow = tmp_path / "vectors.toml"
     workflow.write_text(
         f"""
@@ -290,8 +279,14 @@ enabled = false
     argv = ["run", str(workflow), "--workdir", str(tmp_path / "work")]
     code, text = cli_in_process(argv, capsys, monkeypatch)
     assert code == 0, text
-    summary = json.loads(next((tmp_path / "work").glob("**/summary.json")).read_text())
+    summary = json.loads(next((tmp_path / "work").glob("outputs/workflows/*/summary.json")).read_text())
     metrics = summary["metrics"]
     assert math.isfinite(metrics["eval/nll_bpd"]) and math.isfinite(metrics["eval/nll_bpd_untrained"])
-    samples = np.load(next((tmp_path / "work").glob("**/samples.npy")))
+    samples = np.load(next((tmp_path / "work").glob("outputs/stages/sample-*/samples.npy")))
     assert samples.shape == (16, 2) and np.isfinite(samples).all()
+    ckpt, data = Path(summary["checkpoint"]), Path(summary["dataset"])
+    trained = load_trained_model(ckpt)
+    assert trained.step == 3 and trained.model.spec()["class"] == "MLPClassifier"
+    assert trained.config["data"]["normalization"] == {"kind": "identity"}  # toy2d: the points as given
+    # (sampling (D,) vectors is checked on the exact mixture above, and on arrays below: the same code)
+    assert _check_trained(ckpt, data, tmp_path, capsys, monkeypatch, sample=False) == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import two_ray_nodes
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -18,16 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    yield from two_ray_nodes()
 
 
 def test_two_workers_on_two_nodes(two_nodes, digits_dataset, tmp_path):

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import time
+import traceback
 import warnings
 from importlib.metadata import version as dist_version
 
 import typer
 
 from pipelines.cli import classify, cluster, data, evaluate, train, tune, workflow
+from pipelines.common import console
 from pipelines.common.errors import UserError
 
 app = typer.Typer(
@@ -31,6 +35,12 @@ app = typer.Typer(
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Show Ray's, MLflow's and the libraries' output live (by default it goes to cdm.log in the run's "
+        "folder); also accepted after the command.",
+    ),
 ) -> None:
     if debug:
         os.environ["CDM_DEBUG"] = "1"
@@ -104,20 +114,65 @@ _show_warning = warnings.showwarning
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     """cdm's own warnings as one line, not Python's `file:line: UserWarning:` with a line of source."""
     if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(_PACKAGE):
-        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+        console.warn(f"warning: {message}")
     else:
         _show_warning(message, category, filename, lineno, file, line)
+
+
+# The commands that start Ray or write to MLflow: their libraries' output goes to a log, not the console.
+_QUIET_COMMANDS = {
+    "prepare",
+    "verify",
+    "train",
+    "tune",
+    "sample",
+    "nll",
+    "ood",
+    "fid",
+    "train-features",
+    "classify",
+    "run",
+}
+
+
+def _capture_for(argv: list[str]) -> bool:
+    """Take `--verbose` out of argv (wherever it is, before a `--`); start the log if the command is a quiet one.
+
+    The log starts in the temporary folder and moves into the run's folder once a stage knows it
+    (`console.place_log`).
+    """
+    head = argv.index("--") if "--" in argv else len(argv)
+    verbose = "--verbose" in argv[:head] or os.environ.get("CDM_VERBOSE") == "1"
+    argv[:head] = [a for a in argv[:head] if a != "--verbose"]
+    command = next((a for a in argv[1:head] if not a.startswith("-")), None)
+    if verbose or command not in _QUIET_COMMANDS or {"--help", "-h"} & set(argv[:head]):
+        return False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = os.path.join(tempfile.gettempdir(), "cdm-logs", f"cdm-{command}-{stamp}-{os.getpid()}.log")
+    return console.capture_library_output(log)
+
+
+def _say(message: str, color: str) -> None:
+    typer.secho(message, file=console.terminal_err(), fg=color)
+
+
+def _log_hint() -> str:
+    log = console.log_path()
+    return f" (Ray's, MLflow's and the libraries' output: {log}; `--verbose` shows it live)" if log else ""
 
 
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
     warnings.showwarning = _warning_line
+    captured = _capture_for(sys.argv)
     try:
         app()
     except UserError as err:
-        if os.environ.get("CDM_DEBUG"):
+        if os.environ.get("CDM_DEBUG") and not captured:
             raise
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        if os.environ.get("CDM_DEBUG"):
+            traceback.print_exc(file=console.terminal_err())
+        _say(f"error: {err}", typer.colors.RED)
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, SystemExit) as stop:
         # Typer turns a KeyboardInterrupt inside a command into a silent exit 130.
@@ -125,10 +180,28 @@ def main() -> None:
             raise
         if os.environ.get("CDM_DEBUG") and isinstance(stop, KeyboardInterrupt):
             raise
-        typer.secho(
+        _say(
             "interrupted: what was finished is kept (a training run continues with `cdm train --resume RUN`, "
             "a workflow with the same `cdm run` command)",
-            err=True,
-            fg=typer.colors.YELLOW,
+            typer.colors.YELLOW,
         )
         sys.exit(130)
+    except Exception as err:
+        if not captured:
+            raise
+        # The traceback goes to the log with everything else; the console gets the cause in one line.
+        traceback.print_exc()
+        if os.environ.get("CDM_DEBUG"):
+            traceback.print_exc(file=console.terminal_err())
+        _say(f"error: {type(err).__name__}: {_cause(err)}", typer.colors.RED)
+        _say(f"the traceback is in the log{_log_hint()}", typer.colors.RED)
+        sys.exit(1)
+
+
+def _cause(err: BaseException, lines: int = 8) -> str:
+    """The exception's message, cut to its first line and its last `lines`: a Ray error carries the worker's whole
+    traceback in its message, and what went wrong is at its end."""
+    text = [line for line in str(err).strip().splitlines() if line.strip()]
+    if len(text) <= lines + 1:
+        return "\n".join(text)
+    return "\n".join([text[0], "  …", *text[-lines:]])

@@ -215,15 +215,21 @@ def ui(
     workdir: Path = typer.Option(
         Path("."), "--workdir", help="The project folder whose mlflow.db and mlartifacts/ to show."
     ),
+    artifacts_destination: str = typer.Option(
+        None,
+        "--artifacts-destination",
+        help="Keep the artifacts clients send at this URI (s3://bucket/mlartifacts) instead of <workdir>/mlartifacts.",
+    ),
 ) -> None:
     """Start the MLflow UI on the project's tracking store; Ctrl-C stops it.
 
     Examples:
       cdm ui                      # http://127.0.0.1:5000 on ./mlflow.db
       cdm ui --port 5001 --workdir ~/experiments/cdm
+      cdm ui --artifacts-destination s3://bucket/mlartifacts
     """
     from pipelines.cluster.ui import serve  # deferred: see the module docstring
 
-    code = serve(port, host, workdir)
+    code = serve(port, host, workdir, artifacts_destination)
     if code:
         raise typer.Exit(code)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +42,12 @@ def train(
         "--continue-best",
         help="With --from-best: continue the best trial's own run from its latest checkpoint instead.",
     ),
+    register: Optional[str] = typer.Option(
+        None,
+        "--register",
+        metavar="NAME",
+        help="Register the trained EMA model in the MLflow model registry as NAME (a new version each run).",
+    ),
 ) -> None:
     """Train a CDM (or the DDM baseline) with Ray Train, tracked in MLflow.
 
@@ -54,6 +62,8 @@ def train(
         for key, kind, default, doc in cfg.describe(TrainConfig):
             typer.echo(f"{key:28} {kind:44} {default!s:13} {doc}")
         return
+    if register is not None:
+        set_ = [*set_, "run.log_model=true", f"run.register_model={register}"]
     if continue_best and from_best is None:
         raise UserError("--continue-best needs --from-best SWEEP")
     if from_checkpoint is not None and resume_run is None:
@@ -74,15 +84,22 @@ def train(
             typer.echo(json.dumps(cfg.to_dict(train_config), indent=2))
             return
     # Deferred: the trainer imports torch, Ray Train and MLflow (seconds); `cdm --help` should not wait.
+    from pipelines.common.tracking import store_uri, ui_url
     from pipelines.train import trainer
     from pipelines.tune.best import train_from_best
+    from pipelines.workflow.progress import TrainingProgress
 
     if from_best is not None:
         result = train_from_best(from_best, set_, continue_run=continue_best)
     elif resume_run is not None:
         result = trainer.resume(resume_run, set_, from_checkpoint=from_checkpoint)
     else:
-        result = trainer.run(train_config, config_name=config.stem)
+        # The run's name now, not in the trainer, so the console can follow its steps in MLflow meanwhile.
+        name = train_config.run.name or f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        train_config = dataclasses.replace(train_config, run=dataclasses.replace(train_config.run, name=name))
+        tracking = train_config.tracking
+        with TrainingProgress(store_uri(tracking), tracking.experiment, name, train_config.train.steps, every=15):
+            result = trainer.run(train_config, config_name=config.stem)
     typer.echo(f"run: {result.run_name}  folder: {result.run_dir}  mlflow run: {result.mlflow_run_id}")
     typer.echo(f"finished at step {result.step} in {result.seconds:.0f} s")
     for key, value in sorted(result.metrics.items()):
@@ -90,3 +107,5 @@ def train(
     typer.echo(f"latest checkpoint: {result.checkpoint}")
     if result.best_checkpoint:
         typer.echo(f"best checkpoint:   {result.best_checkpoint}")
+    tracking = train_config.tracking if from_best is None and resume_run is None else cfg.TrackingSection()
+    typer.echo(f"open the UI: cdm ui, then {ui_url(store_uri(tracking), tracking.experiment)}")

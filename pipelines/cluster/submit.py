@@ -49,7 +49,16 @@ DEFAULT_EXCLUDES = [
     "mlflow.db",
 ]
 # Forwarded when set locally (no secrets: runtime_env values are visible in the dashboard).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+# The object store's endpoint and region travel too (MinIO, a local S3); its credentials never do.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 # The token authenticates us to the cluster; copying it into the job would publish it.
 _NEVER_FORWARD = ("RAY_AUTH_TOKEN",)
 

@@ -16,15 +16,17 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pipelines.common import storage
+from pipelines.common.config import EXPERIMENT
 from pipelines.common.console import echo, warn
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import artifact_location_for, default_tracking_uri
+from pipelines.common.tracking import artifact_location_for, default_tracking_uri, ui_url
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def server_command(tracking_uri: str, artifacts_dir: Path, host: str, port: int) -> list[str]:
-    """The `mlflow server` argv for a database-backed store."""
+def server_command(tracking_uri: str, artifacts_dir: Path | str, host: str, port: int) -> list[str]:
+    """The `mlflow server` argv for a database-backed store (artifacts in a folder or at a URI such as s3://…)."""
     return [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", tracking_uri,
@@ -80,9 +82,18 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-def serve(port: int = 5000, host: str = "127.0.0.1", workdir: Path = Path(".")) -> int:
-    """Run the MLflow UI on the store of `workdir` until Ctrl-C or SIGTERM; returns the server's exit code."""
+def serve(
+    port: int = 5000, host: str = "127.0.0.1", workdir: Path = Path("."), artifacts_destination: str | None = None
+) -> int:
+    """Run the MLflow UI on the store of `workdir` until Ctrl-C or SIGTERM; returns the server's exit code.
+
+    `artifacts_destination` (e.g. s3://bucket/mlartifacts) is where the server keeps the artifacts clients
+    send it; for s3:// MLflow's boto3 reads the AWS_* variables (and MLFLOW_S3_ENDPOINT_URL for MinIO, moto).
+    """
     uri, artifacts = store_for(workdir)
+    if artifacts_destination:
+        storage.check_writable(artifacts_destination, "--artifacts-destination")
+        artifacts = artifacts_destination
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
         raise UserError(f"--workdir {workdir}: no such directory")
     _check_port_free(host, port)
@@ -92,7 +103,10 @@ def serve(port: int = 5000, host: str = "127.0.0.1", workdir: Path = Path(".")) 
             "requests addressed to localhost unless MLFLOW_SERVER_ALLOWED_HOSTS lists the name you browse to (e.g. myhost:5000)."
         )
     shown_host = f"[{host}]" if ":" in host else host
-    echo(f"MLflow UI: http://{shown_host}:{port}   store: {uri}   artifacts: {artifacts}   (Ctrl-C stops it)", err=True)
+    # MLflow 3 opens an experiment in its GenAI view unless the address asks for the model-training one.
+    address = ui_url(uri, EXPERIMENT, base=f"http://{shown_host}:{port}")
+    echo(f"MLflow UI: {address}", err=True)
+    echo(f"  store: {uri}   artifacts: {artifacts}   (Ctrl-C stops it)", err=True)
     # Its own process group, so stopping reaches the web workers mlflow spawns too.
     env = dict(os.environ)
     # MLflow's background job executor (GenAI scorers, prompt optimisation) is unused here and

@@ -10,12 +10,15 @@ nested plain dicts, with at least
     config["data"].get("num_labels") None or the number of classes
 
 A checkpoint path may be the `.pt` file or a folder holding `checkpoint.pt`
-(a Ray Train checkpoint directory).
+(a Ray Train checkpoint directory), on local disk or at any URI `pipelines.common.storage`
+reads (`s3://bucket/runs/NAME/checkpoint_00000040`): a URI stays a URI, so the Ray workers
+of a batch stage read the checkpoint from the bucket themselves, whichever node they are on.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import torch
 from cdm_core.checkpoint import load_checkpoint, model_from_checkpoint
 from cdm_core.samplers import EpsFn, cdm_eps_fn, ddm_eps_fn
 from cdm_core.schedules import Schedule, get_schedule
+from pipelines.common import storage
 from pipelines.common.errors import UserError
 
 CHECKPOINT_FILENAME = "checkpoint.pt"
@@ -48,7 +52,17 @@ class TrainedModel:
         return ddm_eps_fn(self.model, y)
 
 
-def checkpoint_file(path: str | os.PathLike) -> Path:
+def checkpoint_file(path: str | os.PathLike) -> Path | str:
+    """The checkpoint file at `path` (the file, or a folder holding one): a local Path, or the file's URI."""
+    text = os.fspath(path)
+    if storage.is_uri(text):
+        loc = storage.resolve(text)
+        if loc.kind() == "dir":
+            if loc.exists(CHECKPOINT_FILENAME):
+                return loc.where(CHECKPOINT_FILENAME)
+        elif loc.kind() == "file":
+            return text
+        raise UserError(f"no checkpoint at {path}: expected a {CHECKPOINT_FILENAME} file or a folder containing one")
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT_FILENAME
@@ -57,11 +71,22 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return p
 
 
+def _read(file: Path | str, **kwargs) -> dict[str, Any]:
+    """load_checkpoint of a local file, or of a URI downloaded first to a scratch file (one pass, few requests)."""
+    if isinstance(file, str) and storage.is_uri(file):
+        folder, name = storage.parent_and_name(file)
+        with tempfile.TemporaryDirectory(prefix="cdm-checkpoint-") as scratch:
+            local = Path(scratch) / CHECKPOINT_FILENAME
+            folder.download(name, local)
+            return load_checkpoint(local, name=file, **kwargs)
+    return load_checkpoint(file, **kwargs)
+
+
 def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device: str = "cpu") -> TrainedModel:
     """Rebuild the network (EMA weights by default), its schedule and prior from a checkpoint."""
     file = checkpoint_file(path)
     try:
-        ckpt = load_checkpoint(file)
+        ckpt = _read(file)
         model = model_from_checkpoint(ckpt, use_ema=use_ema and ckpt.get("ema") is not None)
     except (ValueError, RuntimeError, OSError) as err:
         raise UserError(f"{file}: cannot load checkpoint ({err})") from None
@@ -90,10 +115,13 @@ def training_run_id(checkpoint_file: str | os.PathLike) -> str | None:
     """The MLflow run that trained this checkpoint, if the checkpoint records it.
 
     Looked up in `extra["mlflow_run_id"]`, then `config["tracking"]["run_id"]`;
-    mmap'd, so the weights are not read.
+    a local file is mmap'd, so the weights are not read (a URI's are downloaded).
     """
     try:
-        ckpt: dict[str, Any] = torch.load(Path(checkpoint_file), map_location="cpu", weights_only=True, mmap=True)
+        if storage.is_uri(os.fspath(checkpoint_file)):
+            ckpt: dict[str, Any] = _read(os.fspath(checkpoint_file))
+        else:
+            ckpt = torch.load(Path(checkpoint_file), map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
     run_id = (ckpt.get("extra") or {}).get("mlflow_run_id")

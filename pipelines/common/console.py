@@ -1,23 +1,128 @@
-"""What a stage says on the console while it works, without a CLI library.
+"""What a cdm command says on the console, and where everything else it prints goes.
 
 Stages are libraries (Ray actors and notebooks import them), so they print
-through these two functions rather than through a CLI library: progress goes to
-stdout or stderr as asked, warnings to stderr, in yellow on a terminal.
+through `echo` and `warn` rather than through a CLI library: progress goes to
+stdout or stderr as asked, warnings to stderr, in yellow on a terminal only.
+
+`capture_library_output(path)` (the `cdm` entry point calls it for the commands
+that start Ray or write to MLflow) keeps the console for cdm's own lines: file
+descriptors 1 and 2 of the process (what C++ code such as Ray's core worker,
+child processes, Python's `sys.stderr`, logging handlers, warnings and tqdm
+write to) go to a log file, and `sys.stdout` plus `echo`/`warn` keep the
+terminal. Ray's copies of its workers' output are written to the log as well
+(pipelines.common.ray_session, once Ray is up), without colour codes.
+`place_log(folder)` moves the log into a run's folder once the run knows it.
+Nothing is captured in a process whose streams someone else already replaced
+(pytest's capture, a notebook), or with `--verbose`.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import re
+import shutil
 import sys
+from pathlib import Path
+from typing import IO
 
 _YELLOW, _RESET = "\x1b[33m", "\x1b[0m"
+LOG_NAME = "cdm.log"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class _Capture:
+    """The terminal's streams and the log file while library output is captured."""
+
+    def __init__(self, log: Path, out: IO[str], err: IO[str]):
+        self.log, self.out, self.err = log, out, err
+        self.placed = False
+
+
+_capture: _Capture | None = None
+
+
+def _stream(err: bool) -> IO[str]:
+    if _capture is not None:
+        return _capture.err if err else _capture.out
+    return sys.stderr if err else sys.stdout
 
 
 def echo(message: str = "", *, err: bool = False) -> None:
-    stream = sys.stderr if err else sys.stdout
-    print(message, file=stream, flush=True)
+    print(message, file=_stream(err), flush=True)
 
 
 def warn(message: str) -> None:
     """A warning on stderr (yellow when stderr is a terminal)."""
-    text = f"{_YELLOW}{message}{_RESET}" if sys.stderr.isatty() else message
-    print(text, file=sys.stderr, flush=True)
+    stream = _stream(True)
+    text = f"{_YELLOW}{message}{_RESET}" if stream.isatty() else message
+    print(text, file=stream, flush=True)
+
+
+def terminal_err() -> IO[str]:
+    """The stream cdm's own error lines go to: the terminal's stderr, also while output is captured."""
+    return _stream(True)
+
+
+def log_path() -> Path | None:
+    """The log file library output goes to, or None when nothing is captured."""
+    return _capture.log if _capture is not None else None
+
+
+def capture_library_output(log: str | os.PathLike) -> bool:
+    """Send file descriptors 1 and 2 (and so everything but cdm's own lines) to `log`; False if not done.
+
+    Not done (and nothing changed) when `sys.stdout`/`sys.stderr` are not the process's own
+    streams (pytest's capture, a notebook) or capture is already on.
+    """
+    global _capture
+    if _capture is not None or sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+        return False
+    log = Path(log).resolve()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    out = os.fdopen(os.dup(1), "w", buffering=1, encoding=sys.stdout.encoding, errors="replace")
+    err = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
+    _point_fds_at(log, mode="a")
+    # Ray colours its copies of worker lines and C++ log prefixes whatever the stream is; not in a file.
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    _capture = _Capture(log, out, err)
+    atexit.register(_drop_empty_log)
+    sys.stdout = out  # print() and typer.echo in the CLI are cdm's own lines; sys.stderr (fd 2) is the log
+    return True
+
+
+def _drop_empty_log() -> None:
+    if _capture is not None and not _capture.placed and _capture.log.exists() and _capture.log.stat().st_size == 0:
+        _capture.log.unlink()
+
+
+def _point_fds_at(path: Path, mode: str) -> None:
+    with open(path, mode, buffering=1, encoding="utf-8") as file:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+
+
+def place_log(folder: str | os.PathLike) -> Path | None:
+    """Move the log into `folder` (a local run folder, created if missing) and keep writing it there.
+
+    Only the first call moves it (a workflow places its log in its folder before its training stage
+    would place it in the run's); a URI (`s3://…`) leaves it in the temporary folder. Returns the
+    log's path, or None when nothing is captured.
+    """
+    if _capture is None or _capture.placed:
+        return log_path()
+    text = str(folder)
+    if "://" in text and not text.startswith("file://"):
+        return _capture.log
+    target = Path(text.removeprefix("file://")).resolve() / LOG_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sys.__stderr__.flush()
+    sys.__stdout__.flush()
+    with open(_capture.log, "rb") as old, open(target, "ab") as new:
+        shutil.copyfileobj(old, new)
+    _point_fds_at(target, mode="a")
+    _capture.log.unlink(missing_ok=True)
+    _capture.log, _capture.placed = target, True
+    return target

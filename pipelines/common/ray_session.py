@@ -14,20 +14,46 @@ reach; each Ray Data process reads its logging config from the YAML file named b
 RAY_DATA_LOGGING_CONFIG. A local Ray's workers inherit the driver's environment,
 so setting the variable before `ray.init` covers them. A user's own
 RAY_DATA_LOGGING_CONFIG wins; on a cluster the job's runtime_env decides.
+
+While a cdm command captures library output (pipelines.common.console), Ray's
+copies of its workers' lines go to that log too, not to the terminal.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import ray
+from ray._private import worker as ray_worker
+from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+from pipelines.common.console import log_path
 
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
 def quiet_ray_data_console() -> None:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+
+
+def route_ray_worker_output() -> None:
+    """While output is captured, Ray's copies of its workers' lines go to the log (fd 2), uncoloured.
+
+    Ray prints a worker's stdout lines to the driver's `sys.stdout`, which stays the terminal while
+    output is captured (it carries cdm's own lines); this swaps its printer for one that writes
+    every line to the log. Ray's own private printer, as no public setting does this.
+    """
+    dispatcher = global_worker_stdstream_dispatcher
+    if log_path() is None or not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return
+
+    def to_log(data: dict) -> None:
+        ray_worker.print_worker_logs(data, sys.__stderr__)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_log)
 
 
 def cluster_address(address: str | None = None) -> str | None:
@@ -55,8 +81,10 @@ def ensure_ray(
             # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
             runtime_env = {"env_vars": {"RAY_ADDRESS": joined}}
         ray.init(address=joined, runtime_env=runtime_env)
+        route_ray_worker_output()
         return
     if num_cpus is None and min_cpus > 1:
         num_cpus = max(os.cpu_count() or 1, min_cpus)
     # num_cpus None: Ray counts the cores itself (within a container's CPU limit).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dashboard else False)
+    route_ray_worker_output()

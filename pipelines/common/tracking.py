@@ -9,17 +9,26 @@ stages at a tracking server instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Param
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Param
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from pipelines.common import storage
 from pipelines.common.config import TrackingSection
 from pipelines.common.errors import UserError
 
@@ -132,20 +141,176 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
         client.log_batch(run_id, params=flat[start : start + _BATCH])
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless the experiment's kind
+# says otherwise or the address asks for the model-training view; cdm's experiments say so, and its URLs ask.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+WORKFLOW_TYPE_QUERY = "workflowType=machine_learning"
+# The UI shows this tag as the experiment's or the run's description.
+DESCRIPTION_TAG = "mlflow.note.content"
+EXPERIMENT_DESCRIPTION = (
+    "Classification diffusion models (Yadin, Elata, Michaeli, NeurIPS 2024) trained, tuned and evaluated by `cdm`. "
+    "Each `cdm run` is a parent run with a child per stage (prepare, train, sample, nll, fid); compare train runs "
+    "on val/nll_bpd, evaluation runs on eval/nll_bpd and eval/fd_*."
+)
+_STAGE_DESCRIPTIONS = {
+    "prepare": "Real data written as WebDataset shards (cdm prepare); the dataset is this run's input.",
+    "train": "A CDM (or the DDM baseline) trained with Ray Train (cdm train): train/* and val/* curves, "
+    "sample grids, checkpoints and the EMA model.",
+    "tune": "A Ray Tune sweep (cdm tune): one child run per trial.",
+    "sample": "Samples drawn from a trained model on Ray workers (cdm sample); grid.png holds the first ones.",
+    "nll": "Test-set likelihood of a trained model in bits/dim (cdm nll), one forward pass per image.",
+    "ood": "Likelihood-based out-of-distribution detection (cdm ood): AUROC.",
+    "fid": "Fréchet distance between samples and reference images (cdm fid).",
+    "classify": "A class-conditional CDM as an exact Bayes classifier (cdm classify).",
+    "train-features": "The small classifier whose features define fd_<dataset> (cdm train-features).",
+    "workflow": "A whole pipeline (cdm run): a child run per stage; the headline figures are on the children.",
+}
+
+
+def stage_description(tags: Mapping[str, Any]) -> str | None:
+    """A run's short description from its `cdm.stage` tag (and what it names), or None for other runs."""
+    about = _STAGE_DESCRIPTIONS.get(str(tags.get("cdm.stage", "")))
+    if about is None:
+        return None
+    details = [f"{label}: {tags[key]}" for key, label in _DESCRIBED_TAGS if tags.get(key)]
+    return about + ("  \n" + "; ".join(details) if details else "")
+
+
+_DESCRIBED_TAGS = (
+    ("cdm.workflow", "workflow"),
+    ("cdm.dataset", "data"),
+    ("cdm.model_kind", "model"),
+    ("cdm.checkpoint", "checkpoint"),
+    ("cdm.train_run_id", "trained in run"),
+    ("cdm.output", "output"),
+)
+
+
+def version_tags() -> dict[str, str]:
+    """`cdm.version`, and the git commit of the cdm checkout when cdm runs from one (MLflow's own tag name)."""
+    tags = {}
+    try:
+        tags["cdm.version"] = version("cdm")
+    except PackageNotFoundError:
+        pass
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+# Where a stage's dataset is used, as the UI's Dataset column and filter show it.
+_DATASET_CONTEXT = {"train": "training", "tune": "training", "train-features": "training"}
+
+
+def dataset_input(uri: str, context: str) -> DatasetInput | None:
+    """A prepared dataset (its `dataset.json`) as an MLflow run input; None if `uri` holds no dataset.json.
+
+    The digest is the SHA-256 of the shards' SHA-256s (the dataset.json records one per shard), so two runs
+    show the same digest exactly when they read the same bytes.
+    """
+    try:
+        meta = storage.read_json(storage.join(uri, "dataset.json"))
+    except Exception:  # an unreadable or odd location: the run goes on without the input
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
+        return None
+    hashes = [
+        f"{split}/{shard.get('name')}:{shard.get('sha256')}"
+        for split, info in sorted(meta["splits"].items())
+        for shard in info.get("shards", [])
+    ]
+    digest = hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:32]
+    sample = meta.get("sample") or {}
+    columns = [ColSpec("string", "__key__"), ColSpec("binary", sample.get("encoding") or "png")]
+    if sample.get("labeled"):
+        columns.append(ColSpec("long", "cls"))
+    location = uri if storage.is_uri(uri) else str(Path(uri).resolve())
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": MLflow registers the local source twice
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(location)
+    dataset = MetaDataset(
+        source,
+        name=f"{meta.get('source', 'dataset')}:{location.rstrip('/').rsplit('/', 1)[-1]}",
+        digest=digest,
+        schema=Schema(columns),
+    )
+    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def _log_dataset(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
+    uri, stage = tags.get("cdm.dataset"), tags.get("cdm.stage")
+    if not uri or stage in (
+        None,
+        "prepare",
+        "workflow",
+    ):  # prepare writes its dataset; a workflow's children log theirs
+        return
+    found = dataset_input(uri, _DATASET_CONTEXT.get(stage, "evaluation"))
+    if found is not None:
+        client.log_inputs(run_id, datasets=[found])
+
+
+def _scored_model(tags: Mapping[str, str]) -> dict[str, str]:
+    """An evaluation run's model as params (so comparing two `nll` runs shows which checkpoints differ)."""
+    named = {"scored.checkpoint": tags.get("cdm.checkpoint"), "scored.train_run_id": tags.get("cdm.train_run_id")}
+    return {k: v for k, v in named.items() if v and tags.get("cdm.stage") != "train"}
+
+
 def _ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older cdm, or by hand
+            _describe_experiment(client, experiment.experiment_id, experiment.tags)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location_for(tracking_uri))
+        experiment_id = client.create_experiment(name, artifact_location=artifact_location_for(tracking_uri))
     except Exception:
         # Another process created it between our lookup and create.
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
+    _describe_experiment(client, experiment_id, {})
+    return experiment_id
+
+
+def _describe_experiment(client: Any, experiment_id: str, tags: Mapping[str, str]) -> None:
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if DESCRIPTION_TAG not in tags:
+        client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
+
+
+def ui_url(tracking_uri: str, experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The address that opens `experiment`'s runs in the UI's model-training view.
+
+    `base` is where `cdm ui` serves a local store; a tracking server's own address is used for an
+    http(s) store. Without the experiment in the store yet, the experiments list.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri
+    base = base.rstrip("/")
+    try:
+        found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    except Exception:  # an unreachable server or a store not created yet
+        found = None
+    if found is None:
+        return f"{base}/#/experiments?{WORKFLOW_TYPE_QUERY}"
+    return f"{base}/#/experiments/{found.experiment_id}/runs?{WORKFLOW_TYPE_QUERY}"
 
 
 def experiment_id(name: str, tracking_uri: str) -> str:
@@ -178,8 +343,12 @@ def mlflow_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    description: str | None = None,
 ) -> Iterator[Any]:
     """Start an MLflow run, log `params` (flattened), yield the active run.
+
+    The run carries the cdm version and git commit tags, and `description` (default: what its
+    `cdm.stage` tag says the stage does) as the UI's description.
 
     The run is nested under `parent_run_id` when given (or under a run already
     active in this process). It always ends: FAILED if an exception escapes the
@@ -189,17 +358,22 @@ def mlflow_run(
     with using_tracking_uri(tracking_uri):
         experiment_id = _ensure_experiment(client, experiment, tracking_uri)
         nested = parent_run_id is not None or mlflow.active_run() is not None
+        all_tags = {**version_tags(), **{str(k): str(v) for k, v in (tags or {}).items()}}
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=run_name,
             nested=nested,
             parent_run_id=parent_run_id,
-            tags={str(k): str(v) for k, v in (tags or {}).items()},
+            tags=all_tags,
+            description=description if description is not None else stage_description(all_tags),
+            # CPU, memory (and GPU with pynvml) every 10 s beside the curves: only training runs are long enough.
+            log_system_metrics=all_tags.get("cdm.stage") == "train" and os.environ.get("CDM_SYSTEM_METRICS") != "0",
         )
         run_id = run.info.run_id
         status = "FAILED"
         try:
-            log_params(client, run_id, params or {})
+            log_params(client, run_id, {**_scored_model(all_tags), **(params or {})})
+            _log_dataset(client, run_id, all_tags)
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`cdm jobs stop`): the run was stopped, it did not fail

@@ -13,16 +13,19 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.data import shards as sh
 
 
-def image_grid(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """uint8 (N, H, W, C) images as one uint8 (rows·(H+1)+1, cols·(W+1)+1, C) grid, 1-pixel black lines between."""
+def image_grid(images: np.ndarray | list[np.ndarray], cols: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) images as one uint8 (rows·(H+1)+1, cols·(W+1)+1, C) grid, 1-pixel black lines between.
+
+    `cols` images a row (default: a square grid).
+    """
     n = len(images)
     h, w, c = images[0].shape
-    cols = int(math.ceil(math.sqrt(n)))
+    cols = cols or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.uint8)
     for i, im in enumerate(images):
@@ -31,11 +34,36 @@ def image_grid(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
     return grid
 
 
-def save_png(grid: np.ndarray, path: str | Path, min_side: int = 256) -> None:
-    """A uint8 (H, W, C) picture as PNG, enlarged by a whole factor (nearest neighbour) to about `min_side`."""
-    scale = max(1, min_side // max(grid.shape[:2]))
-    img = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+def enlarged(grid: np.ndarray, min_side: int = 512) -> np.ndarray:
+    """The picture enlarged by a whole factor (nearest neighbour, so pixels stay sharp) to at least `min_side`.
+
+    512 px: a grid of 64 MNIST digits (233 px as sampled) is too small to judge by eye at its own size.
+    """
+    scale = max(1, math.ceil(min_side / max(grid.shape[:2])))
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def labelled_rows(grid: np.ndarray, labels: list[str], min_side: int = 512) -> np.ndarray:
+    """The grid enlarged as `enlarged` does, with each row's label (its class) written in a band on its left."""
+    big = enlarged(grid, min_side)
+    rows = len(labels)
+    img = Image.fromarray(big[:, :, 0] if big.shape[2] == 1 else big)
+    font = ImageFont.load_default(size=max(12, min(32, img.height // rows // 2)))
+    band = int(max(ImageDraw.Draw(img).textlength(t, font=font) for t in labels)) + 16
+    out = Image.new(img.mode, (img.width + band, img.height), 255 if img.mode == "L" else (255, 255, 255))
+    out.paste(img, (band, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        middle = (r + 0.5) * img.height / rows
+        draw.text((band - 8, middle), text, fill=0 if img.mode == "L" else (0, 0, 0), font=font, anchor="rm")
+    arr = np.asarray(out)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def save_png(grid: np.ndarray, path: str | Path, min_side: int = 512) -> None:
+    """A uint8 (H, W, C) picture as PNG, enlarged (`enlarged`) to at least `min_side`."""
+    big = enlarged(grid, min_side)
+    Image.fromarray(big[:, :, 0] if big.shape[2] == 1 else big).save(path)
 
 
 def save_preview(ds: sh.Dataset, path: Path, n: int = 64) -> None:

@@ -426,10 +426,16 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
 def _save_grid(out: str) -> Optional[str]:
     """grid.png (or a scatter plot for 2-D data) of the first samples, beside the shards; the local file's path.
 
-    For an output at a URI (s3://…) the grid is drawn in a local scratch folder, then copied beside the shards.
+    For an output at a URI (s3://…) the grid is drawn in a local scratch folder (one per URI), then copied
+    beside the shards.
     """
     loc = storage.resolve(out)
-    path = Path(loc.root if loc.is_local() else tempfile.mkdtemp(prefix="cdm-grid-")) / GRID
+    if loc.is_local():
+        path = Path(loc.root) / GRID
+    else:  # one scratch folder per output URI, reused by the next run there (MLflow logs the file after we return)
+        scratch = Path(tempfile.gettempdir()) / f"cdm-grid-{hashlib.sha256(loc.uri.encode()).hexdigest()[:16]}"
+        scratch.mkdir(exist_ok=True)
+        path = scratch / GRID
     save_preview(sh.open_dataset(out), path)
     if not loc.is_local():
         loc.write_bytes(GRID, path.read_bytes())

@@ -198,6 +198,9 @@ class RunSection:
         0, ge=-1, doc="worker failures survived by restarting from the latest checkpoint; -1 = any number"
     )
     log_model: bool = option(True, doc="log the final EMA model with mlflow.pytorch.log_model")
+    register_model: Optional[str] = option(
+        None, doc="also register the logged model under this name in the MLflow model registry (`--register NAME`)"
+    )
     ray_address: Optional[str] = option(None, doc="Ray cluster address; default $RAY_ADDRESS or a local Ray")
     init_from: Optional[str] = option(
         None,
@@ -269,6 +272,7 @@ RESUMABLE = (
     "scaling.",
     "run.max_failures",
     "run.log_model",
+    "run.register_model",
     "run.ray_address",
 )
 

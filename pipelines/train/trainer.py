@@ -37,7 +37,7 @@ from ray.train.v2._internal.constants import is_v2_enabled
 from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME, load_trained_model
-from pipelines.common.console import echo, warn
+from pipelines.common.console import echo, place_log, warn
 from pipelines.common.errors import UserError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.common.tracking import mlflow_run, reopened_run, store_uri
@@ -199,8 +199,11 @@ def _fault_injection(run_name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- MLflow
 
 
-def log_final_model(checkpoint_dir: str, data_uri: str, split: str) -> None:
-    """The EMA network as an MLflow model (torch.export format, dynamic batch), with an input example."""
+def log_final_model(checkpoint_dir: str, data_uri: str, split: str, register_as: str | None = None) -> None:
+    """The EMA network as an MLflow model (torch.export format, dynamic batch), with an input example.
+
+    `register_as`: also a new version of that registered model in the MLflow model registry.
+    """
     trained = load_trained_model(checkpoint_dir)
     reader = LocalReader(data_uri, split, verify=False)
     x = reader.inputs(np.arange(min(4, len(reader))))
@@ -224,6 +227,7 @@ def log_final_model(checkpoint_dir: str, data_uri: str, split: str) -> None:
             signature=signature,
             serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            registered_model_name=register_as,
         )
 
 
@@ -357,7 +361,7 @@ def _finish(
     trained_now = outcome.get("resumed_from") != outcome.get("step")  # False: resumed a run that was already complete
     if config.run.log_model and result.checkpoint is not None and trained_now:
         with result.checkpoint.as_directory() as folder:
-            log_final_model(folder, config.data.uri, config.data.val_split)
+            log_final_model(folder, config.data.uri, config.data.val_split, config.run.register_model)
     return TrainResult(
         run_name,
         run_dir,
@@ -439,6 +443,19 @@ def _start_of_continuation(
     return {"resume_from": used, "checkpoint_suffix": branch}, record
 
 
+def _display_name(config: TrainConfig, run_name: str) -> str:
+    """The MLflow run's name: a workflow's content-keyed folder (`train-3e0768205ace`) says what it trained.
+
+    `train-tiny-linear-3e07` (preset, schedule, the key's first characters); the folder and the
+    `cdm.run_name` tag keep the full key. Other names are shown as they are.
+    """
+    keyed = re.fullmatch(r"train-([0-9a-f]{8,})", run_name)
+    if keyed is None:
+        return run_name
+    kind = "" if config.model.kind == "cdm" else f"{config.model.kind}-"
+    return f"train-{kind}{config.model.preset}-{config.schedule.name}-{keyed[1][:4]}"
+
+
 def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
     return {
         "cdm.stage": "train",
@@ -475,7 +492,7 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
     params = cfg.to_dict(config)
     with mlflow_run(
         config.tracking.experiment,
-        run_name,
+        _display_name(config, run_name),
         tracking_uri,
         params,
         _tags(config, run_name, run_dir),
@@ -492,6 +509,7 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
                 "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id, "experiment": config.tracking.experiment},
             },
         )
+        place_log(run_dir)
         result = _fit(config, data_shape, run_name, storage_path, tracking_uri, run_id, callbacks)
         return _finish(result, config, run_name, run_dir, run_id, tracking_uri, started)
 
@@ -531,6 +549,7 @@ def resume(
     uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
     storage_path, run_name = run_dir.rstrip("/").rsplit("/", 1)
     with reopened_run(uri, run_id):
+        place_log(run_dir)
         if changed:
             # MLflow params are immutable: record what this continuation changed as a tag.
             mlflow.set_tag(f"cdm.resume.{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(changed, sort_keys=True))

@@ -39,7 +39,7 @@ from cdm_core.samplers import cdm_eps_fn, ddim_sample, ddm_eps_fn, initial_noise
 from cdm_core.schedules import Schedule
 from pipelines.common.precision import tf32
 from pipelines.data.normalization import Normalization
-from pipelines.data.preview import image_grid
+from pipelines.data.preview import image_grid, labelled_rows
 from pipelines.data.readers import from_model_input
 from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
@@ -159,13 +159,24 @@ def plot_curve(grid: torch.Tensor, curve: list[float], path: str, title: str) ->
 def sample_grid(
     model: torch.nn.Module, config: TrainConfig, schedule: Schedule, shape: tuple[int, ...], device: torch.device
 ) -> np.ndarray:
-    """A uint8 (rows·H, cols·W, C) grid of DDIM samples from the EMA model (fixed start noise)."""
+    """A uint8 (rows·H, cols·W, C) grid of DDIM samples from the EMA model (fixed start noise).
+
+    A conditional model's grid has a row per class (up to `sampling.num_images` classes), labelled with
+    it on the left, and comes enlarged to ≥ 512 px (`preview.labelled_rows`).
+    """
     s = config.sampling
     sched = schedule.to(device=device, dtype=torch.float32)
-    y = None
+    y, n, cols = None, s.num_images, None
     if config.model.conditional:
-        y = torch.arange(s.num_images, device=device) % config.data.num_labels
+        classes = min(config.data.num_labels, s.num_images)
+        cols = max(1, s.num_images // classes)
+        n = classes * cols
+        y = torch.arange(classes, device=device).repeat_interleave(cols)
     eps_fn = cdm_eps_fn(model, sched, y) if config.model.kind == "cdm" else ddm_eps_fn(model, y)
     g = torch.Generator().manual_seed(s.seed)
-    x = initial_noise((s.num_images, *shape), sched, generator=g).to(device)
-    return image_grid(from_model_input(ddim_sample(eps_fn, x, sched, s.steps, clip_x0=1.0).clamp(-1, 1).float().cpu()))
+    x = initial_noise((n, *shape), sched, generator=g).to(device)
+    images = from_model_input(ddim_sample(eps_fn, x, sched, s.steps, clip_x0=1.0).clamp(-1, 1).float().cpu())
+    grid = image_grid(images, cols)
+    if y is None:
+        return grid
+    return labelled_rows(grid, [f"class {k}" for k in range(n // cols)])

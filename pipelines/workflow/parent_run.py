@@ -23,7 +23,14 @@ from typing import Any, Optional
 from mlflow.entities import Metric, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.common.tracking import PatientClient, experiment_id, log_params
+from pipelines.common.tracking import (
+    DESCRIPTION_TAG,
+    PatientClient,
+    experiment_id,
+    log_params,
+    stage_description,
+    version_tags,
+)
 
 STATE_FILE = "runs.json"
 STAGE_TAG = "cdm.workflow_stage"
@@ -78,6 +85,10 @@ class ParentRun:
             self.client.update_run(previous, status="RUNNING")
             return previous
         exp = experiment_id(self.experiment, self.tracking_uri)
+        tags = {**version_tags(), **tags}
+        about = stage_description(tags)
+        if about:
+            tags[DESCRIPTION_TAG] = about
         run = self.client.create_run(exp, run_name=self.name, tags={**tags, MLFLOW_RUN_NAME: self.name})
         self.run_id = run.info.run_id
         log_params(self.client, self.run_id, params)
@@ -131,11 +142,23 @@ class ParentRun:
         self.client.set_terminated(child.info.run_id, status="FINISHED")
         return child.info.run_id
 
+    def _last_steps_of_children(self) -> dict[str, int]:
+        """Per metric key, the last step a child logged it at: the parent's copy of a curve's final value
+        sits on the curve's end in a chart of parent and children, not as a stray point at step 0."""
+        steps: dict[str, int] = {}
+        for child in self.children_by_stage().values():
+            for key in self.client.get_run(child).data.metrics:
+                history = self.client.get_metric_history(child, key)
+                if history:
+                    steps[key] = max(steps.get(key, 0), max(m.step for m in history))
+        return steps
+
     def log_headline(self, metrics: dict[str, float], artifacts: list[str]) -> None:
         """The workflow's figures on the parent; values it already holds are not logged again."""
         held = self.client.get_run(self.run_id).data.metrics
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, 0) for k, v in metrics.items() if held.get(k) != float(v)]
+        steps = self._last_steps_of_children()
+        fresh = [Metric(k, float(v), now, steps.get(k, 0)) for k, v in metrics.items() if held.get(k) != float(v)]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
         for path in artifacts:

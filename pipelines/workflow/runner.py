@@ -32,7 +32,7 @@ from pipelines.common import config as cfg
 from pipelines.common import console, storage
 from pipelines.common.errors import UserError
 from pipelines.common.ray_session import ensure_ray
-from pipelines.common.tracking import default_tracking_uri
+from pipelines.common.tracking import default_tracking_uri, ui_url
 from pipelines.train.run_dir import RUN_FILE
 from pipelines.workflow.config import WorkflowConfig, load
 from pipelines.workflow.parent_run import ParentRun, workflow_dir
@@ -129,6 +129,7 @@ def run_workflow(
     plan, uri = prepare_plan(config_path, list(overrides), workdir=workdir, tracking_uri=tracking_uri)
     config = plan.config
     print_plan(plan, uri, echo)
+    console.place_log(workflow_dir(plan.workdir, plan.name))
     parent = ParentRun(plan.workdir, plan.name, plan.key, uri, config.tracking.experiment)
     parent.open(
         cfg.to_dict(config),
@@ -343,7 +344,7 @@ def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None
         f"  MLflow: parent run {result.parent_run_id} ({result.name!r}, experiment {plan.config.tracking.experiment!r}) "
         f"in {result.tracking_uri}"
     )
-    echo(f"  open the UI: {_ui_hint(plan.workdir, result.tracking_uri)}")
+    echo(f"  open the UI: {_ui_hint(plan.workdir, result.tracking_uri, plan.config.tracking.experiment)}")
     echo(f"  summary: {workflow_dir(plan.workdir, plan.name) / SUMMARY_FILE}")
     if m:
         times = ", ".join(
@@ -354,10 +355,10 @@ def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None
         echo(f"  stage times (when they ran): {times}")
 
 
-def _ui_hint(workdir: Path, tracking_uri: str) -> str:
+def _ui_hint(workdir: Path, tracking_uri: str, experiment: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} in a browser"
+        return f"open {ui_url(tracking_uri, experiment)} in a browser"
     if tracking_uri != default_tracking_uri(workdir):
         return f"mlflow ui --backend-store-uri {tracking_uri}"
     here = Path.cwd().resolve() == workdir
-    return f"cdm ui{'' if here else f' --workdir {workdir}'}   (then http://127.0.0.1:5000)"
+    return f"cdm ui{'' if here else f' --workdir {workdir}'}, then {ui_url(tracking_uri, experiment)}"

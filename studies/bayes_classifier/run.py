@@ -47,7 +47,7 @@ def main(names: list[str]) -> None:
         start = time.perf_counter()
         folder = work / name
         train_s = cdm("run", *MODELS[name][:1], "--workdir", str(folder), *MODELS[name][1:], log=log)
-        summary = json.loads(next(folder.glob("outputs/*/summary.json")).read_text())
+        summary = json.loads(next(folder.glob("outputs/workflows/*/summary.json")).read_text())
         out = folder / "classify"
         classify_s = cdm(
             "classify",

@@ -38,7 +38,7 @@ def main() -> None:
             f"train.schedule.name={schedule}",
             log=log,
         )
-        summary = json.loads(next(folder.glob("outputs/*/summary.json")).read_text())
+        summary = json.loads(next(folder.glob("outputs/workflows/*/summary.json")).read_text())
         nll = summary["nll"]
         methods, consistency = nll["methods"], nll["consistency"]
         results["schedules"][schedule] = {
