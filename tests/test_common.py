@@ -97,3 +97,18 @@ def test_a_workflow_table_holds_the_stage_settings_by_their_flat_names():
     nll_doc = {f.name: f.metadata["doc"] for f in dataclasses.fields(NllSection)}
     assert nll_doc["batch_size"] == cfg.field_doc(NllConfig, "batch_size")
     assert {f.name: f.default for f in dataclasses.fields(PrepareSection)}["source"] is None
+
+
+def test_progress_is_plain_periodic_lines_off_a_terminal(capsys):
+    from pipelines.common.console import Progress
+
+    with Progress("nll (one-pass)", 5, "samples", every_s=0.0) as progress:
+        progress.advance(3)
+        progress.advance(2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "  nll (one-pass): 3/5 samples (60%)",
+        "  nll (one-pass): 5/5 samples (100%)",
+        "  nll (one-pass): 5/5 samples (100%)",  # the closing line, whenever the last periodic one was
+    ]
+    assert not any("\x1b[" in line for line in lines)

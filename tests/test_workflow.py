@@ -179,6 +179,9 @@ def test_every_stage_runs_and_the_parent_run_holds_the_headline_figures(first_ru
     artifacts = {a.path for a in c.list_artifacts(result.parent_run_id)}
     assert {"grid.png", "summary.json"} <= artifacts
     assert parent.data.params["train.train.steps"] == "30"
+    # what ran, not the file's placeholders: the prepare stage's output, the train stage's run folder
+    assert parent.data.params["train.data.uri"] == result.records["prepare"]["outputs"]["dataset"]
+    assert parent.data.params["train.run.storage_path"] == str(Path(result.records["train"]["output"]).parent)
 
     summary = json.loads((workdir / "outputs" / "workflows" / "tiny" / "summary.json").read_text())
     assert summary["metrics"]["eval/nll_bpd"] == pytest.approx(metrics["eval/nll_bpd"])

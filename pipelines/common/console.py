@@ -23,8 +23,13 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
 
 _YELLOW, _RESET = "\x1b[33m", "\x1b[0m"
 LOG_NAME = "cdm.log"
@@ -126,3 +131,41 @@ def place_log(folder: str | os.PathLike) -> Path | None:
     _capture.log.unlink(missing_ok=True)
     _capture.log, _capture.placed = target, True
     return target
+
+
+class Progress:
+    """Progress of long work on the console: a bar on a terminal (rich), else a plain line every `every_s` seconds
+    and one at the end, so a log shows it too. `with Progress("nll", 500, "samples") as p: … p.advance(n)`."""
+
+    def __init__(self, label: str, total: int, unit: str, every_s: float = 15.0):
+        self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
+        self.done = 0
+        self._bar = None
+
+    def __enter__(self) -> Progress:
+        self._start = self._last = time.monotonic()
+        stream = _stream(False)
+        if stream.isatty():
+            columns = (TextColumn(f"  {self.label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self._bar = Bar(*columns, console=Console(file=stream), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total or None)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += int(n)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+        elif time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            echo(self._line())
+
+    def _line(self) -> str:
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        return f"  {self.label}: {self.done}/{self.total} {self.unit}{share}, {time.monotonic() - self._start:.0f} s"
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        if exc[0] is None:
+            echo(self._line())

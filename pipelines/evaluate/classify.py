@@ -279,6 +279,7 @@ def classify_split(config: ClassifyConfig) -> ClassifiedSplit:
         batch_size=max(1, config.batch_size // k),  # one forward pass per batch where K ≤ batch_size
         pool=config.pool,
         normalization=DATASET if norm is None else norm,
+        label="classify",
     )
     check_complete(rows.keys, expected, f"{ds.loc.uri} split {config.split}")
     c = rows.columns

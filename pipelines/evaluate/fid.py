@@ -32,6 +32,7 @@ import torch
 from ray.util import ActorPool
 
 from cdm_core.frechet import FeatureStats, fd_from_stats
+from pipelines.common.console import Progress
 from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
 from pipelines.common.tracking import mlflow_run, store_uri
@@ -126,8 +127,10 @@ def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidC
     merged = [FeatureStats() for _ in jobs]
     try:
         pool = ActorPool(actors)
-        for job, stats in pool.map_unordered(lambda actor, task: actor.stats.remote(*task), tasks):
-            merged[job].merge(FeatureStats.from_dict(stats))
+        with Progress(f"features ({spec.kind})", len(tasks), "shards") as progress:
+            for job, stats in pool.map_unordered(lambda actor, task: actor.stats.remote(*task), tasks):
+                merged[job].merge(FeatureStats.from_dict(stats))
+                progress.advance(1)
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -41,6 +41,7 @@ from cdm_core.samplers import classifier_free_guidance, initial_noise, sample, t
 from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.checkpoints import checkpoint_file, load_trained_model, training_run_id
+from pipelines.common.console import Progress
 from pipelines.common.errors import UserError
 from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
@@ -417,7 +418,10 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
         for _ in range(plan.workers)
     ]
     try:
-        yield from ActorPool(actors).map(lambda actor, r: actor.generate.remote(*r), ranges)
+        with Progress(f"sample ({config.sampler}, {config.steps} steps)", config.n, "samples") as progress:
+            for batch in ActorPool(actors).map(lambda actor, r: actor.generate.remote(*r), ranges):
+                progress.advance(len(batch["index"]))
+                yield batch
     finally:
         for actor in actors:
             ray.kill(actor)

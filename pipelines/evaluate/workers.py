@@ -20,7 +20,7 @@ import torch
 from ray.autoscaler.sdk import request_resources
 
 from pipelines.common.checkpoints import load_trained_model, training_run_id
-from pipelines.common.console import warn
+from pipelines.common.console import Progress, warn
 from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
 from pipelines.common.ray_session import cluster_address, ensure_ray
@@ -239,6 +239,7 @@ def map_split(
     batch_size: int,
     pool: PoolSection,
     normalization: Any = DATASET,
+    label: str = "scoring",
 ) -> SplitRows:
     """Run `scorer` over every sample of a split on the stage's pool of Ray actors.
 
@@ -246,6 +247,7 @@ def map_split(
     batches {x, label, index, pad} and returning columns that include `index` (pads dropped). The caller
     checks the keys against the manifest (`pipelines.evaluate.nll.check_complete`). `normalization`: of
     continuous data, as `ray_dataset` takes it (pass the model's, `normalization.of_model`, where it has one).
+    `label` names the work on the console's progress line.
     """
     start = time.perf_counter()
     ds = sh.open_dataset(dataset)
@@ -260,9 +262,11 @@ def map_split(
         num_gpus=plan.gpus_per_worker,
     )
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, values in batch.items():
-            parts.setdefault(name, []).append(values)
+    with Progress(label, ds.count(split), "samples") as progress:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, values in batch.items():
+                parts.setdefault(name, []).append(values)
+            progress.advance(len(batch.get("index", ())))
     seconds = time.perf_counter() - start
     columns = {k: np.concatenate(v) for k, v in parts.items()}
     index = columns.pop("index", np.zeros(0, np.int64))

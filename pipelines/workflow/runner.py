@@ -38,7 +38,7 @@ from pipelines.workflow.config import WorkflowConfig, load
 from pipelines.workflow.parent_run import ParentRun, workflow_dir
 from pipelines.workflow.plan import Plan, Stage, make_plan
 from pipelines.workflow.progress import duration
-from pipelines.workflow.stages import RUNNERS, Context, check_dataset_fits
+from pipelines.workflow.stages import RUNNERS, Context, check_dataset_fits, planned_train_settings
 
 # Stages that need no Ray (the others share one Ray session, started before the first of them).
 NO_RAY = ("prepare", "features")
@@ -99,6 +99,18 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     return "run", ""
 
 
+def resolved_params(plan: Plan) -> dict[str, Any]:
+    """The workflow config as the parent run's params, with what the workflow fills in itself (the training data
+    from the prepare stage, the train stage's run folder) as it will run, not as the file wrote it."""
+    params = cfg.to_dict(plan.config)
+    train = next((s for s in plan.stages if s.name == "train"), None)
+    if train is not None:
+        params["train"] = cfg.to_dict(
+            cfg.apply_overrides(plan.config.train, planned_train_settings(plan, train.output))
+        )
+    return params
+
+
 def print_plan(plan: Plan, tracking_uri: str, echo=console.echo) -> None:
     echo(f"cdm run {plan.name}: plan {plan.key}")
     echo(f"  workdir  {plan.workdir}")
@@ -132,7 +144,7 @@ def run_workflow(
     console.place_log(workflow_dir(plan.workdir, plan.name))
     parent = ParentRun(plan.workdir, plan.name, plan.key, uri, config.tracking.experiment)
     parent.open(
-        cfg.to_dict(config),
+        resolved_params(plan),
         {
             "cdm.stage": "workflow",
             "cdm.workflow": plan.name,

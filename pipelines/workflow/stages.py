@@ -133,6 +133,15 @@ def run_tune(stage: Stage, ctx: Context) -> dict[str, Any]:
     }
 
 
+def planned_train_settings(plan: Plan, stage_output: str) -> dict[str, Any]:
+    """What the workflow sets in the training config it trains, known from the plan: the data and the run folder."""
+    return {
+        "data.uri": plan.dataset_uri,
+        "run.name": Path(stage_output).name,
+        "run.storage_path": str(Path(stage_output).parent),
+    }
+
+
 def train_config(ctx: Context, stage_output: str) -> TrainConfig:
     """The training config this workflow trains: its data, the best tuned settings, and a run folder named by the key."""
     overrides: dict[str, Any] = {}
@@ -140,9 +149,7 @@ def train_config(ctx: Context, stage_output: str) -> TrainConfig:
         overrides.update(ctx.output("tune", "best_overrides"))
     overrides.update(
         {
-            "data.uri": ctx.plan.dataset_uri,
-            "run.name": Path(stage_output).name,
-            "run.storage_path": str(Path(stage_output).parent),
+            **planned_train_settings(ctx.plan, stage_output),
             **{f"tracking.{k}": v for k, v in dataclasses.asdict(ctx.tracking).items()},
         }
     )
