@@ -200,6 +200,31 @@ def test_a_missing_bucket_is_one_line_before_any_work(s3, capsys, monkeypatch):
     assert not ray.is_initialized()
 
 
+def test_refused_credentials_are_one_line_before_any_work(s3, tmp_path, capsys, monkeypatch):
+    """A second moto server that checks every request's signature against its (empty) IAM: any key is refused,
+    as a real store refuses a wrong one. The secret is not printed."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto: authenticate from the first request on
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        argv, stdout=(tmp_path / "moto.log").open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        _wait_http(port, server, "moto server with authentication")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+        code, out = cli_in_process(
+            ["prepare", "digits", "--out", f"s3://{BUCKET}/data", "--no-track"], capsys, monkeypatch
+        )
+    finally:
+        _stop(server)
+    assert code == 2, out
+    assert out.count("error:") == 1 and "Traceback" not in out and SECRET not in out
+    assert f"error: s3://{BUCKET}/data: the object store refused access" in out
+    assert "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in out
+    assert not ray.is_initialized()
+
+
 def test_prepare_train_store_lost_resume_sample_nll_all_in_the_bucket(
     s3, mlflow_server, two_nodes, tmp_path, capsys, monkeypatch, one_torch_thread
 ):

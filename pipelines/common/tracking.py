@@ -252,11 +252,8 @@ def dataset_input(uri: str, context: str) -> DatasetInput | None:
 
 def _log_dataset(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
     uri, stage = tags.get("cdm.dataset"), tags.get("cdm.stage")
-    if not uri or stage in (
-        None,
-        "prepare",
-        "workflow",
-    ):  # prepare writes its dataset; a workflow's children log theirs
+    # prepare writes its dataset; a workflow's children log theirs
+    if not uri or stage in (None, "prepare", "workflow"):
         return
     found = dataset_input(uri, _DATASET_CONTEXT.get(stage, "evaluation"))
     if found is not None:
