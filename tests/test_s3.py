@@ -225,7 +225,7 @@ def test_refused_credentials_are_one_line_before_any_work(s3, tmp_path, capsys, 
     assert not ray.is_initialized()
 
 
-def test_prepare_train_store_lost_resume_sample_nll_all_in_the_bucket(
+def test_prepare_train_store_lost_resume_sample_nll_fid_all_in_the_bucket(
     s3, mlflow_server, two_nodes, tmp_path, capsys, monkeypatch, one_torch_thread
 ):
     from mlflow.tracking import MlflowClient
@@ -323,6 +323,14 @@ def test_prepare_train_store_lost_resume_sample_nll_all_in_the_bucket(
     assert code == 0, out
     summary = json.loads(fs.open_input_stream(f"{BUCKET}/nll/summary.json").read())
     assert summary["count"] == 179 and np.isfinite(summary["nll_bpd"]), summary
+    fid = ["fid", samples, data, "--features", "raw", "--workers", "2", "--cache-dir", str(tmp_path / "fid-cache")]
+    code, out = cli_in_process([*fid, "--tracking-uri", tracking], capsys, monkeypatch)
+    took("fid")
+    assert code == 0, out
+    client_runs = MlflowClient(tracking).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking).search_experiments()], "tags.`cdm.stage` = 'fid'"
+    )
+    assert len(client_runs) == 1 and np.isfinite(client_runs[0].data.metrics["eval/fd_raw"])
 
     # The sample grid went to the bucket through the MLflow server, and comes back through it.
     sample_run = client.search_runs(
