@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train_tiny.toml")
 CDM = str(Path(sys.executable).with_name("cdm"))
 STEPS = 12
-DIVERGES = ("optim.lr=1e6", "optim.warmup_steps=1000000", "optim.grad_clip=0", "checkpoint.every=2")
+DIVERGES = ("optim.lr=3e5", "optim.warmup_steps=1000000", "optim.grad_clip=0", "checkpoint.every=2")
 KEEP_ALL = "checkpoint.keep_best=100"  # Ray's retention stays out of the way of the tests of fallback
 
 
@@ -132,18 +132,21 @@ def test_the_printed_fix_finishes_the_run(diverged, store, capsys, monkeypatch):
 
 
 def test_resume_passes_over_damaged_checkpoints_along_the_run_s_own_line(diverged, store, capsys, monkeypatch):
-    """After the fix, the run's line is 2 → 4-b … 12-b; the diverged line's 4 is no longer the run's.
+    """After the fix, the run's line is G → (G+2)-b … 12-b, G the last good checkpoint the failure named;
+    the diverged line's G+2 is no longer the run's.
 
     With every checkpoint of the branch damaged, the newest one that loads *by step* is the diverged
-    line's checkpoint_00000004; the run's own line goes back to checkpoint_00000002.
+    line's checkpoint G+2; the run's own line goes back to checkpoint G.
     """
-    _, _, run_dir = diverged
+    _, message, run_dir = diverged
+    good = re.search(r"the last good checkpoint is \S*?(checkpoint_\d+)", message).group(1)
+    start = int(good.split("_")[1])
     info = json.loads((run_dir / "cdm_run.json").read_text())
     (branch,) = info["branches"]
-    assert info["branch"] == branch and info["branches"][branch] == "checkpoint_00000002"
+    assert info["branch"] == branch and info["branches"][branch] == good
     damaged = sorted(p for p in run_dir.glob(f"checkpoint_0*{branch}") if p.is_dir())
-    assert [p.name for p in damaged] == [f"checkpoint_{s:08d}{branch}" for s in range(4, STEPS + 1, 2)]
-    assert (run_dir / "checkpoint_00000004" / "checkpoint.pt").is_file()  # the diverged line's, intact
+    assert [p.name for p in damaged] == [f"checkpoint_{s:08d}{branch}" for s in range(start + 2, STEPS + 1, 2)]
+    assert (run_dir / f"checkpoint_{start + 2:08d}" / "checkpoint.pt").is_file()  # the diverged line's, intact
     for folder in damaged:
         whole = (folder / "checkpoint.pt").read_bytes()
         (folder / "checkpoint.pt").write_bytes(whole[: len(whole) // 3])
@@ -153,15 +156,15 @@ def test_resume_passes_over_damaged_checkpoints_along_the_run_s_own_line(diverge
     assert code == 0, out[-3000:]
     warning = [line for line in out.splitlines() if line.startswith("warning:") and "continuing from" in line]
     assert len(warning) == 1 and warning[0].count("truncated or damaged") == len(damaged), out[-3000:]
-    assert "continuing from checkpoint_00000002, the newest checkpoint that loads" in warning[0]
+    assert f"continuing from {good}, the newest checkpoint that loads" in warning[0]
     assert "Traceback" not in out
     info_after = json.loads((run_dir / "cdm_run.json").read_text())
     second = info_after["branch"]
-    assert second != branch and info_after["branches"] == {branch: "checkpoint_00000002", second: "checkpoint_00000002"}
+    assert second != branch and info_after["branches"] == {branch: good, second: good}
     run = _run_of(store, "diverges")
     losses = _client(store).get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 5))
-    assert all(math.isfinite(m.value) for m in losses if m.step > 2)
+    assert all(math.isfinite(m.value) for m in losses if m.step > start)
     final = load_checkpoint(run_dir / f"checkpoint_{STEPS + 4:08d}{second}" / "checkpoint.pt")
     assert final["step"] == STEPS + 4
 
