@@ -362,9 +362,10 @@ def test_elbo_and_ode_of_a_ddm_score_every_sample_once_whatever_the_batching(
         assert "bpd" not in t.column_names and {"bpd_elbo", "bpd_ode", "nfe_elbo", "nfe_ode"} <= set(t.column_names)
     np.testing.assert_allclose(a.column("bpd_elbo").to_numpy(), b.column("bpd_elbo").to_numpy(), rtol=1e-6)
     # The adaptive steps are shared by a batch (the hardest sample sets them): the ODE's figure moves with the
-    # batching, within a few times the solver's tolerance (measured: 1.7e-3 relative at rtol = atol = 1e-3; at
-    # 1e-2 the figures move by 4%: loose tolerances are for smoke tests only).
-    np.testing.assert_allclose(a.column("bpd_ode").to_numpy(), b.column("bpd_ode").to_numpy(), rtol=5 * tol)
+    # batching, within a few times the solver's tolerance (measured: 1.7e-3 relative at rtol = atol = 1e-3 with
+    # one channel per GroupNorm group, 5.8e-3 for one of 30 samples since the DDM's first level sees t; at 1e-2
+    # the figures move by 4%: loose tolerances are for smoke tests only).
+    np.testing.assert_allclose(a.column("bpd_ode").to_numpy(), b.column("bpd_ode").to_numpy(), rtol=10 * tol)
     assert np.abs(a.column("bpd_ode").to_numpy() - c.column("bpd_ode").to_numpy()).max() > 1e-4  # other probes
     assert (a.column("nfe_elbo").to_numpy() == 10).all()  # T = 10 classes, stride 1
     assert (c.column("nfe_elbo").to_numpy() == 4).all()  # stride 3: classes 1, 4, 7, 10
