@@ -511,7 +511,7 @@ def score_split(
         batch_size=options.batch_size,
         pool=pool,
         normalization=DATASET if norm is None else norm,
-        label=f"nll ({', '.join(options.methods.names)})",
+        label=f"nll ({', '.join(methods.names)})",
     )
     keys, index, arrays, seconds = rows.keys, rows.index, rows.columns, rows.seconds
     check_complete(keys, expected, f"{ds.loc.uri} split {split}")
