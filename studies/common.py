@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.common.tracking import DESCRIPTION_TAG, experiment_id, version_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +74,106 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the paper in miniature
+
+MINIATURE = ROOT / "studies" / "miniature.toml"
+# --smoke: every configuration, every stage, a few steps (tests/test_studies.py); results stay in the work folder.
+SMOKE = [
+    "train.train.steps=6",
+    "train.train.log_every=3",
+    "train.validation.every=6",
+    "train.validation.t_points=4",
+    "train.checkpoint.every=6",
+    "sample.n=24",
+    "sample.batch_size=24",
+    "features.epochs=1",
+]
+
+
+class Study:
+    """One MLflow parent run for a study, and one `cdm run` of `studies/miniature.toml` per configuration.
+
+    Every configuration of every study runs in one work folder, so the stages they share (prepare, the FD
+    feature classifier, a model two studies both train) run once; each configuration's workflow parent is a child
+    of the study's run, so the UI compares them side by side.
+    """
+
+    def __init__(self, name: str, description: str, argv: list[str] | None = None, work: str = "miniature"):
+        argv = sys.argv[1:] if argv is None else argv
+        self.smoke = "--smoke" in argv
+        self.name = name
+        self.description = description
+        self.work = workdir(work + ("-smoke" if self.smoke else ""))
+        self.log = self.work / "log.txt"
+        self.tracking_uri = f"sqlite:///{self.work / 'mlflow.db'}"
+        self.configurations: dict[str, list[str]] = {}
+        self.started = time.perf_counter()
+        self.run_id: str | None = None
+
+    def __enter__(self) -> Study:
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        run = self.client.create_run(
+            experiment_id("cdm", self.tracking_uri),
+            run_name=f"study-{self.name}",
+            tags={**version_tags(), "cdm.stage": "study", "cdm.study": self.name, DESCRIPTION_TAG: self.description},
+        )
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if kind is None else "FAILED")
+
+    def run(self, configuration: str, *overrides: str, config: Path = MINIATURE) -> dict[str, Any]:
+        """`cdm run` of one configuration (its name and --set overrides); its workflow summary, with seconds."""
+        settings = [*overrides, *(SMOKE if self.smoke else [])]
+        self.configurations[configuration] = list(overrides)
+        sets = [a for s in settings for a in ("--set", s)]
+        seconds = cdm(
+            "run",
+            str(config),
+            "--workdir",
+            str(self.work),
+            "--set",
+            f"name={self.name}-{configuration}",
+            "--set",
+            f"tracking.parent_run_id={self.run_id}",
+            *sets,
+            log=self.log,
+        )
+        summary = json.loads(
+            (self.work / "outputs" / "workflows" / f"{self.name}-{configuration}" / "summary.json").read_text()
+        )
+        summary["seconds"] = seconds
+        return summary
+
+    def out(self, folder: Path) -> Path:
+        """Where the study writes its results and figures: beside its script, or in the work folder for --smoke."""
+        if not self.smoke:
+            return folder
+        (self.work / self.name).mkdir(parents=True, exist_ok=True)
+        return self.work / self.name
+
+    def artifact_json(self, run_id: str, path: str) -> Any:
+        """A JSON artifact of an MLflow run of this study's store (e.g. a train run's val_mse_per_t.json)."""
+        local = self.client.download_artifacts(run_id, path, str(self.work))
+        return json.loads(Path(local).read_text())
+
+    def finish(self, folder: Path, results: dict[str, Any], table: str, figures: list[Path] = ()) -> None:
+        """results.json + table.md (beside the study's script; in the work folder for --smoke), logged to the
+        study's MLflow run with its figures."""
+        results = {
+            "study": self.name,
+            "smoke": self.smoke,
+            "configurations": self.configurations,
+            "base_config": str(MINIATURE.relative_to(ROOT)),
+            "mlflow": {"tracking_uri": self.tracking_uri, "study_run_id": self.run_id},
+            "seconds": time.perf_counter() - self.started,
+            **results,
+        }
+        out = self.out(folder)
+        write_results(out, results, table)
+        for path in [out / "results.json", out / "table.md", *figures]:
+            self.client.log_artifact(self.run_id, str(path))
+        print(f"MLflow: study run {self.run_id} in {self.tracking_uri} (cdm ui --workdir {self.work})")

@@ -9,11 +9,11 @@ import torch
 from conftest import tiny_train_config
 
 from cdm_core.ema import EMA
-from cdm_core.objective import bits_per_dim
+from cdm_core.objective import bits_per_dim, noise_data
 from pipelines.common import config as cfg
 from pipelines.train.config import TrainConfig
 from pipelines.train.step import TrainStep, build_network, build_schedule, fresh_train_step, lr_factor
-from pipelines.train.validation import Validator, t_grid
+from pipelines.train.validation import Validator, _sample_noise, t_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,18 @@ def _batches(x, labels, batch, pad_every=None):
     return out
 
 
+class _PowerClassifier(torch.nn.Module):
+    """Logits over t = 0..T+1 from the mean square of x_t alone, against its expectation a_t²/3 + s_t²."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.expected = schedule.a.float() ** 2 / 3 + schedule.s.float() ** 2
+
+    def forward(self, z):
+        power = z.pow(2).flatten(1).mean(1, keepdim=True)
+        return -1e3 * (power - self.expected) ** 2
+
+
 def test_validation_does_not_depend_on_batching_and_matches_the_core_formulas():
     config = tiny("validation.t_points=4")
     model = make_step(config).model.eval()
@@ -96,6 +108,20 @@ def test_validation_does_not_depend_on_batching_and_matches_the_core_formulas():
     assert m["val/samples"] == 30
     assert m["val/nll_bpd"] == pytest.approx(bits_per_dim(model, x).mean().item(), rel=1e-5)
     assert len(v.curve) == len(t_grid(config.schedule.T, 4)) == 4 and m["val/mse"] == pytest.approx(sum(v.curve) / 4)
+    # val/accuracy: how often argmax_t of the logits at x_t is t, over the grid, with validation's own noise.
+    # A classifier by the mean square of x_t (E = a²/3 + s² for uniform data) is right often, not always.
+    schedule, grid = build_schedule(config), t_grid(config.schedule.T, 4)
+    v = Validator(config, schedule, None, torch.device("cpu"))
+    v.load(_batches(x, labels, 7))
+    by_power = _PowerClassifier(schedule)
+    accuracy = v(by_power)["val/accuracy"]
+    noise = _sample_noise(torch.arange(30), 4, (1, 8, 8), config.validation.seed)
+    with torch.no_grad():
+        hits = [
+            (by_power(noise_data(x, torch.full((30,), t), schedule, noise[:, j])).argmax(1) == t).float().mean().item()
+            for j, t in enumerate(grid.tolist())
+        ]
+    assert 0 < accuracy < 1 and accuracy == pytest.approx(sum(hits) / 4, abs=1e-6)
 
     v = Validator(tiny("validation.max_samples=10"), build_schedule(config), None, torch.device("cpu"))
     v.load(_batches(x, labels, 7))

@@ -197,3 +197,25 @@ def test_a_bad_sampler_stops_the_workflow_before_it_starts():
         load(CONFIGS / "demo.toml", ["sample.sampler=dpm2"])
     with pytest.raises(ConfigError, match=r"protocols\.x\.time_grid: 'uneven' is not one of even, official"):
         load(CONFIGS / "demo.toml", ["protocols.x.time_grid=uneven"])
+
+
+def test_a_workflow_parent_nests_under_a_study_run_of_its_store(tmp_path):
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipelines.common.tracking import PatientClient, experiment_id
+    from pipelines.workflow.parent_run import ParentRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = PatientClient(uri)
+    study = client.create_run(experiment_id("cdm", uri), run_name="study").info.run_id
+    other = client.create_run(experiment_id("elsewhere", uri), run_name="x").info.run_id
+
+    parent = ParentRun(tmp_path, "wf", "key1", uri, "cdm", nest_under=study)
+    run_id = parent.open({}, {"cdm.stage": "workflow"})
+    assert client.get_run(run_id).data.tags[MLFLOW_PARENT_RUN_ID] == study
+    again = ParentRun(tmp_path, "wf", "key1", uri, "cdm", nest_under=run_id)  # the same plan, another study
+    assert again.open({}, {}) == run_id and client.get_run(run_id).data.tags[MLFLOW_PARENT_RUN_ID] == run_id
+
+    for bad, says in (("0" * 32, "no run 0000"), (other, "run [0-9a-f]+ is in another experiment than 'cdm'")):
+        with pytest.raises(UserError, match=f"tracking.parent_run_id: {says}"):
+            ParentRun(tmp_path, "wf2", "key2", uri, "cdm", nest_under=bad).open({}, {})

@@ -7,6 +7,7 @@ The numbers sweeps optimise:
                   data (data.normalization) the continuous convention −log p_x(x)/(d·ln 2), the
                   normalization's Jacobian undone (pipelines.data.normalization)
     val/ce        cross-entropy of the noise-level classifier, averaged over the t grid  (CDM only)
+    val/accuracy  how often the classifier's most likely class is the true t, over the t grid  (CDM only)
     val/mse       denoising MSE ‖ε̂(x_t, t) − ε‖² per dimension, averaged over the t grid
     val/mse_t     the same per grid point (the per-t curve, plotted at the end)
 
@@ -95,8 +96,8 @@ class Validator:
         cfg = self.config
         is_cdm = cfg.model.kind == "cdm"
         k = len(self.grid)
-        # sums: [count, nll_bpd, ce per t (k), mse per t (k)]
-        sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=self.device)
+        # sums: [count, nll_bpd, ce per t (k), mse per t (k), correct per t (k)]
+        sums = torch.zeros(2 + 3 * k, dtype=torch.float64, device=self.device)
         dims = None
         for b in self.batches:
             x0 = b["x"].to(self.device)
@@ -124,6 +125,7 @@ class Validator:
                 if is_cdm:
                     eps_hat, logits = denoise_with_logits(logits_fn, x_t, t, self.schedule)
                     sums[2 + j] += F.cross_entropy(logits.float(), t, reduction="sum").double()
+                    sums[2 + 2 * k + j] += (logits.argmax(dim=1) == t).sum().double()
                 else:
                     eps_hat = model(x_t, t) if y is None else model(x_t, t, y)
                 err = (eps_hat.float() - noise[:, j]).pow(2).flatten(1).mean(1)
@@ -132,12 +134,13 @@ class Validator:
         count = float(sums[0])
         if count == 0:
             return {}
-        per_t_mse = (sums[2 + k :] / count).tolist()
+        per_t_mse = (sums[2 + k : 2 + 2 * k] / count).tolist()
         self.curve = per_t_mse
         metrics = {"val/mse": sum(per_t_mse) / k, "val/samples": count}
         if is_cdm:
             metrics["val/nll_bpd"] = float(sums[1]) / count
             metrics["val/ce"] = float(sums[2 : 2 + k].sum()) / (count * k)
+            metrics["val/accuracy"] = float(sums[2 + 2 * k :].sum()) / (count * k)
         return {key: float(v) for key, v in metrics.items() if math.isfinite(v) or key == "val/samples"}
 
 

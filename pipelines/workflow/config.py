@@ -140,6 +140,10 @@ class WorkflowTracking:
     tracking_uri: Optional[str] = option(
         None, doc="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db"
     )
+    parent_run_id: Optional[str] = option(
+        None,
+        doc="nest the workflow's parent run under this MLflow run (a study's, a sweep's), in the same experiment",
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Optional
 from mlflow.entities import Metric, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.common.errors import UserError
 from pipelines.common.tracking import (
     DESCRIPTION_TAG,
     PatientClient,
@@ -41,8 +42,17 @@ def workflow_dir(workdir: Path, name: str) -> Path:
 
 
 class ParentRun:
-    def __init__(self, workdir: Path, name: str, plan_key: str, tracking_uri: str, experiment: str):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        plan_key: str,
+        tracking_uri: str,
+        experiment: str,
+        nest_under: Optional[str] = None,
+    ):
         self.folder = workflow_dir(workdir, name)
+        self.nest_under = nest_under
         self.name = name
         self.plan_key = plan_key
         self.tracking_uri = tracking_uri
@@ -79,13 +89,19 @@ class ParentRun:
 
     def open(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Reopen this plan's parent run, or create it (with the workflow config as params)."""
+        if self.nest_under:
+            self._check_nest_under()
         previous = self._previous()
         if previous is not None:
             self.run_id, self.reopened = previous, True
             self.client.update_run(previous, status="RUNNING")
+            if self.nest_under:  # the same plan run again for another study: it moves under that one
+                self.client.set_tag(previous, MLFLOW_PARENT_RUN_ID, self.nest_under)
             return previous
         exp = experiment_id(self.experiment, self.tracking_uri)
         tags = {**version_tags(), **tags}
+        if self.nest_under:
+            tags[MLFLOW_PARENT_RUN_ID] = self.nest_under
         about = stage_description(tags)
         if about:
             tags[DESCRIPTION_TAG] = about
@@ -101,6 +117,22 @@ class ParentRun:
         self._save_state(state)
         self.client.log_batch(self.run_id, tags=[RunTag("cdm.plan", self.plan_key)])
         return self.run_id
+
+    def _check_nest_under(self) -> None:
+        try:
+            outer = self.client.get_run(self.nest_under)
+        except Exception:
+            outer = None
+        if outer is None or outer.info.lifecycle_stage != "active":
+            raise UserError(
+                f"tracking.parent_run_id: no run {self.nest_under} in {self.tracking_uri}; give the id of a run "
+                "in this store"
+            )
+        if outer.info.experiment_id != experiment_id(self.experiment, self.tracking_uri):
+            raise UserError(
+                f"tracking.parent_run_id: run {self.nest_under} is in another experiment than "
+                f"{self.experiment!r}; the UI shows a parent and its children in one experiment"
+            )
 
     def close(self, status: str) -> None:
         if self.run_id is not None:

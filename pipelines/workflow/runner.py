@@ -142,7 +142,9 @@ def run_workflow(
     config = plan.config
     print_plan(plan, uri, echo)
     console.place_log(workflow_dir(plan.workdir, plan.name))
-    parent = ParentRun(plan.workdir, plan.name, plan.key, uri, config.tracking.experiment)
+    parent = ParentRun(
+        plan.workdir, plan.name, plan.key, uri, config.tracking.experiment, config.tracking.parent_run_id
+    )
     parent.open(
         resolved_params(plan),
         {

@@ -39,7 +39,22 @@ def main() -> None:
             log=log,
         )
         summary = json.loads(next(folder.glob("outputs/workflows/*/summary.json")).read_text())
-        nll = summary["nll"]
+        out = folder / "nll-all"
+        seconds += cdm(
+            "nll",
+            summary["checkpoint"],
+            summary["dataset"],
+            "--split",
+            "test",
+            "--method",
+            "all",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            summary["tracking_uri"],
+            log=log,
+        )
+        nll = json.loads((out / "summary.json").read_text())
         methods, consistency = nll["methods"], nll["consistency"]
         results["schedules"][schedule] = {
             "count": nll["count"],

@@ -1,0 +1,80 @@
+"""The paper-in-miniature studies (studies/table1, table3, cdm_vs_ddm), each run as a user runs it with --smoke.
+
+--smoke keeps every configuration and every stage (the real `cdm run` in a subprocess, a local Ray each
+time) and cuts the steps and samples; its results stay in the work folder, never over the committed ones.
+Checked: every configuration's figures are there and finite, each study is one MLflow run with one child
+per configuration (the workflows' parent runs), the stages two studies share ran once, and the study's run
+holds its results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = {
+    "table1": ["ce_only", "mse_only", "both"],
+    "table3": ["linear", "uniform", "ot"],
+    "cdm_vs_ddm": ["cdm", "ddm"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    base = tmp_path_factory.mktemp("studies")
+    committed = {name: (ROOT / "studies" / name / "results.json") for name in STUDIES}
+    before = {name: p.read_bytes() if p.exists() else None for name, p in committed.items()}
+    env = {**os.environ, "CDM_STUDIES_WORKDIR": str(base)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    for name in STUDIES:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "studies" / name / "run.py"), "--smoke"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    after = {name: p.read_bytes() if p.exists() else None for name, p in committed.items()}
+    assert after == before, "a --smoke run wrote over a study's committed results"
+    return base / "miniature-smoke"
+
+
+def test_every_configuration_has_finite_figures_and_the_study_is_one_parent_run(smoke):
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{smoke / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cdm")
+    for name, configurations in STUDIES.items():
+        data = json.loads((smoke / name / "results.json").read_text())
+        assert data["smoke"] is True and list(data["configurations"]) == configurations
+        for figures in data["figures"].values():
+            flat = [v for v in figures.values() if isinstance(v, float)]
+            flat += [v for v in figures.get("fd", {}).values()] if isinstance(figures.get("fd"), dict) else []
+            assert flat and all(math.isfinite(v) for v in flat), (name, figures)
+        study_id = data["mlflow"]["study_run_id"]
+        study = client.get_run(study_id)
+        assert study.info.status == "FINISHED" and study.data.tags["cdm.study"] == name
+        children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{study_id}'")
+        assert sorted(r.info.run_name for r in children) == sorted(f"{name}-{c}" for c in configurations)
+        assert {r.info.run_id for r in children} == {f["workflow_run_id"] for f in data["figures"].values()}
+        logged = {a.path for a in client.list_artifacts(study_id)}
+        assert {"results.json", "table.md"} <= logged
+    fig4_run = json.loads((smoke / "cdm_vs_ddm" / "results.json").read_text())["mlflow"]["study_run_id"]
+    assert "fig4.png" in {a.path for a in client.list_artifacts(fig4_run)}
+
+
+def test_the_stages_studies_share_ran_once(smoke):
+    trains = sorted(p.name for p in (smoke / "outputs" / "stages").glob("train-*"))
+    # table1's 3 losses, table3's uniform and ot (its linear is table1's both), and the DDM (the CDM is both)
+    assert len(trains) == 6, trains
+    assert len(list((smoke / "outputs" / "stages").glob("prepare-*"))) == 1
+    assert len(list((smoke / "outputs" / "stages").glob("features-*"))) == 1
