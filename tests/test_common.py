@@ -108,7 +108,9 @@ def test_progress_is_plain_periodic_lines_off_a_terminal(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in lines] == [
         "  nll (one-pass): 3/5 samples (60%)",
-        "  nll (one-pass): 5/5 samples (100%)",
-        "  nll (one-pass): 5/5 samples (100%)",  # the closing line, whenever the last periodic one was
+        "  nll (one-pass): 5/5 samples (100%)",  # the closing line is not printed again right after it
     ]
     assert not any("\x1b[" in line for line in lines)
+    with Progress("sample", 5, "images", every_s=3600.0) as progress:
+        progress.advance(5)
+    assert [line.split(",")[0] for line in capsys.readouterr().out.splitlines()] == ["  sample: 5/5 images (100%)"]

@@ -141,6 +141,7 @@ class Progress:
         self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
         self.done = 0
         self._bar = None
+        self._printed = -1  # `done` when the last plain line was printed
 
     def __enter__(self) -> Progress:
         self._start = self._last = time.monotonic()
@@ -158,6 +159,7 @@ class Progress:
             self._bar.update(self._task, completed=self.done)
         elif time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
+            self._printed = self.done
             echo(self._line())
 
     def _line(self) -> str:
@@ -167,5 +169,5 @@ class Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        if exc[0] is None:
+        if exc[0] is None and self._printed != self.done:  # not the line just printed again
             echo(self._line())

@@ -63,7 +63,7 @@ def main(names: list[str]) -> None:
         )
         scored = json.loads((out / "summary.json").read_text())
         models[name] = {
-            "dataset": Path(summary["dataset"]).name,
+            "dataset": json.loads((Path(summary["dataset"]) / "dataset.json").read_text()).get("source"),
             "count": scored["count"],
             "accuracy": scored["accuracy"],
             "nll_nats": scored["nll"],
@@ -80,6 +80,10 @@ def main(names: list[str]) -> None:
         "accuracy and ECE (15 equal-width confidence bins) on the test split; NLL = mean −log p(y_true|x) in nats; "
         "chance = the most frequent test class's share; bits/dim in the standard convention."
     )
+    write_results(HERE, results, table(models))
+
+
+def table(models: dict) -> str:
     rows = [
         [
             name,
@@ -95,7 +99,7 @@ def main(names: list[str]) -> None:
         for name, m in models.items()
     ]
     header = ["model", "data", "test digits", "accuracy", "chance", "NLL (nats)", "ECE", "bits/dim", "time"]
-    write_results(HERE, results, markdown_table(header, rows))
+    return markdown_table(header, rows)
 
 
 if __name__ == "__main__":
