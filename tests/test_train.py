@@ -207,6 +207,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_model(two_workers, store,
         "train/images_per_s",
         "val/nll_bpd",
         "val/ce",
+        "val/accuracy",
         "val/mse",
     } <= set(metrics)
     artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
