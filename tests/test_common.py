@@ -114,3 +114,6 @@ def test_progress_is_plain_periodic_lines_off_a_terminal(capsys):
     with Progress("sample", 5, "images", every_s=3600.0) as progress:
         progress.advance(5)
     assert [line.split(",")[0] for line in capsys.readouterr().out.splitlines()] == ["  sample: 5/5 images (100%)"]
+    with Progress("prepare train", 0, "samples", every_s=3600.0) as progress:  # a count not known ahead
+        progress.advance(7)
+    assert [line.split(",")[0] for line in capsys.readouterr().out.splitlines()] == ["  prepare train: 7 samples"]

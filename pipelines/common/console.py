@@ -135,7 +135,8 @@ def place_log(folder: str | os.PathLike) -> Path | None:
 
 class Progress:
     """Progress of long work on the console: a bar on a terminal (rich), else a plain line every `every_s` seconds
-    and one at the end, so a log shows it too. `with Progress("nll", 500, "samples") as p: … p.advance(n)`."""
+    and one at the end, so a log shows it too. `with Progress("nll", 500, "samples") as p: … p.advance(n)`;
+    `total` 0 when the count is not known ahead."""
 
     def __init__(self, label: str, total: int, unit: str, every_s: float = 15.0):
         self.label, self.total, self.unit, self.every_s = label, max(int(total), 0), unit, every_s
@@ -163,8 +164,10 @@ class Progress:
             echo(self._line())
 
     def _line(self) -> str:
-        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return f"  {self.label}: {self.done}/{self.total} {self.unit}{share}, {time.monotonic() - self._start:.0f} s"
+        elapsed = f"{time.monotonic() - self._start:.0f} s"
+        if not self.total:  # a count not known ahead (a source read as it goes)
+            return f"  {self.label}: {self.done} {self.unit}, {elapsed}"
+        return f"  {self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), {elapsed}"
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

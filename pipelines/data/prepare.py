@@ -22,7 +22,7 @@ from typing import Any, Optional
 import mlflow
 
 from pipelines.common import config as cfg
-from pipelines.common import storage
+from pipelines.common import console, storage
 from pipelines.common.console import warn
 from pipelines.common.errors import UserError
 from pipelines.common.tracking import mlflow_run, store_uri
@@ -121,13 +121,15 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
     for split, generate in source.splits.items():
         writer: sh.SplitWriter | None = None
         try:
-            for record in generate(bad):
-                if spec is None:
-                    shape = source.shape or tuple(record.data.shape)
-                    spec = sh.SampleSpec(source.kind, tuple(shape), source.labeled, source.num_classes)
-                if writer is None:
-                    writer = sh.SplitWriter(loc, split, spec, config.samples_per_shard)
-                writer.add(record.data, record.label, record.source_id)
+            with console.Progress(f"prepare {split}", 0, "samples") as progress:
+                for record in generate(bad):
+                    progress.advance(1)
+                    if spec is None:
+                        shape = source.shape or tuple(record.data.shape)
+                        spec = sh.SampleSpec(source.kind, tuple(shape), source.labeled, source.num_classes)
+                    if writer is None:
+                        writer = sh.SplitWriter(loc, split, spec, config.samples_per_shard)
+                    writer.add(record.data, record.label, record.source_id)
         except BaseException:
             if writer is not None:
                 writer.abort()  # close the half-built shard's tar stream; it is never written
