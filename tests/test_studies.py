@@ -26,6 +26,7 @@ STUDIES = {
     "table3": ["linear", "uniform", "ot"],
     "cdm_vs_ddm": ["cdm", "ddm"],
 }
+FIGURE = {"table1": "table1.png", "table3": "table3.png", "cdm_vs_ddm": "fig4.png"}
 
 
 @pytest.fixture(scope="module")
