@@ -50,6 +50,25 @@ def cdm(*args: str, log: Path) -> float:
     return seconds
 
 
+def score_test_split(command: str, workflow: dict[str, Any], out: Path, *options: str, log: Path) -> tuple[float, dict]:
+    """`cdm COMMAND` (nll, classify) of a `cdm run`'s trained model on its dataset's test split, into `out`,
+    tracked in the workflow's store; (seconds, the command's summary.json)."""
+    seconds = cdm(
+        command,
+        workflow["checkpoint"],
+        workflow["dataset"],
+        "--split",
+        "test",
+        *options,
+        "--out",
+        str(out),
+        "--tracking-uri",
+        workflow["tracking_uri"],
+        log=log,
+    )
+    return seconds, json.loads((out / "summary.json").read_text())
+
+
 def provenance() -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
@@ -90,6 +109,14 @@ SMOKE = [
     "sample.batch_size=24",
     "features.epochs=1",
 ]
+
+
+def fd_metric(metrics: dict[str, float], protocol: str = "") -> float:
+    """A workflow's FD (eval/fd_<dataset>, or eval/fd_<dataset>_<protocol> for a sampling protocol)."""
+    (key,) = [
+        k for k in metrics if k.startswith("eval/fd_") and k.count("_") == 1 + (protocol != "") and k.endswith(protocol)
+    ]
+    return metrics[key]
 
 
 class Study:

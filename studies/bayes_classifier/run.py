@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import ROOT, cdm, markdown_table, workdir, write_results  # noqa: E402
+from common import ROOT, cdm, markdown_table, score_test_split, workdir, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NO_EVAL = ["--set", "sample.enabled=false", "--set", "fid.enabled=false", "--set", "nll.untrained=false"]
@@ -48,20 +48,7 @@ def main(names: list[str]) -> None:
         folder = work / name
         train_s = cdm("run", *MODELS[name][:1], "--workdir", str(folder), *MODELS[name][1:], log=log)
         summary = json.loads(next(folder.glob("outputs/workflows/*/summary.json")).read_text())
-        out = folder / "classify"
-        classify_s = cdm(
-            "classify",
-            summary["checkpoint"],
-            summary["dataset"],
-            "--split",
-            "test",
-            "--out",
-            str(out),
-            "--tracking-uri",
-            summary["tracking_uri"],
-            log=log,
-        )
-        scored = json.loads((out / "summary.json").read_text())
+        classify_s, scored = score_test_split("classify", summary, folder / "classify", log=log)
         models[name] = {
             "dataset": json.loads((Path(summary["dataset"]) / "dataset.json").read_text()).get("source"),
             "count": scored["count"],

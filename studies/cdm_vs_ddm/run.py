@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Study, markdown_table  # noqa: E402
+from common import Study, fd_metric, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROTOCOLS = {"ddpm100": ("ddpm", 100), "ddim50": ("ddim", 50), "dpms25": ("dpmsolver2m", 25)}
@@ -59,7 +59,7 @@ def main() -> None:
             m = summary["metrics"]
             curves[name] = study.artifact_json(summary["stages"]["train"]["mlflow_run_id"], "val_mse_per_t.json")
             figures[name] = {
-                "fd": {p: m[next(k for k in m if k.startswith("eval/fd_") and k.endswith(f"_{p}"))] for p in PROTOCOLS},
+                "fd": {p: fd_metric(m, p) for p in PROTOCOLS},
                 "val_mse": m.get("val/mse"),
                 "nll_bpd": m.get("eval/nll_bpd"),
                 "mse_per_t": curves[name],

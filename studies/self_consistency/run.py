@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import cdm, markdown_table, workdir, write_results  # noqa: E402
+from common import cdm, markdown_table, score_test_split, workdir, write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCHEDULES = ("linear", "cosine")
@@ -39,22 +39,8 @@ def main() -> None:
             log=log,
         )
         summary = json.loads(next(folder.glob("outputs/workflows/*/summary.json")).read_text())
-        out = folder / "nll-all"
-        seconds += cdm(
-            "nll",
-            summary["checkpoint"],
-            summary["dataset"],
-            "--split",
-            "test",
-            "--method",
-            "all",
-            "--out",
-            str(out),
-            "--tracking-uri",
-            summary["tracking_uri"],
-            log=log,
-        )
-        nll = json.loads((out / "summary.json").read_text())
+        scored_s, nll = score_test_split("nll", summary, folder / "nll-all", "--method", "all", log=log)
+        seconds += scored_s
         methods, consistency = nll["methods"], nll["consistency"]
         results["schedules"][schedule] = {
             "count": nll["count"],

@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Study, markdown_table  # noqa: E402
+from common import Study, fd_metric, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGURATIONS = {  # the miniature's loss is the paper's: w_ce = 1e-3, w_mse = 1
@@ -46,11 +46,6 @@ def plot(figures: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def fd_of(metrics: dict) -> float:
-    (key,) = [k for k in metrics if k.startswith("eval/fd_")]
-    return metrics[key]
-
-
 def main() -> None:
     with Study("table1", "Table 1 in miniature: CE-only, MSE-only and CE+MSE training of one CDM") as study:
         rows, figures = [], {}
@@ -61,7 +56,7 @@ def main() -> None:
                 "accuracy": m.get("val/accuracy"),
                 "ce": m.get("val/ce"),
                 "mse": m.get("val/mse"),
-                "fd": fd_of(m),
+                "fd": fd_metric(m),
                 "nll_bpd": m["eval/nll_bpd"],
                 "nll_bpd_ci95": m["eval/nll_bpd_ci95"],
                 "workflow_run_id": summary["parent_run_id"],

@@ -16,7 +16,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Study, markdown_table  # noqa: E402
+from common import Study, fd_metric, markdown_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGURATIONS = {
@@ -47,12 +47,11 @@ def main() -> None:
         for name, overrides in CONFIGURATIONS.items():
             summary = study.run(name, *overrides)
             m = summary["metrics"]
-            (fd_key,) = [k for k in m if k.startswith("eval/fd_")]
             figures[name] = {
                 "nll_bpd": m["eval/nll_bpd"],
                 "nll_bpd_ci95": m["eval/nll_bpd_ci95"],
                 "val_nll_bpd": m.get("val/nll_bpd"),
-                "fd": m[fd_key],
+                "fd": fd_metric(m),
                 "workflow_run_id": summary["parent_run_id"],
                 "seconds": summary["seconds"],
             }
