@@ -113,9 +113,7 @@ SMOKE = [
 
 def fd_metric(metrics: dict[str, float], protocol: str = "") -> float:
     """A workflow's FD (eval/fd_<dataset>, or eval/fd_<dataset>_<protocol> for a sampling protocol)."""
-    (key,) = [
-        k for k in metrics if k.startswith("eval/fd_") and k.count("_") == 1 + (protocol != "") and k.endswith(protocol)
-    ]
+    (key,) = [k for k in metrics if k.startswith("eval/fd_") and (not protocol or k.endswith(f"_{protocol}"))]
     return metrics[key]
 
 
