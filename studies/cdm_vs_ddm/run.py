@@ -34,16 +34,14 @@ CONFIGURATIONS = {
 }
 
 
-def plot(curves: dict[str, dict], path: Path) -> None:
+def plot(curves: dict[str, dict], ratio: list[float], path: Path) -> None:
     fig = Figure(figsize=(9, 3.6))
     left, right = fig.subplots(1, 2)
     for name, curve in curves.items():
         left.plot(curve["t"], curve["mse"], marker="o", ms=3, label=name.upper())
     left.set(xlabel="noise level t (of T = 100)", ylabel="denoising MSE per dimension", yscale="log")
     left.legend()
-    t = curves["cdm"]["t"]
-    ratio = [c / d for c, d in zip(curves["cdm"]["mse"], curves["ddm"]["mse"])]
-    right.plot(t, ratio, marker="o", ms=3, color="C2")
+    right.plot(curves["cdm"]["t"], ratio, marker="o", ms=3, color="C2")
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
     right.set(xlabel="noise level t (of T = 100)", ylabel="MSE ratio CDM / DDM")
     fig.suptitle("Fig. 4 in miniature: 8×8 digits, same U-Net, 1,500 steps each")
@@ -70,7 +68,7 @@ def main() -> None:
         ratio = [c / d for c, d in zip(curves["cdm"]["mse"], curves["ddm"]["mse"])]
         half = len(t) // 2
         figure = study.out(HERE) / "fig4.png"
-        plot(curves, figure)
+        plot(curves, ratio, figure)
         rows = [
             [
                 p,
