@@ -341,3 +341,55 @@ def test_prepare_train_store_lost_resume_sample_nll_fid_all_in_the_bucket(
     assert Image.open(io.BytesIO(Path(local).read_bytes())).size[0] > 8
     assert any(k.endswith("grid.png") for k in _keys(fs, "mlartifacts")), _keys(fs, "mlartifacts")
     assert SECRET not in out and SECRET not in server_log.read_text()
+
+
+def test_a_sweeps_trials_checkpoint_into_the_bucket_and_its_best_trains_on(
+    s3, two_nodes, tmp_path, capsys, monkeypatch
+):
+    """`cdm tune` with run.storage_path in the bucket: Ray Tune's state, each trial's run folder and checkpoints,
+    and cdm_sweep.json are objects there (the two trials run at once, one per node: neither node's disk holds
+    them), and `cdm train --from-best … --continue-best` goes on from the best trial's checkpoint read back from the bucket."""
+    fs = s3["fs"]
+    data, sweeps = f"s3://{BUCKET}/data", f"s3://{BUCKET}/sweeps"
+    if "dataset.json" not in _keys(fs, "data"):  # run alone (`-k sweep`), the test prepares its own data
+        code, out = cli_in_process(["prepare", "digits", "--out", data, "--no-track"], capsys, monkeypatch)
+        assert code == 0, out
+    (tmp_path / "space.toml").write_text('[space]\n"loss.w_ce" = { grid = [1e-3, 1e-2] }\n')
+    monkeypatch.chdir(tmp_path)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out = cli_in_process(
+        ["tune", str(ROOT / "configs" / "train_tiny.toml"), "--space", "space.toml", "--name", "bucket"]
+        + ["--scheduler", "fifo", "--max-concurrent", "2"]
+        + [
+            "--set",
+            f"data.uri={data}",
+            "--set",
+            f"run.storage_path={sweeps}",
+            "--set",
+            f"tracking.tracking_uri={tracking}",
+        ]
+        + ["--set", "train.steps=4", "--set", "checkpoint.every=4", "--set", "validation.every=4"]
+        + ["--set", "validation.max_samples=64"],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, out
+
+    keys = _keys(fs, "sweeps/bucket")
+    assert "cdm_sweep.json" in keys and any(k.startswith("tune/") for k in keys), keys
+    trials = sorted({k.split("/")[1] for k in keys if k.startswith("trials/")})
+    assert len(trials) == 2, keys
+    for trial in trials:
+        assert f"trials/{trial}/checkpoint_00000004/checkpoint.pt" in keys and f"trials/{trial}/cdm_run.json" in keys
+    info = json.loads(fs.open_input_stream(f"{BUCKET}/sweeps/bucket/cdm_sweep.json").read())
+    best = info["best"]["checkpoint"]
+    assert best.startswith(f"{sweeps}/bucket/trials/") and best.endswith("checkpoint_00000004"), best
+    assert f"best checkpoint: {best}" in out
+    assert not list(tmp_path.glob("**/checkpoint.pt"))  # nothing of the sweep on this node's disk
+
+    code, out = cli_in_process(
+        ["train", "--from-best", f"{sweeps}/bucket", "--continue-best", "--set", "train.steps=6"], capsys, monkeypatch
+    )
+    assert code == 0, out
+    trial = best.removeprefix(f"{sweeps}/bucket/").rsplit("/", 1)[0]
+    assert f"{trial}/checkpoint_00000006/checkpoint.pt" in _keys(fs, "sweeps/bucket"), out

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,6 @@ from pipelines.tune.results import FAILED, TrialRow, best_row, format_table
 from pipelines.tune.trial import objective
 
 ROOT = Path(__file__).resolve().parents[1]
-CDM = Path(sys.executable).with_name("cdm")
 
 
 @pytest.fixture(scope="module")
@@ -180,11 +179,10 @@ def test_table_is_sorted_best_first_with_failures_last():
     assert best_row([rows[-1]]) is None
 
 
-def _cdm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CDM), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def test_cli_refuses_a_bad_space_file_before_ray_starts(tmp_path, cdm_forks):
+    def _cdm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return cdm_forks.run(list(args), cwd=cwd, env=dict(os.environ))
 
-
-def test_cli_refuses_a_bad_space_file_before_ray_starts(tmp_path):
     (tmp_path / "space.toml").write_text('[space]\n"loss.w_cee" = { loguniform = [1e-4, 1e-1] }\n')
     out = _cdm("tune", str(ROOT / "configs" / "train_tiny.toml"), "--space", "space.toml", cwd=tmp_path)
     assert out.returncode == 2, out.stderr
