@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cdm_forks import CdmForks
 from conftest import prepare_quick, write_image_folder
 
 from cdm_core.checkpoint import save_checkpoint
@@ -298,24 +297,20 @@ def _env(world: Path, argv: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(world) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
+def outcomes(world, cdm_forks) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
     """Each case's process and the files it changed (hashed after every case). The cases run in
     processes forked from one that has imported what `cdm` imports (tests/cdm_forks.py): a case is
     then 0.2–0.5 s instead of the 5–8 s a fresh interpreter spends importing torch, Ray and MLflow."""
     out = {}
     before = _hashes(world)
-    forks = CdmForks()
-    try:
-        for name, argv, _ in CASES:
-            result = forks.run(argv.split(), cwd=world, env=_env(world, argv))
-            after = _hashes(world)
-            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-            if (world / PWNED).exists():
-                changed.append(PWNED)
-            out[name] = (result, changed)
-            before = after
-    finally:
-        forks.close()
+    for name, argv, _ in CASES:
+        result = cdm_forks.run(argv.split(), cwd=world, env=_env(world, argv))
+        after = _hashes(world)
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        if (world / PWNED).exists():
+            changed.append(PWNED)
+        out[name] = (result, changed)
+        before = after
     return out
 
 

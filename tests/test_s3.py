@@ -385,7 +385,7 @@ def test_a_sweeps_trials_checkpoint_into_the_bucket_and_its_best_trains_on(
     best = info["best"]["checkpoint"]
     assert best.startswith(f"{sweeps}/bucket/trials/") and best.endswith("checkpoint_00000004"), best
     assert f"best checkpoint: {best}" in out
-    assert not list(tmp_path.glob("**/checkpoint.pt"))  # nothing of the sweep on this node's disk
+    assert not list(tmp_path.glob("**/checkpoint.pt"))  # none in the working folder
 
     code, out = cli_in_process(
         ["train", "--from-best", f"{sweeps}/bucket", "--continue-best", "--set", "train.steps=6"], capsys, monkeypatch

@@ -156,7 +156,10 @@ class TrainSection:
 @dataclass
 class ValidationSection:
     every: int = option(
-        5000, ge=1, doc="validate with the EMA model every this many steps (and at every checkpoint and at the end)"
+        5000,
+        ge=1,
+        doc="validate with the EMA model every this many steps, and at every checkpoint (checkpoint.keep_best "
+        "ranks them, and a sweep's schedulers read them, by their validation score) and at the end",
     )
     batch_size: int = option(256, ge=1, doc="per-worker validation batch")
     max_samples: Optional[int] = option(None, ge=1, doc="validate on the first N samples of the split; none = all")
