@@ -343,12 +343,11 @@ def test_prepare_train_store_lost_resume_sample_nll_fid_all_in_the_bucket(
     assert SECRET not in out and SECRET not in server_log.read_text()
 
 
-def test_a_sweeps_trials_checkpoint_into_the_bucket_and_its_best_trains_on(
-    s3, two_nodes, tmp_path, capsys, monkeypatch
-):
+def test_a_sweeps_trials_checkpoint_into_the_bucket(s3, two_nodes, tmp_path, capsys, monkeypatch):
     """`cdm tune` with run.storage_path in the bucket: Ray Tune's state, each trial's run folder and checkpoints,
     and cdm_sweep.json are objects there (the two trials run at once, one per node: neither node's disk holds
-    them), and `cdm train --from-best … --continue-best` goes on from the best trial's checkpoint read back from the bucket."""
+    them); the best checkpoint the sweep records and prints is the bucket's. (Reading a checkpoint back from the
+    bucket to train on is the resume of the test above.)"""
     fs = s3["fs"]
     data, sweeps = f"s3://{BUCKET}/data", f"s3://{BUCKET}/sweeps"
     if "dataset.json" not in _keys(fs, "data"):  # run alone (`-k sweep`), the test prepares its own data
@@ -386,10 +385,3 @@ def test_a_sweeps_trials_checkpoint_into_the_bucket_and_its_best_trains_on(
     assert best.startswith(f"{sweeps}/bucket/trials/") and best.endswith("checkpoint_00000004"), best
     assert f"best checkpoint: {best}" in out
     assert not list(tmp_path.glob("**/checkpoint.pt"))  # none in the working folder
-
-    code, out = cli_in_process(
-        ["train", "--from-best", f"{sweeps}/bucket", "--continue-best", "--set", "train.steps=6"], capsys, monkeypatch
-    )
-    assert code == 0, out
-    trial = best.removeprefix(f"{sweeps}/bucket/").rsplit("/", 1)[0]
-    assert f"{trial}/checkpoint_00000006/checkpoint.pt" in _keys(fs, "sweeps/bucket"), out
