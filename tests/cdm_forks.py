@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,8 @@ for line in sys.stdin:
 
 
 class CdmForks:
-    """`run(argv, cwd, env, timeout)` → `subprocess.CompletedProcess` of `cdm ARGV`, one command at a time."""
+    """`run(argv, cwd, env, timeout)` → `subprocess.CompletedProcess` of `cdm ARGV`, one command at a time
+    (`env`: the command's whole environment, by default this process's)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -87,7 +89,10 @@ class CdmForks:
             raise RuntimeError(f"the cdm fork server ended (exit code {self._server.wait()})")
         return json.loads(line)
 
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    def run(
+        self, argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        env = dict(os.environ) if env is None else env
         with self._lock:
             out, err = Path(self._files, "stdout"), Path(self._files, "stderr")
             out.write_bytes(b"")
@@ -107,3 +112,4 @@ class CdmForks:
     def close(self) -> None:
         self._server.stdin.close()
         self._server.wait(timeout=30)
+        shutil.rmtree(self._files, ignore_errors=True)

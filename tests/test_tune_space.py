@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -181,7 +180,7 @@ def test_table_is_sorted_best_first_with_failures_last():
 
 def test_cli_refuses_a_bad_space_file_before_ray_starts(tmp_path, cdm_forks):
     def _cdm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        return cdm_forks.run(list(args), cwd=cwd, env=dict(os.environ))
+        return cdm_forks.run(list(args), cwd=cwd)
 
     (tmp_path / "space.toml").write_text('[space]\n"loss.w_cee" = { loguniform = [1e-4, 1e-1] }\n')
     out = _cdm("tune", str(ROOT / "configs" / "train_tiny.toml"), "--space", "space.toml", cwd=tmp_path)

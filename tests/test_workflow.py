@@ -320,7 +320,7 @@ def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run,
 def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir, cdm_forks):
     def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         argv = ["run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args]
-        return cdm_forks.run(argv, cwd=Path.cwd(), env=dict(os.environ))
+        return cdm_forks.run(argv, cwd=Path.cwd())
 
     bad = cli(workdir, "--dry-run", "--set", "train.optim.lrr=1e-3")
     assert bad.returncode == 2 and "train.optim.lrr" in bad.stderr and "'lr'" in bad.stderr
