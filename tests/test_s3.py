@@ -345,8 +345,8 @@ def test_prepare_train_store_lost_resume_sample_nll_fid_all_in_the_bucket(
 
 def test_a_sweeps_trials_checkpoint_into_the_bucket(s3, two_nodes, tmp_path, capsys, monkeypatch):
     """`cdm tune` with run.storage_path in the bucket: Ray Tune's state, each trial's run folder and checkpoints,
-    and cdm_sweep.json are objects there (the two trials run at once, one per node: neither node's disk holds
-    them); the best checkpoint the sweep records and prints is the bucket's. (Reading a checkpoint back from the
+    and cdm_sweep.json are objects there (two trials at once on the 2-node cluster, whose nodes share only the
+    bucket); the best checkpoint the sweep records and prints is the bucket's. (Reading a checkpoint back from the
     bucket to train on is the resume of the test above.)"""
     fs = s3["fs"]
     data, sweeps = f"s3://{BUCKET}/data", f"s3://{BUCKET}/sweeps"
