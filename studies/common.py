@@ -99,7 +99,10 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 MINIATURE = ROOT / "studies" / "miniature.toml"
 # --smoke: every configuration, every stage, a few steps (tests/test_studies.py); results stay in the work folder.
+# Training runs in Ray Train's local mode (the loop in the `cdm run` process): the same loop, without a worker
+# group to start for six steps.
 SMOKE = [
+    "train.scaling.num_workers=0",
     "train.train.steps=6",
     "train.train.log_every=3",
     "train.validation.every=6",

@@ -14,6 +14,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A busy 2-core machine can take over a minute to start a worker group (each worker imports torch while
+# the others do); Ray Train's default wait of 60 s then fails the run. Set before any Ray starts, so that
+# every controller, in this process's clusters and in the `cdm` commands the tests start, reads it.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_tracking_uri():
@@ -30,15 +35,58 @@ def _isolate_mlflow_tracking_uri():
     mlflow.set_tracking_uri(before)
 
 
+_SUITE_RAY: dict[str, str] = {}  # the address of the suite's local Ray while this process is connected to it
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray per test module (modules with other needs define their own)."""
+    """The suite's one local Ray (4 logical CPUs), shared by every module that asks for it; yields its address.
+
+    A start and a shutdown cost ~10 s on 2 cores, so the first module that asks starts it and it stays up for
+    the next. `cdm` subprocesses join it through RAY_ADDRESS=address. A module that needs another cluster
+    (`two_ray_nodes`, its own environment in the workers) calls `leave_suite_ray()` first, and the next
+    module that asks starts a new one. The GCS port is chosen first so that the workers can be told the
+    address: Ray Train's placement-group clean-up monitor asks the state API whether the controller lives,
+    and without RAY_ADDRESS a worker would ask whichever cluster `ray start` ran last on this machine.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not (ray.is_initialized() and _SUITE_RAY):
+        leave_suite_ray()
+        port = free_port()
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("RAY_GCS_SERVER_PORT", str(port))
+            env.delenv("RAY_ADDRESS", raising=False)
+            ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+            )
+        assert ray.get_runtime_context().gcs_address == address
+        _SUITE_RAY["address"] = address
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    yield _SUITE_RAY["address"]
+
+
+def leave_suite_ray() -> None:
+    """Shut down whatever Ray this process is connected to (the suite's, before a module starts its own)."""
+    import ray
+
+    _SUITE_RAY.clear()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -201,6 +249,7 @@ def two_ray_nodes(separate_temp_dirs: bool = False):
     import ray
     from ray.cluster_utils import Cluster
 
+    leave_suite_ray()
     temps = [tempfile.mkdtemp(prefix=f"cdm-{n}-") for n in ("head", "node")] if separate_temp_dirs else [None, None]
     head = {"num_cpus": 2, "include_dashboard": False, **({"temp_dir": temps[0]} if temps[0] else {})}
     cluster = Cluster(initialize_head=True, head_node_args=head)

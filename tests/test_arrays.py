@@ -175,7 +175,15 @@ def test_nll_of_standardized_data_is_the_density_of_the_data_as_given(
 def _train(data: Path, tmp_path: Path, capsys, monkeypatch, *sets: str) -> Path:
     argv = ["train", TINY, "--set", f"data.uri={data}", "--set", f"run.storage_path={tmp_path / 'runs'}"]
     argv += ["--set", "run.name=r", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    for s in ("train.steps=3", "checkpoint.every=3", "validation.every=3", "train.batch_size=16", *sets):
+    # Local mode (the loop in this process): what is checked is the data's path through training, not the workers.
+    for s in (
+        "train.steps=3",
+        "checkpoint.every=3",
+        "validation.every=3",
+        "train.batch_size=16",
+        "scaling.num_workers=0",
+        *sets,
+    ):
         argv += ["--set", s]
     code, text = cli_in_process(argv, capsys, monkeypatch)
     assert code == 0, text
@@ -240,7 +248,7 @@ def test_standardized_arrays_train_with_the_unet_and_report_in_data_units(
 
 def test_cdm_run_on_vectors(ray_session, tmp_path, capsys, monkeypatch):
     """The whole workflow on (D,) vectors (`cdm prepare toy2d`'s, kept as given): prepare, the untrained
-    network's NLL, train with the mlp preset, sample, NLL; the trained model's figures are its one-pass
+    network's NLL, train with the mlp preset (in local mode), sample, NLL; the trained model's figures are its one-pass
     likelihood by hand."""
     workflow = tmp_path / "vectors.toml"
     workflow.write_text(
@@ -265,6 +273,8 @@ batch_size = 16
 every = 3
 [train.checkpoint]
 every = 3
+[train.scaling]
+num_workers = 0
 [sample]
 n = 16
 steps = 3

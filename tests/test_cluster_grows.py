@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import exact_mixture_checkpoint, prepare_quick
+from conftest import exact_mixture_checkpoint, leave_suite_ray, prepare_quick
 from ray.cluster_utils import Cluster
 
 from pipelines.common import config as cfg
@@ -31,6 +31,7 @@ T = 20
 
 @pytest.fixture(scope="module")
 def cluster():
+    leave_suite_ray()
     grows = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     ray.init(address=grows.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 240  # MLflow's server takes ~10 s on a quiet 2-core box, far more on a loaded one
@@ -23,12 +24,6 @@ pytestmark = pytest.mark.timeout(600)
 def _cdm_argv() -> list[str]:
     cdm = BIN / "cdm"
     return [str(cdm)] if cdm.exists() else [sys.executable, "-m", "pipelines.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -55,7 +50,7 @@ def _env() -> dict[str, str]:
 
 
 def test_ui_serves_the_project_store_on_loopback(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "ui.log").open("w")
     process = subprocess.Popen(
         _cdm_argv() + ["ui", "--port", str(port), "--workdir", str(tmp_path)],

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -70,13 +70,13 @@ def _env() -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
 
 
-def _start_train(work: Path, data: Path, tag: str, *sets: str, flags: tuple[str, ...] = ()):
+def _start_train(work: Path, data: Path, tag: str, *sets: str, flags: tuple[str, ...] = (), env=None):
     """A `cdm train` process of the tiny config, its stdout and stderr redirected to files in `work`."""
     argv = [CDM, "train", str(REPO / "configs/train_tiny.toml"), *flags, "--set", f"data.uri={data}"]
     for s in ("run.storage_path=runs", "train.steps=10", "validation.every=10", "sampling.every=10", *sets):
         argv += ["--set", s]
     with (work / f"{tag}.stdout").open("w") as o, (work / f"{tag}.stderr").open("w") as e:
-        return subprocess.Popen(argv, cwd=work, env=_env(), stdout=o, stderr=e)
+        return subprocess.Popen(argv, cwd=work, env={**_env(), **(env or {})}, stdout=o, stderr=e)
 
 
 def _finished(process: subprocess.Popen, work: Path, tag: str) -> dict:
@@ -89,8 +89,9 @@ def _finished(process: subprocess.Popen, work: Path, tag: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, digits_dataset):
-    """Two real train runs in one store, side by side (each its own local Ray): linear, and cosine registered."""
+def two_runs(ray_session, tmp_path_factory, digits_dataset):
+    """Two real train runs in one store, side by side: linear on a worker (its own local Ray, as a user's first
+    run), and cosine registered, in local mode (`scaling.num_workers=0`) on the suite's Ray."""
     work = tmp_path_factory.mktemp("researcher")
     # The first makes the store, so its log holds MLflow's "Creating initial database tables".
     first = _start_train(work, digits_dataset, "linear")
@@ -98,18 +99,29 @@ def two_runs(tmp_path_factory, digits_dataset):
     while "cdm train: run" not in (work / "linear.stderr").read_text() and first.poll() is None:
         assert time.monotonic() < deadline, "the first run did not start"
         time.sleep(0.5)
-    second = _start_train(work, digits_dataset, "cosine", "schedule.name=cosine", flags=("--register", "digits-tiny"))
+    second = _start_train(
+        work,
+        digits_dataset,
+        "cosine",
+        "schedule.name=cosine",
+        "scaling.num_workers=0",
+        flags=("--register", "digits-tiny"),
+        env={"RAY_ADDRESS": ray_session},
+    )
     return work, _finished(first, work, "linear"), _finished(second, work, "cosine")
 
 
 def test_cdm_train_prints_only_its_own_lines(two_runs):
-    _, first, _ = two_runs
-    console = first["stdout"] + first["stderr"]
-    assert not ANSI.search(console), console
-    leaked = [line for line in console.splitlines() if any(s in line for s in INTERNALS)]
-    assert not leaked, console
-    assert "finished at step 10" in first["stdout"] and "cdm train: run " in first["stderr"]
-    assert len(console.splitlines()) <= 13, console  # progress, the run, its 6 final metrics, the checkpoints, the UI
+    _, first, second = two_runs
+    for run in (first, second):  # on a worker, and in local mode (the loop in the cdm process)
+        console = run["stdout"] + run["stderr"]
+        assert not ANSI.search(console), console
+        leaked = [line for line in console.splitlines() if any(s in line for s in INTERNALS)]
+        assert not leaked, console
+        assert "finished at step 10" in run["stdout"] and "cdm train: run " in run["stderr"]
+        assert len(console.splitlines()) <= 13, (
+            console
+        )  # progress, the run, its 6 final metrics, the checkpoints, the UI
     # What was kept off the console is in the run's folder, uncoloured.
     log = (first["folder"] / "cdm.log").read_text()
     assert "Creating initial MLflow database tables" in log  # the first run made the store
@@ -123,12 +135,6 @@ def test_make_prints_no_recipe_comments():
     dry = subprocess.run(["make", "-n", "-B", "install", "demo"], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert not [line for line in dry.stdout.splitlines() if line.lstrip().startswith("#")], dry.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start_ui(work: Path, port: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -178,11 +184,15 @@ def test_the_ui_opens_on_comparable_runs_in_a_browser(two_runs, tmp_path):
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
     assert any(key.startswith("system/cpu") for key in run.data.metrics), sorted(run.data.metrics)
     assert run.data.params["run.name"] == first["name"] and run.data.params["train.steps"] == "10"  # what ran
+    local = client.get_run(second["run_id"])  # local mode: one process, the same run
+    assert local.data.tags["cdm.local_mode"] == "true" and local.data.params["scaling.num_workers"] == "0"
+    assert run.data.tags["cdm.local_mode"] == "false" and run.data.tags["cdm.world_size"] == "1"
+    assert sorted(p.name for p in second["folder"].glob("checkpoint_0*")) == ["checkpoint_00000010"]
     models = client.search_logged_models([experiment.experiment_id])
     assert [m.source_run_id for m in models] == [second["run_id"]], models
     assert [v.run_id for v in client.search_model_versions("name = 'digits-tiny'")] == [second["run_id"]]
 
-    port = _free_port()
+    port = free_port()
     process, url = _start_ui(work, port, tmp_path / "ui.log")
     assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
     base = f"http://127.0.0.1:{port}/#"

@@ -22,15 +22,6 @@ from pipelines.data.readers import LocalReader, from_model_input, ray_dataset  #
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
     """17 labeled 6×5 RGB images in shards of 7, 7, 3."""
     root = tmp_path_factory.mktemp("uneven")

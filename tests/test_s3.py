@@ -23,19 +23,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from conftest import ROOT, cli_in_process, two_ray_nodes
+from conftest import ROOT, cli_in_process, free_port, two_ray_nodes
 
 ray = pytest.importorskip("ray")
 
 BUCKET = "cdm-s3-test"
 CDM = str(Path(sys.executable).with_name("cdm"))
 SECRET = "cdm-test-secret-never-printed"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(port: int, process: subprocess.Popen, what: str, timeout: float = 60) -> None:
@@ -67,7 +61,7 @@ class _Plug:
     behind it keeps its objects, so what the failed run left in the bucket can be inspected afterwards."""
 
     def __init__(self, target: int):
-        self.target, self.port, self.lock, self.conns = target, _free_port(), threading.Lock(), set()
+        self.target, self.port, self.lock, self.conns = target, free_port(), threading.Lock(), set()
         self.restore()
 
     def restore(self) -> None:
@@ -119,7 +113,7 @@ class _Plug:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with one bucket; the AWS_* variables point this process (and the Ray nodes it starts) at it."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -157,7 +151,7 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlflow_server(s3, tmp_path_factory):
     """`cdm ui --artifacts-destination s3://BUCKET/mlartifacts`: an MLflow server on a SQLite store, artifacts in the bucket."""
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("mlflow-server")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     argv = [
@@ -203,7 +197,7 @@ def test_a_missing_bucket_is_one_line_before_any_work(s3, capsys, monkeypatch):
 def test_refused_credentials_are_one_line_before_any_work(s3, tmp_path, capsys, monkeypatch):
     """A second moto server that checks every request's signature against its (empty) IAM: any key is refused,
     as a real store refuses a wrong one. The secret is not printed."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto: authenticate from the first request on
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     server = subprocess.Popen(

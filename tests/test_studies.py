@@ -1,7 +1,7 @@
 """The paper-in-miniature studies (studies/table1, table3, cdm_vs_ddm), each run as a user runs it with --smoke.
 
---smoke keeps every configuration and every stage (the real `cdm run` in a subprocess, a local Ray each
-time) and cuts the steps and samples; its results stay in the work folder, never over the committed ones.
+--smoke keeps every configuration and every stage (the real `cdm run` in a subprocess, joined to the suite's
+Ray) and cuts the steps and samples; its results stay in the work folder, never over the committed ones.
 Checked: every configuration's figures are there and finite, each study is one MLflow run with one child
 per configuration (the workflows' parent runs), the stages two studies share ran once, and the study's run
 holds its results.
@@ -30,13 +30,13 @@ FIGURE = {"table1": "table1.png", "table3": "table3.png", "cdm_vs_ddm": "fig4.pn
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(ray_session, tmp_path_factory):
     base = tmp_path_factory.mktemp("studies")
     committed = {name: (ROOT / "studies" / name / "results.json") for name in STUDIES}
     before = {name: p.read_bytes() if p.exists() else None for name, p in committed.items()}
-    env = {**os.environ, "CDM_STUDIES_WORKDIR": str(base)}
+    # The eight `cdm run`s join the suite's Ray instead of starting eight.
+    env = {**os.environ, "CDM_STUDIES_WORKDIR": str(base), "RAY_ADDRESS": ray_session}
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
     for name in STUDIES:
         done = subprocess.run(
             [sys.executable, str(ROOT / "studies" / name / "run.py"), "--smoke"],

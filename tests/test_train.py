@@ -14,6 +14,7 @@ Both use the same global batch and seed on sklearn's 8×8 digits.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,19 @@ def one_worker(ray_session, digits_dataset, store):
     return str(failure.value), after_failure, resumed
 
 
+@pytest.fixture(scope="module")
+def local_mode(ray_session, digits_dataset, store):
+    """`one_worker` again in Ray Train's local mode (scaling.num_workers=0): the loop in this process."""
+    config = tiny_config(digits_dataset, store, "local-mode", "scaling.num_workers=0")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CDM_NAN_AT_STEP", "25")
+        with pytest.raises(NonFiniteLossError) as failure:
+            run(config)
+    run_dir = Path(store[0] / "runs" / "local-mode")
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    return str(failure.value), checkpoints, resume(str(run_dir))
+
+
 # --------------------------------------------------------------------------- failures and restarts
 
 
@@ -177,6 +191,43 @@ def test_one_and_two_workers_give_close_loss_curves(one_worker, two_workers, sto
         assert curve[-10:].mean() < curve[:10].mean() - 0.07, curve  # window means vary by ~0.015
     assert abs(one[-10:].mean() - two[-10:].mean()) < 0.06, (one[-10:].mean(), two[-10:].mean())
     assert abs(one[10:30].mean() - two[10:30].mean()) < 0.06
+
+
+def test_local_mode_writes_what_a_one_worker_run_writes(local_mode, one_worker, store):
+    """The same NaN at step 25 and the same resume, in one process: the same message, checkpoints, run folder
+    and MLflow run (params, metrics and their steps, tags, artifacts) as the one-worker run's, less Ray's own
+    files (its checkpoint snapshot and storage marker; local mode keeps its record in cdm_run.json)."""
+    local_message, local_after_failure, local = local_mode
+    message, after_failure, worker = one_worker
+    assert local_message == message.replace("one-worker", "local-mode")
+    assert local_after_failure == after_failure["checkpoints"]
+    assert local.step == worker.step == STEPS and Path(local.checkpoint).name == Path(worker.checkpoint).name
+    assert Path(local.best_checkpoint).name in {p.name for p in Path(local.run_dir).glob("checkpoint_0*")}
+
+    def folder(result) -> set[str]:  # which checkpoints are the best 2 depends on each run's scores
+        return {
+            re.sub(r"checkpoint_\d{8}", "checkpoint_N", str(p.relative_to(result.run_dir)))
+            for p in Path(result.run_dir).rglob("*")
+        }
+
+    assert folder(local) == folder(worker) - {"checkpoint_manager_snapshot.json", ".validate_storage_marker"}
+    for result in (local, worker):  # the best 2 by val/nll_bpd and the latest, as Ray keeps them
+        kept = sorted(p.name for p in Path(result.run_dir).glob("checkpoint_0*"))
+        assert 2 <= len(kept) <= 3 and kept[-1] == "checkpoint_00000040", kept
+    runs = {name: client(store).get_run(r.mlflow_run_id) for name, r in (("local", local), ("worker", worker))}
+    assert runs["local"].info.status == runs["worker"].info.status == "FINISHED"
+    params = {n: dict(r.data.params) for n, r in runs.items()}
+    assert params["local"].pop("scaling.num_workers") == "0" and params["worker"].pop("scaling.num_workers") == "1"
+    assert params["local"] == {k: v.replace("one-worker", "local-mode") for k, v in params["worker"].items()}
+    tags = {n: r.data.tags for n, r in runs.items()}
+    assert tags["local"]["cdm.local_mode"] == "true" and tags["worker"]["cdm.local_mode"] == "false"
+    assert tags["local"]["cdm.restarted_from_step.20"] == tags["worker"]["cdm.restarted_from_step.20"]
+    assert set(tags["local"]) == set(tags["worker"])
+    assert set(runs["local"].data.metrics) == set(runs["worker"].data.metrics)
+    for key in ("train/loss", "val/nll_bpd"):
+        assert steps_of(store, local.mlflow_run_id, key) == steps_of(store, worker.mlflow_run_id, key)
+    listed = {n: {a.path for a in client(store).list_artifacts(r.info.run_id)} for n, r in runs.items()}
+    assert listed["local"] == listed["worker"]
 
 
 # --------------------------------------------------------------------------- what the run leaves behind

@@ -58,6 +58,11 @@ def test_missing_dataset_through_the_console_script(tmp_path):
             "run.init_from: no checkpoint.pt in /nowhere/checkpoint_00000010",
         ),
         (["--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
+        (["--set", "scaling.num_workers=-1"], "scaling.num_workers: -1 must be >= 0"),
+        (
+            ["--set", "scaling.num_workers=0", "--set", "run.max_failures=1"],
+            "run.max_failures: 1 with scaling.num_workers=0: local mode trains in the cdm process itself",
+        ),
     ],
 )
 def test_config_mistakes(argv, message, digits_dataset, tmp_path, capsys, monkeypatch):

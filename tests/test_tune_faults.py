@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import leave_suite_ray
 
 ray = pytest.importorskip("ray")
 
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dying_workers():
+    # Its own Ray: the trials' processes must start with CDM_FAIL_AT_STEP in their environment.
+    leave_suite_ray()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CDM_FAIL_AT_STEP", "3")
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)

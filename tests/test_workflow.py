@@ -1,6 +1,6 @@
 """`cdm run` end to end on a tiny workflow, with a real local Ray and a real MLflow SQLite store.
 
-One Ray session serves the module; the `cdm run` subprocesses join it through
+The suite's Ray session serves the module; the `cdm run` subprocesses join it through
 RAY_ADDRESS instead of starting their own. The tests build on each other in
 one work directory (module-scoped fixtures, in this order):
 
@@ -37,8 +37,15 @@ CDM = str(Path(sys.executable).with_name("cdm"))
 ALL_STAGES = ["prepare", "nll_untrained", "train", "sample", "nll", "features", "fid"]
 
 # The killed variant: its own data (another split seed) so that it runs a stage before training,
-# 60 steps with a checkpoint every 10, and only the NLL after training (to keep the test short).
-KILLED = ["prepare.seed=1", "train.train.steps=60", "nll.untrained=false", "sample.enabled=false", "fid.enabled=false"]
+# on a worker, 60 steps with a checkpoint every 10, and only the NLL after training (to keep the test short).
+KILLED = [
+    "prepare.seed=1",
+    "train.scaling.num_workers=1",
+    "train.train.steps=60",
+    "nll.untrained=false",
+    "sample.enabled=false",
+    "fid.enabled=false",
+]
 
 TINY = f"""
 name = "tiny"
@@ -61,6 +68,11 @@ max_samples = 64
 [train.checkpoint]
 every = 10
 
+# Local mode (the loop in the workflow's process): the first run tests the stages, not Ray Train's workers;
+# the killed variant and the sweep train on workers.
+[train.scaling]
+num_workers = 0
+
 [sample]
 n = 32
 steps = 5
@@ -78,36 +90,9 @@ workers = 1
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ray_address():
-    # The GCS port is chosen first so that this session's workers can be told its address: Ray Train's
-    # placement-group clean-up monitor asks the state API whether the controller lives, and without
-    # RAY_ADDRESS a worker asks whichever cluster `ray start` ran last on this machine.
-    port = free_port()
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_GCS_SERVER_PORT", str(port))
-        env.delenv("RAY_ADDRESS", raising=False)
-        ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
-        )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    assert ray.get_runtime_context().gcs_address == address
-    yield address
-    ray.shutdown()
+def ray_address(ray_session):
+    return ray_session
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +335,7 @@ def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
     (workdir / "sweep.toml").write_text(SWEEP)
     overrides = [
         f"tune.space={workdir / 'sweep.toml'}",
+        "train.scaling.num_workers=1",
         "train.train.steps=10",
         "train.validation.every=10",
         "nll.enabled=false",

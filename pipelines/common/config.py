@@ -538,7 +538,12 @@ def flat_values(config: Any) -> dict[str, Any]:
 class ScalingSection:
     """How many Ray workers and what each gets (train, tune trials, batch stages)."""
 
-    num_workers: int = option(1, ge=1, doc="Ray Train workers (data-parallel replicas)")
+    num_workers: int = option(
+        1,
+        ge=0,
+        doc="Ray Train workers (data-parallel replicas); 0 = Ray Train's local mode: the loop runs in the cdm "
+        "process itself (no worker actors; `pdb` works), with no restarts (run.max_failures=0) and no sweeps",
+    )
     use_gpu: bool = option(False, doc="one GPU per worker (NCCL); CPU workers use gloo")
     cpus_per_worker: int = option(1, ge=1, doc="CPUs reserved per worker; also torch's thread count in the worker")
     gpus_per_worker: float = option(1.0, gt=0, doc="GPUs per worker when use_gpu (fractions share a GPU)")

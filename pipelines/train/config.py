@@ -228,8 +228,14 @@ class TrainConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def check(self) -> None:
-        workers = self.scaling.num_workers
         s = self.scaling
+        if s.num_workers == 0 and self.run.max_failures != 0:
+            raise FieldError(
+                "run.max_failures",
+                f"{self.run.max_failures} with scaling.num_workers=0: local mode trains in the cdm process itself, "
+                "which nothing can restart; set run.max_failures=0, or train with 1 or more workers",
+            )
+        workers = max(s.num_workers, 1)  # local mode (0) is one process
         if s.use_gpu and workers > 1 and s.gpus_per_worker < 1:
             raise FieldError(
                 "scaling.gpus_per_worker",

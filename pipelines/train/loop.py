@@ -39,7 +39,13 @@ from pipelines.common.config import from_dict, to_dict
 from pipelines.data.preview import save_png
 from pipelines.train import collectives
 from pipelines.train.config import TrainConfig
-from pipelines.train.run_dir import checkpoint_line, checkpoint_step, first_loadable, load_run_checkpoint
+from pipelines.train.run_dir import (
+    LocalCheckpoints,
+    checkpoint_line,
+    checkpoint_step,
+    first_loadable,
+    load_run_checkpoint,
+)
 from pipelines.train.run_logger import RunLogger
 from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
 from pipelines.train.validation import Validator, plot_curve, sample_grid, t_grid
@@ -218,12 +224,14 @@ def _report_checkpoint(
     mlflow_run_id: str,
     suffix: str = "",
     fit_id: str | None = None,
+    local: LocalCheckpoints | None = None,
 ) -> None:
     """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt.
 
     `suffix` (e.g. "-b20261201130812") marks the checkpoints of a branch (a continuation from an older
     checkpoint), whose steps repeat those of the line it left: Ray's checkpoint manager must never see one
     folder twice. `fit_id` tells the checkpoints of this fit from those before it (see _restore_latest).
+    `local`: in local mode, where Ray keeps no checkpoint, cdm copies it into the run folder itself.
     """
     extra = {
         "rng": collectives.all_gather_object(_rng_state(generator)),
@@ -248,7 +256,11 @@ def _report_checkpoint(
             scheduler=scheduler,
             extra=extra,
         )
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        if local is not None:
+            checkpoint = ray.train.Checkpoint(local.save(folder, name, report))
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scratch: str) -> None:
@@ -268,8 +280,9 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     data_shape = tuple(loop_config["data_shape"])  # (C, H, W), or (D,) for vectors
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = config.scaling.num_workers == 0  # Ray Train's local mode: this loop runs in the cdm process
     torch.set_num_threads(config.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    device = torch.device("cuda" if config.scaling.use_gpu else "cpu") if local else ray.train.torch.get_device()
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every worker
     model = build_network(config, *data_shape[:2]).to(device)
@@ -280,6 +293,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     step, epoch, resumed_from, rng, used, skipped = 0, 0, None, "seeded", None, []
     checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
+    if checkpoint is None and loop_config.get("resume_from"):  # Ray has no record of the run (local mode)
+        checkpoint = ray.train.Checkpoint(storage.join(loop_config["run_dir"], loop_config["resume_from"]))
     if checkpoint is not None:
         step, epoch, rng, used, skipped = _restore_latest(
             checkpoint, model, ema, optimizer, scheduler, generator, config, rank, world, loop_config
@@ -296,11 +311,21 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
     validator = Validator(config, schedule, prior, device)
     faults = _Faults(loop_config.get("faults", {}), rank)
+    keeper = (
+        LocalCheckpoints(loop_config["run_dir"], config.checkpoint.keep_best, config.score_metric) if local else None
+    )
     logger = RunLogger(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
 
     nodes = collectives.all_gather_object(ray.get_runtime_context().get_node_id())
     if logger:
-        logger.tags({"cdm.world_size": world, "cdm.worker_nodes": ",".join(nodes), "cdm.num_nodes": len(set(nodes))})
+        logger.tags(
+            {
+                "cdm.world_size": world,
+                "cdm.worker_nodes": ",".join(nodes),
+                "cdm.num_nodes": len(set(nodes)),
+                "cdm.local_mode": str(local).lower(),
+            }
+        )
         if config.run.init_from and resumed_from is None:
             logger.tags({"cdm.init_from": config.run.init_from, "cdm.init_step": step})
         if resumed_from is not None:
@@ -322,6 +347,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.metrics(metrics, at)
 
     def finish(status: str, **info: Any) -> dict[str, Any]:
+        if keeper is not None:  # Ray ranks the checkpoints it kept; in local mode cdm does
+            info["best_checkpoint"] = keeper.best()
         return {"status": status, "step": step, "epoch": epoch, "resumed_from": resumed_from, **info}
 
     last_val: dict[str, float] = {}
@@ -411,6 +438,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         mlflow_run_id=loop_config["mlflow_run_id"],
                         suffix=loop_config.get("checkpoint_suffix", ""),
                         fit_id=loop_config.get("fit_id"),
+                        local=keeper,
                     )
                 if step >= steps:
                     break

@@ -5,14 +5,20 @@ checkpoint_00005000/    Ray Train checkpoints, each holding checkpoint.pt
 …                       (the cdm_core format; see pipelines.common.checkpoints)
 checkpoint_00003000-b20261201130812/   a branch's: a continuation from an older checkpoint
 checkpoint_manager_snapshot.json   Ray's list of checkpoints (used to resume)
+
+In Ray Train's local mode (scaling.num_workers=0) Ray keeps only the last reported checkpoint, in
+memory; `LocalCheckpoints` then does what Ray's checkpoint manager does, and the run file's
+`local_checkpoints` is its record.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray.train import Result  # Ray Train V2's (trainer.check_ray_train_v2 insists on it)
 
 from cdm_core.checkpoint import load_checkpoint
@@ -23,6 +29,7 @@ from pipelines.common.tracking import folder_recorded_by_run
 
 RUN_FILE = "cdm_run.json"
 RUN_FORMAT = "cdm-train-run/1"
+LOCAL_RECORD = "local_checkpoints"  # in the run file: {checkpoint name: its score}, written in local mode
 # checkpoint_00005000, or checkpoint_00005000-b20261201130812 on a branch (a continuation from an older checkpoint).
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)(-b\d{14})?")
 
@@ -77,6 +84,14 @@ def registered_checkpoints(run_dir: str) -> set[str] | None:
     return {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
 
 
+def recorded_checkpoints(run_dir: str, info: dict[str, Any]) -> set[str] | None:
+    """The checkpoints recorded for the run: Ray's, and those a local-mode fit recorded in the run file."""
+    ray_record, local = registered_checkpoints(run_dir), set(info.get(LOCAL_RECORD, {}))
+    if ray_record is None and not local:
+        return None
+    return (ray_record or set()) | local
+
+
 def checkpoint_line(run_dir: str, info: dict[str, Any] | None = None, *, registered: bool = True) -> list[str]:
     """The checkpoints the run's current line of training passed through, newest first.
 
@@ -89,7 +104,7 @@ def checkpoint_line(run_dir: str, info: dict[str, Any] | None = None, *, registe
     info = read_run_file(run_dir) if info is None else info
     info = info or {}
     names, parents = checkpoint_names(run_dir), info.get("branches", {})
-    known = registered_checkpoints(run_dir) if registered else None
+    known = recorded_checkpoints(run_dir, info) if registered else None
     if known:
         names = [n for n in names if n in known]
     branch, limit, line, seen = info.get("branch", ""), None, [], set()
@@ -136,3 +151,41 @@ def first_loadable(run_dir: str, names: list[str]) -> tuple[str | None, dict[str
         except ValueError as err:
             skipped.append(f"{name}: {str(err).split('; expected')[0]}")
     return None, None, skipped
+
+
+class LocalCheckpoints:
+    """Ray Train's checkpoint manager for a local-mode fit, which has none: each reported checkpoint is copied
+    into the run folder and recorded in the run file, and those past `keep` are deleted, the worst by
+    `score` (lower is better; unscored ones rank worst) first, never the latest, as Ray does.
+    """
+
+    def __init__(self, run_dir: str, keep: int | None, score: str):
+        self.run_dir, self.keep, self.score = run_dir, keep, score
+
+    def save(self, folder: str, name: str, metrics: dict[str, Any]) -> str:
+        """Copy the local checkpoint `folder` to the run folder as `name`; returns its URI."""
+        target = storage.resolve(storage.join(self.run_dir, name))
+        target.makedirs()
+        pafs.copy_files(folder, target.root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.fs)
+        info = read_run_file(self.run_dir) or {}
+        record = {**info.get(LOCAL_RECORD, {}), name: metrics.get(self.score)}  # recorded once it is whole
+        if self.keep is not None:
+            for old in sorted(record, key=lambda n: _rank(record[n]))[self.keep :]:
+                if old == name:
+                    continue
+                gone = storage.resolve(storage.join(self.run_dir, old))
+                if gone.kind() == "dir":
+                    gone.fs.delete_dir(gone.root)
+                del record[old]
+        write_run_file(self.run_dir, {**info, LOCAL_RECORD: record})
+        return target.uri
+
+    def best(self) -> str | None:
+        """The best scored checkpoint recorded, or None if none has a score."""
+        record = (read_run_file(self.run_dir) or {}).get(LOCAL_RECORD, {})
+        scored = [n for n, v in record.items() if v is not None and math.isfinite(v)]
+        return storage.join(self.run_dir, min(scored, key=lambda n: record[n])) if scored else None
+
+
+def _rank(score: float | None) -> float:
+    return score if score is not None and math.isfinite(score) else math.inf

@@ -146,7 +146,7 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, ...]]:
         num_labels = int(spec.num_classes)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, num_labels=num_labels))
 
-    workers = config.scaling.num_workers
+    workers = max(config.scaling.num_workers, 1)  # local mode (0) trains in one process
     per_worker = config.train.batch_size // workers
     share = -(-ds.count(config.data.train_split) // workers)
     if share < per_worker:
@@ -255,7 +255,10 @@ def _fit(
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     shuffle = None if config.data.shuffle == "none" else config.data.shuffle
-    reserved = s.num_workers * s.cpus_per_worker
+    reserved = (
+        s.num_workers * s.cpus_per_worker
+    )  # local mode (0 workers) trains in this process, which Ray does not count
+    shards = max(s.num_workers, 1)
     ensure_ray(config.run.ray_address, min_cpus=reserved + 1)
     if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
         warn(
@@ -304,10 +307,10 @@ def _fit(
                 config.data.uri,
                 config.data.train_split,
                 flip=config.data.flip,
-                pad_to_multiple_of=s.num_workers,
+                pad_to_multiple_of=shards,
                 shuffle=shuffle,
             ),
-            "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=s.num_workers, verify=False),
+            "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=shards, verify=False),
         },
     )
     try:
@@ -351,7 +354,7 @@ def _finish(
     latest = storage.join(run_dir, Path(result.checkpoint.path).name) if result.checkpoint else None
     if outcome.get("status") == "nonfinite":
         raise NonFiniteLossError(_nonfinite_message(outcome, run_dir, latest))
-    best = None
+    best = outcome.get("best_checkpoint")  # local mode ranks its own checkpoints (run_dir.LocalCheckpoints)
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if config.score_metric in m]
     if scored:
         best_ckpt = min(scored, key=lambda cm: cm[1][config.score_metric])[0]

@@ -284,6 +284,11 @@ def run(
     settings = sweep.settings
     tracking_uri = store_uri(config.tracking)
     config, tracking_uri = _local_paths_absolute(config, tracking_uri)
+    if config.scaling.num_workers == 0:  # a local-mode fit reports nothing through Ray Train's callbacks
+        raise UserError(
+            "scaling.num_workers: 0 (local mode) is for `cdm train`; a sweep's trials report through Ray Train's "
+            "workers, so give them 1 or more"
+        )
     resolve(config)  # the dataset and the model exist (each trial resolves its own sample again)
     scheduler = _scheduler(sweep, config)  # its settings are checked here too, before Ray starts
 
