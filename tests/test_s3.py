@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-from conftest import ROOT, cli_in_process, free_port, two_ray_nodes
+from conftest import ROOT, cli_in_process, free_port, leave_suite_ray, two_ray_nodes
 
 ray = pytest.importorskip("ray")
 
@@ -112,7 +112,11 @@ class _Plug:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server with one bucket; the AWS_* variables point this process (and the Ray nodes it starts) at it."""
+    """A moto S3 server with one bucket; the AWS_* variables point this process (and the Ray nodes it starts) at it.
+
+    The suite's Ray goes first: the module's own cluster must start with the AWS_* variables, and the first
+    tests check that a refused store is reported before any Ray starts."""
+    leave_suite_ray()
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     server = subprocess.Popen(

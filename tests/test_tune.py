@@ -1,4 +1,4 @@
-"""`cdm tune` on a real local Ray (one session for the module) and a real MLflow SQLite store.
+"""`cdm tune` on a real local Ray (a fresh one for the module) and a real MLflow SQLite store.
 
 Two sweeps of the tiny CDM on sklearn's 8×8 digits, 2 trials at a time:
 
@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import leave_suite_ray
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -28,6 +29,12 @@ from pipelines.tune import sweep as tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_ray():
+    # The last test checks that no placement group is left anywhere in the cluster: a Ray no earlier module used.
+    leave_suite_ray()
 
 
 @pytest.fixture(scope="module")

@@ -255,10 +255,8 @@ def _fit(
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     shuffle = None if config.data.shuffle == "none" else config.data.shuffle
-    reserved = (
-        s.num_workers * s.cpus_per_worker
-    )  # local mode (0 workers) trains in this process, which Ray does not count
-    shards = max(s.num_workers, 1)
+    # Local mode (0 workers) trains in this process, which reserves nothing from Ray, on one shard.
+    reserved, shards = s.num_workers * s.cpus_per_worker, max(s.num_workers, 1)
     ensure_ray(config.run.ray_address, min_cpus=reserved + 1)
     if tracking_uri.startswith("sqlite:") and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
         warn(
