@@ -7,7 +7,8 @@ injected NaN): `optim.lr=1e6`, no warm-up, no clipping, a checkpoint every 2 ste
   (with a sane learning rate filled in) really finishes the run;
 * that run's newest checkpoint is then truncated and the run extended: `--resume` says
   which checkpoint it passes over and continues from the newest one that loads;
-* Ctrl-C on the real `cdm train` ends with cdm's message, exit 130, and the MLflow run KILLED.
+* Ctrl-C on the real `cdm train`, on a worker and in local mode, ends with cdm's message, exit 130, and the
+  MLflow run KILLED.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ DIVERGES = (
 )
 KEEP_ALL = "checkpoint.keep_best=100"  # the retention stays out of the way of the tests of fallback
 # What goes wrong and the way back are the loop's and the run folder's logic: Ray Train's local mode runs them
-# in this process, without a worker group to start for each of the three fits (Ctrl-C below uses a worker,
-# whose abort is Ray's).
+# in this process, without a worker group to start for each of the three fits (Ctrl-C below runs both ways:
+# on a worker, whose abort is Ray's, and in local mode).
 LOCAL = "scaling.num_workers=0"
 
 

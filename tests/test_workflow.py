@@ -91,11 +91,6 @@ workers = 1
 
 
 @pytest.fixture(scope="module")
-def ray_address(ray_session):
-    return ray_session
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     (root / "tiny.toml").write_text(TINY)
@@ -130,7 +125,7 @@ def cli(workdir: Path, *args: str, env: dict | None = None, **kw) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_address, workdir):
+def first_run(ray_session, workdir):
     lines: list[str] = []
     result = run_workflow(workdir / "tiny.toml", workdir=workdir, echo=lines.append)
     return result, lines
@@ -202,11 +197,11 @@ def registered_checkpoints(train_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(first_run, ray_address, workdir):
+def killed_and_resumed(first_run, ray_session, workdir):
     overrides = [a for kv in KILLED for a in ("--set", kv)]
     plan, _ = prepare_plan(workdir / "tiny.toml", KILLED, workdir=workdir)
     train_dir = Path(plan.stage("train").output)
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
     log = workdir / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
