@@ -223,7 +223,9 @@ def test_local_mode_writes_what_a_one_worker_run_writes(local_mode, one_worker, 
     assert tags["local"]["cdm.local_mode"] == "true" and tags["worker"]["cdm.local_mode"] == "false"
     assert tags["local"]["cdm.restarted_from_step.20"] == tags["worker"]["cdm.restarted_from_step.20"]
     assert set(tags["local"]) == set(tags["worker"])
-    assert set(runs["local"].data.metrics) == set(runs["worker"].data.metrics)
+    # MLflow samples system/ metrics every 10 s of wall time, so a short run may log none of them
+    logged = {n: {k for k in r.data.metrics if not k.startswith("system/")} for n, r in runs.items()}
+    assert logged["local"] == logged["worker"] and "val/nll_bpd" in logged["local"]
     for key in ("train/loss", "val/nll_bpd"):
         assert steps_of(store, local.mlflow_run_id, key) == steps_of(store, worker.mlflow_run_id, key)
     listed = {n: {a.path for a in client(store).list_artifacts(r.info.run_id)} for n, r in runs.items()}
