@@ -99,10 +99,13 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 MINIATURE = ROOT / "studies" / "miniature.toml"
 # --smoke: every configuration, every stage, a few steps (tests/test_studies.py); results stay in the work folder.
-# Training runs in Ray Train's local mode (the loop in the `cdm run` process): the same loop, without a worker
-# group to start for six steps.
+# Training runs in Ray Train's local mode and the batch stages with workers = 0, all in the `cdm run` process:
+# the same loop and the same workers' code, without actors to start for six steps and a few dozen images.
 SMOKE = [
     "train.scaling.num_workers=0",
+    "sample.workers=0",
+    "nll.workers=0",
+    "fid.workers=0",
     "train.train.steps=6",
     "train.train.log_every=3",
     "train.validation.every=6",

@@ -59,6 +59,30 @@ def direct_fd(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(a.mean(0), np.cov(a.T), b.mean(0), np.cov(b.T))
 
 
+def test_in_this_process_the_fd_is_the_direct_computation(tmp_path):
+    """--workers 0: one FeatureWorker in this process (no Ray is joined: the address given leads nowhere)
+    merges every shard's statistics of both datasets into the two-pass FD."""
+    reference = tmp_path / "reference"
+    prepare_quick("toy2d", reference, name="gmm", num_train=400, num_test=1, samples_per_shard=130)
+    ref_points, _ = load_split(reference, "train")
+    other = write_vectors(tmp_path / "other", ref_points[::-1] + np.array([0.5, 0.0]), seed=2)
+    result = run(
+        nest(
+            FidConfig,
+            samples=str(other),
+            reference=str(reference),
+            features="raw",
+            cache_dir=str(tmp_path / "cache"),
+            workers=0,
+            address="127.0.0.1:1",
+            track=False,
+        )
+    )
+    stored, _ = load_split(other, "samples")
+    assert result.value == pytest.approx(direct_fd(stored, ref_points), rel=1e-9, abs=1e-12) and result.value > 0.2
+    assert result.samples_count == result.reference_count == 400
+
+
 def test_fd_is_exact_near_zero_for_one_distribution_grows_with_shift_and_caches(ray_session, tmp_path):
     reference = tmp_path / "reference"
     prepare_quick("toy2d", reference, name="gmm", num_train=800, num_test=1, samples_per_shard=130)

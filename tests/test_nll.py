@@ -80,16 +80,20 @@ def _store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_exact_logits_reproduce_the_analytic_log_density_with_1_and_2_workers(
+def test_exact_logits_reproduce_the_analytic_log_density_with_0_1_and_2_workers(
     ray_session, gmm, exact_checkpoint, tmp_path
 ):
+    """0 workers: one scorer in this process, with no Ray joined (the address given leads nowhere), and this
+    process's torch threads as they were afterwards."""
     ds = sh.open_dataset(gmm)
     dist = ds.meta["toy"]["distribution"]
     points, _ = load_split(gmm, "test")
     analytic = toy_log_density(dist, points)  # float64 closed form at the stored float32 points
     expected_keys = manifest_keys(ds, "test")
     assert len(expected_keys) == 300
-    for workers in (1, 2):
+    threads = max(2, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    for workers in (0, 1, 2):
         result = run(
             nest(
                 NllConfig,
@@ -97,25 +101,31 @@ def test_exact_logits_reproduce_the_analytic_log_density_with_1_and_2_workers(
                 dataset=str(gmm),
                 split="test",
                 workers=workers,
+                **({"address": "127.0.0.1:1"} if workers == 0 else {}),
                 batch_size=32,
                 out=str(tmp_path / f"w{workers}"),
                 track=False,
             )
         )
-        table = read_scores(result.scores_uri)
-        keys = table.column("key").to_pylist()
-        assert sorted(keys) == sorted(expected_keys) and len(set(keys)) == len(keys)  # each manifest key exactly once
-        index = table.column("index").to_numpy()
-        log_px = table.column("log_px").to_numpy()
-        np.testing.assert_allclose(log_px, analytic[index], rtol=0, atol=1e-9)
-        # Vector data: bits/dim without the 8-bit bin offset.
-        np.testing.assert_allclose(table.column("bpd").to_numpy(), -log_px / (2 * math.log(2)), rtol=1e-12)
-        assert result.summary["bpd_convention"] == "continuous" and result.count == 300
-        # The dataset-wide figure is the analytic mean log-density (recorded by `cdm prepare` from float64 points).
-        assert result.summary["mean_log_px_nats"] == pytest.approx(ds.meta["toy"]["test_mean_log_density"], abs=1e-5)
-        bpd = table.column("bpd").to_numpy()
-        assert result.nll_bpd == pytest.approx(bpd.mean(), rel=1e-12)
-        assert result.ci95 == pytest.approx(1.96 * bpd.std(ddof=1) / math.sqrt(300), rel=1e-9)
+        assert_the_analytic_density(result, ds, analytic, expected_keys)
+        assert torch.get_num_threads() == threads
+
+
+def assert_the_analytic_density(result, ds, analytic, expected_keys) -> None:
+    table = read_scores(result.scores_uri)
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(expected_keys) and len(set(keys)) == len(keys)  # each manifest key exactly once
+    index = table.column("index").to_numpy()
+    log_px = table.column("log_px").to_numpy()
+    np.testing.assert_allclose(log_px, analytic[index], rtol=0, atol=1e-9)
+    # Vector data: bits/dim without the 8-bit bin offset.
+    np.testing.assert_allclose(table.column("bpd").to_numpy(), -log_px / (2 * math.log(2)), rtol=1e-12)
+    assert result.summary["bpd_convention"] == "continuous" and result.count == 300
+    # The dataset-wide figure is the analytic mean log-density (recorded by `cdm prepare` from float64 points).
+    assert result.summary["mean_log_px_nats"] == pytest.approx(ds.meta["toy"]["test_mean_log_density"], abs=1e-5)
+    bpd = table.column("bpd").to_numpy()
+    assert result.nll_bpd == pytest.approx(bpd.mean(), rel=1e-12)
+    assert result.ci95 == pytest.approx(1.96 * bpd.std(ddof=1) / math.sqrt(300), rel=1e-9)
 
 
 def test_completeness_check_names_missing_extra_and_repeated_keys():

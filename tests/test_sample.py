@@ -106,6 +106,22 @@ def test_samples_per_seed_do_not_depend_on_worker_count(ray_session, unet, tmp_p
     assert Path(one.grid).is_file() and Path(one.grid).stat().st_size > 100
 
 
+def test_in_this_process_the_samples_are_the_workers(unet, tmp_path):
+    """--workers 0: one SampleWorker in this process (no Ray is joined: the address given leads nowhere) draws
+    what a pool's worker draws for each index; this process's torch threads are as they were."""
+    threads = max(2, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    here = _sample(
+        unet, tmp_path / "w0", workers=0, address="127.0.0.1:1", n=10, batch_size=4, steps=4, sampler="ddpm", seed=3
+    )
+    a, _ = load_split(here.uri, "samples")
+    settings = dict(sampler="ddpm", steps=4, seed=3)
+    for batch in (range(0, 4), range(4, 8), range(8, 10)):
+        assert np.array_equal(direct(unet, batch, **settings), a[batch.start : batch.stop])
+    assert torch.get_num_threads() == threads
+    assert sh.verify(here.uri).ok and Path(here.grid).is_file()
+
+
 def test_exact_mixture_samples_follow_the_mixture(ray_session, tmp_path):
     mixture = toy_mixture(2)
     model = GaussianMixtureLogits(

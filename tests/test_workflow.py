@@ -73,14 +73,16 @@ every = 10
 [train.scaling]
 num_workers = 0
 
+# Sampling and the NLL run in the workflow's process (workers = 0; their pools are tested in test_sample.py and
+# test_nll.py); the FD stage keeps a pool of Ray actors, joined to the suite's Ray.
 [sample]
 n = 32
 steps = 5
 batch_size = 16
-workers = 1
+workers = 0
 
 [nll]
-workers = 1
+workers = 0
 
 [features]
 epochs = 1

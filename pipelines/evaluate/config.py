@@ -41,7 +41,12 @@ def sampler_problem(name: str) -> Optional[str]:
 class PoolSection:
     """The Ray workers of a batch stage (`pool`): each loads the model once, then takes batch after batch."""
 
-    workers: Optional[int] = option(None, doc="Ray workers (default: one per GPU, else one per CPU).")
+    workers: Optional[int] = option(
+        None,
+        ge=0,
+        doc="Ray workers (default: one per GPU, else one per CPU); 0: one worker in this process, without Ray "
+        "(a small evaluation, a debugger; the split is read into memory).",
+    )
     gpus_per_worker: Optional[float] = option(
         None, doc="GPUs per worker (default: 1 where the cluster has GPUs, else none)."
     )

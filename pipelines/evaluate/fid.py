@@ -29,7 +29,6 @@ import mlflow
 import numpy as np
 import ray
 import torch
-from ray.util import ActorPool
 
 from cdm_core.frechet import FeatureStats, fd_from_stats
 from pipelines.common.console import Progress
@@ -40,7 +39,7 @@ from pipelines.data import shards as sh
 from pipelines.evaluate.config import FidConfig
 from pipelines.evaluate.feature_classifier import load_classifier
 from pipelines.evaluate.features import ExtractorSpec, build_extractor, extractor_file, resolve_extractor
-from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool
+from pipelines.evaluate.workers import faults_from_env, maybe_die, plan_pool, pool_map
 
 
 @dataclass
@@ -109,31 +108,16 @@ def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidC
         (i, uri, split, shard) for i, (uri, split) in enumerate(jobs) for shard in sh.open_dataset(uri).shards(split)
     ]
     plan = plan_pool(config.pool, max_useful=len(tasks))
-    remote = ray.remote(FeatureWorker).options(**plan.actor_options())
     file_data = extractor_file(spec)
-    file_ref = ray.put(file_data) if file_data is not None else None  # once in the object store, for every worker
-    actors = [
-        remote.remote(
-            spec,
-            plan.device,
-            plan.threads,
-            config.batch_size,
-            allow_tf32=config.allow_tf32,
-            file_data=file_ref,
-            faults=faults_from_env(),
-        )
-        for _ in range(plan.workers)
-    ]
+    if file_data is not None and not plan.local:
+        file_data = ray.put(file_data)  # once in the object store, for every worker
+    options = {"allow_tf32": config.allow_tf32, "file_data": file_data, "faults": faults_from_env()}
+    args = (spec, plan.device, plan.threads, config.batch_size)
     merged = [FeatureStats() for _ in jobs]
-    try:
-        pool = ActorPool(actors)
-        with Progress(f"features ({spec.kind})", len(tasks), "shards") as progress:
-            for job, stats in pool.map_unordered(lambda actor, task: actor.stats.remote(*task), tasks):
-                merged[job].merge(FeatureStats.from_dict(stats))
-                progress.advance(1)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    with Progress(f"features ({spec.kind})", len(tasks), "shards") as progress:
+        for job, stats in pool_map(plan, FeatureWorker, args, "stats", tasks, kwargs=options, ordered=False):
+            merged[job].merge(FeatureStats.from_dict(stats))
+            progress.advance(1)
     return merged
 
 

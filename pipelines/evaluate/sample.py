@@ -33,9 +33,7 @@ from typing import Any, Optional
 
 import mlflow
 import numpy as np
-import ray
 import torch
-from ray.util import ActorPool
 
 from cdm_core.samplers import classifier_free_guidance, initial_noise, sample, timestep_grid
 from pipelines.common import config as cfg
@@ -49,7 +47,7 @@ from pipelines.data.normalization import Normalization, of_model
 from pipelines.data.preview import save_preview
 from pipelines.data.readers import from_model_input, load_split
 from pipelines.evaluate.config import SampleConfig
-from pipelines.evaluate.workers import ModelWorker, faults_from_env, plan_pool, run_tags
+from pipelines.evaluate.workers import ModelWorker, faults_from_env, plan_pool, pool_map, run_tags
 
 SPLIT = "samples"
 GRID = "grid.png"
@@ -400,7 +398,7 @@ def _in_data_units(
 
 
 def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str, np.ndarray]]:
-    """Batches in index order from a pool of SampleWorker actors (ActorPool.map keeps the order)."""
+    """Batches in index order from the stage's SampleWorkers."""
     ranges = [(s, min(s + config.batch_size, config.n)) for s in range(0, config.n, config.batch_size)]
     plan = plan_pool(config.pool, max_useful=len(ranges))
     settings = {
@@ -412,19 +410,11 @@ def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str
         "clip_x0": config.clip_x0,
         "time_grid": config.time_grid,
     }
-    remote = ray.remote(SampleWorker).options(**plan.actor_options())
-    actors = [
-        remote.remote(checkpoint, config.use_ema, plan.device, plan.threads, settings, faults_from_env())
-        for _ in range(plan.workers)
-    ]
-    try:
-        with Progress(f"sample ({config.sampler}, {config.steps} steps)", config.n, "samples") as progress:
-            for batch in ActorPool(actors).map(lambda actor, r: actor.generate.remote(*r), ranges):
-                progress.advance(len(batch["index"]))
-                yield batch
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    args = (checkpoint, config.use_ema, plan.device, plan.threads, settings, faults_from_env())
+    with Progress(f"sample ({config.sampler}, {config.steps} steps)", config.n, "samples") as progress:
+        for batch in pool_map(plan, SampleWorker, args, "generate", ranges):
+            progress.advance(len(batch["index"]))
+            yield batch
 
 
 def _save_grid(out: str) -> Optional[str]:

@@ -3,14 +3,19 @@
 Each batch stage runs a pool of Ray actors that load a model once and then
 process many batches. `plan_workers` decides how many and what each gets:
 one GPU per worker where the cluster has GPUs, else one CPU per worker (and
-one torch thread, so workers do not fight over cores).
+one torch thread, so workers do not fight over cores). With `workers = 0`
+the stage's one worker is an object in the calling process (no Ray): the same
+class, the same calls, the same results; for a small evaluation, where starting
+actors costs more than the work, and for a debugger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +23,7 @@ import numpy as np
 import ray
 import torch
 from ray.autoscaler.sdk import request_resources
+from ray.util import ActorPool
 
 from pipelines.common.checkpoints import load_trained_model, training_run_id
 from pipelines.common.console import Progress, warn
@@ -25,7 +31,7 @@ from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
 from pipelines.common.ray_session import cluster_address, ensure_ray
 from pipelines.data import shards as sh
-from pipelines.data.readers import DATASET, ray_dataset
+from pipelines.data.readers import DATASET, LocalReader, ray_dataset
 from pipelines.evaluate.config import PoolSection
 
 RESTARTS = 3  # times a batch stage's worker is started again after it died
@@ -38,6 +44,10 @@ class WorkerPlan:
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
+
+    @property
+    def local(self) -> bool:
+        return self.workers == 0
 
     @property
     def device(self) -> str:
@@ -109,8 +119,15 @@ def plan_workers(
     to grow, asking the autoscaler for it; then it refuses, saying what is missing.
     `gpus_per_worker=None` means one GPU each if the cluster has GPUs now, else none.
     """
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: must be ≥ 1")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: must be ≥ 0 (0: in this process, without Ray)")
+    if workers == 0:
+        gpus = gpus_per_worker if gpus_per_worker is not None else float(torch.cuda.is_available())
+        if gpus > 0 and not torch.cuda.is_available():
+            raise UserError(
+                "--workers 0 --gpus-per-worker: this process has no GPU (torch.cuda.is_available() is false)"
+            )
+        return WorkerPlan(0, 1.0, 1.0 if gpus > 0 else 0.0)  # one torch thread, as a pool's worker: the same results
     if cpus_per_worker <= 0:
         raise UserError(f"cpus per worker {cpus_per_worker}: must be > 0")
     if gpus_per_worker is None:
@@ -140,12 +157,14 @@ def plan_workers(
 
 
 def plan_pool(pool: PoolSection, *, max_useful: int | None = None, reserve_cpus: float = 0.0) -> WorkerPlan:
-    """Join (or start) Ray for a batch stage, then plan its pool of workers.
+    """Join (or start) Ray for a batch stage, then plan its pool of workers (none, without Ray, for `workers = 0`).
 
     On a cluster joined by address (or $RAY_ADDRESS) the plan waits up to `pool.wait_s` for
     room (default 600 s: an autoscaler may be starting nodes); a local Ray cannot grow, so there
     it does not wait unless told to.
     """
+    if pool.workers == 0:
+        return plan_workers(0, gpus_per_worker=pool.gpus_per_worker)
     ensure_ray(pool.address, dashboard=False)
     joined = cluster_address(pool.address) is not None
     wait_s = pool.wait_s if pool.wait_s is not None else (CLUSTER_WAIT_S if joined else 0.0)
@@ -220,6 +239,57 @@ class ModelWorker:
         maybe_die(self.faults, self.calls)
 
 
+@contextlib.contextmanager
+def _as_a_worker() -> Iterator[None]:
+    """A worker in this process sets torch's threads and TF32 as a pool's worker does; afterwards they are as they
+    were, for the stages that run after it in the same process (`cdm run`)."""
+    threads = torch.get_num_threads()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _score_here(scorer: type, constructor: dict[str, Any], dataset: str, split: str, batch_size: int, normalization):
+    """map_split with 0 workers: the split in memory, its batches through one scorer in this process."""
+    with _as_a_worker():
+        local = scorer(**constructor)
+        for batch in LocalReader(dataset, split, normalization=normalization).batches(batch_size, as_torch=False):
+            yield local(batch)
+
+
+def pool_map(
+    plan: WorkerPlan,
+    worker: type,
+    args: tuple,
+    method: str,
+    tasks: list[tuple],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    ordered: bool = True,
+) -> Iterator[Any]:
+    """`worker(*args, **kwargs).method(*task)` for each task: on `plan.workers` Ray actors of `worker` (results in
+    the tasks' order if `ordered`, else as they finish), or on one `worker` in this process for a local plan."""
+    kwargs = kwargs or {}
+    if plan.local:
+        with _as_a_worker():
+            local = worker(*args, **kwargs)
+            for task in tasks:
+                yield getattr(local, method)(*task)
+        return
+    remote = ray.remote(worker).options(**plan.actor_options())
+    actors = [remote.remote(*args, **kwargs) for _ in range(plan.workers)]
+    try:
+        pool = ActorPool(actors)
+        results = pool.map if ordered else pool.map_unordered
+        yield from results(lambda actor, task: getattr(actor, method).remote(*task), tasks)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
 @dataclass
 class SplitRows:
     """What a pool of scorers returned for one split: its columns sorted by sample index, each row's key."""
@@ -252,18 +322,26 @@ def map_split(
     start = time.perf_counter()
     ds = sh.open_dataset(dataset)
     plan = plan_pool(pool, reserve_cpus=1, max_useful=max(len(ds.shards(split)), -(-ds.count(split) // batch_size)))
-    scored = ray_dataset(dataset, split, normalization=normalization).map_batches(
-        scorer,
-        fn_constructor_kwargs={**kwargs, "device": plan.device, "threads": plan.threads, "faults": faults_from_env()},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.workers),
-        num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker,
-    )
+    constructor = {**kwargs, "device": plan.device, "threads": plan.threads, "faults": faults_from_env()}
+    if plan.local:
+        scored = _score_here(scorer, constructor, dataset, split, batch_size, normalization)
+    else:
+        scored = (
+            ray_dataset(dataset, split, normalization=normalization)
+            .map_batches(
+                scorer,
+                fn_constructor_kwargs=constructor,
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=plan.workers),
+                num_cpus=plan.cpus_per_worker,
+                num_gpus=plan.gpus_per_worker,
+            )
+            .iter_batches(batch_size=None, batch_format="numpy")
+        )
     parts: dict[str, list[np.ndarray]] = {}
     with Progress(label, ds.count(split), "samples") as progress:
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in scored:
             for name, values in batch.items():
                 parts.setdefault(name, []).append(values)
             progress.advance(len(batch.get("index", ())))
