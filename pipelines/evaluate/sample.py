@@ -343,7 +343,7 @@ def run(config: SampleConfig) -> SampleResult:
                 config.out,
                 SPLIT,
                 spec,
-                _in_data_units(_generate_on_ray(config, str(ckpt)), norm),
+                _in_data_units(_generate_on_workers(config, str(ckpt)), norm),
                 source="samples",
                 options=options,
                 fingerprint=fingerprint,
@@ -397,7 +397,7 @@ def _in_data_units(
         yield batch if norm is None else {**batch, "x": norm.undo(batch["x"])}
 
 
-def _generate_on_ray(config: SampleConfig, checkpoint: str) -> Iterator[dict[str, np.ndarray]]:
+def _generate_on_workers(config: SampleConfig, checkpoint: str) -> Iterator[dict[str, np.ndarray]]:
     """Batches in index order from the stage's SampleWorkers."""
     ranges = [(s, min(s + config.batch_size, config.n)) for s in range(0, config.n, config.batch_size)]
     plan = plan_pool(config.pool, max_useful=len(ranges))
