@@ -2,7 +2,7 @@
 
 The sweep runs as the real CLI in a subprocess (its own local Ray): two trials,
 one at a time. As soon as Ray has recorded the second trial's first checkpoint,
-the whole process group gets SIGKILL (driver, GCS, raylet). `cdm tune --resume`
+that whole local Ray gets SIGKILL (driver, GCS, raylet, every actor). `cdm tune --resume`
 then continues in a second subprocess: the first trial is not trained again,
 the second continues from its checkpoint, and MLflow keeps one parent with two
 children.
@@ -10,6 +10,7 @@ children.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytest.importorskip("ray")
@@ -80,8 +82,16 @@ def killed_and_resumed(digits_dataset, tmp_path_factory):
                 second = runs[1]
                 break
             time.sleep(0.3)
+        # The whole local Ray dies at once, as with a lost machine: the process group (driver, GCS, raylet) and
+        # every actor below it (each leads its own process group, so killpg alone would leave the Train
+        # controller and worker to record another checkpoint before they noticed their raylet was gone).
+        session = psutil.Process(first.pid).children(recursive=True)
         os.killpg(first.pid, signal.SIGKILL)
+        for process in session:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         first.wait(timeout=60)
+        psutil.wait_procs(session, timeout=60)
     assert second is not None, (root / "first.log").read_text()[-3000:]
     first_run = sorted(trials.glob(f"{NAME}-*"))[0]
     before = {
@@ -89,7 +99,6 @@ def killed_and_resumed(digits_dataset, tmp_path_factory):
         "second_recorded": recorded_checkpoints(second),
         "second_checkpoints": sorted(p.name for p in second.glob("checkpoint_0*")),
     }
-    time.sleep(2)  # let the killed session's workers notice their raylet is gone
 
     resumed = subprocess.run(args + ["--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     return root, uri, first_run, second, before, resumed, args
