@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # every controller, in this process's clusters and in the `cdm` commands the tests start, reads it.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # The controller polls its workers every 2 s by default, so each fit waits up to 2 s at every state change
-# (started, finished, shut down): a no-op one-worker fit took 18-21 s, and 12.7 s when polled every 0.25 s.
+# (started, finished, shut down): a no-op one-worker fit takes 18.95 s, and 12.82 s when polled every 0.25 s
+# (benchmarks/results/fit_overhead.json).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
