@@ -15,7 +15,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,20 +252,12 @@ def _as_a_worker() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _score_here(scorer: type, constructor: dict[str, Any], dataset: str, split: str, batch_size: int, normalization):
-    """map_split with 0 workers: the split in memory, its batches through one scorer in this process."""
-    with _as_a_worker():
-        local = scorer(**constructor)
-        for batch in LocalReader(dataset, split, normalization=normalization).batches(batch_size, as_torch=False):
-            yield local(batch)
-
-
 def pool_map(
     plan: WorkerPlan,
     worker: type,
     args: tuple,
     method: str,
-    tasks: list[tuple],
+    tasks: Iterable[tuple],
     *,
     kwargs: dict[str, Any] | None = None,
     ordered: bool = True,
@@ -323,8 +315,9 @@ def map_split(
     ds = sh.open_dataset(dataset)
     plan = plan_pool(pool, reserve_cpus=1, max_useful=max(len(ds.shards(split)), -(-ds.count(split) // batch_size)))
     constructor = {**kwargs, "device": plan.device, "threads": plan.threads, "faults": faults_from_env()}
-    if plan.local:
-        scored = _score_here(scorer, constructor, dataset, split, batch_size, normalization)
+    if plan.local:  # the split in memory, its batches through the one scorer in this process
+        batches = LocalReader(dataset, split, normalization=normalization).batches(batch_size, as_torch=False)
+        scored = pool_map(plan, scorer, (), "__call__", ((batch,) for batch in batches), kwargs=constructor)
     else:
         scored = (
             ray_dataset(dataset, split, normalization=normalization)
