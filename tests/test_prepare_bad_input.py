@@ -189,6 +189,49 @@ def test_sha256_mismatch(ds):
     assert "train-000000.tar: SHA-256" in _reader_error(ds)
 
 
+def _flip_a_png_byte(path: Path) -> bytes:
+    """The bytes of `path` with one byte inside a PNG changed: same size, still a valid tar."""
+    data = bytearray(path.read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        member = next(m for m in tar if m.name.endswith(".png"))
+    data[member.offset_data + member.size - 5] ^= 0xFF
+    return bytes(data)
+
+
+def test_a_shard_is_hashed_once_per_version_of_its_file(ds):
+    """Readers trust the record of a shard's last full check while the file is as it was then; any edit or swap
+    (even with the old mtime put back) changes its ctime or inode, so it is hashed again and caught."""
+    LocalReader(ds, "train")  # the first reader hashes every train shard and records how each looked
+    record = json.loads(sh.verification_record(sh.open_dataset(ds)).read_text())
+    assert record["dataset_json_sha256"] == hashlib.sha256((ds / "dataset.json").read_bytes()).hexdigest()
+    assert sorted(record["shards"]) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+    edited = ds / "train-000000.tar"
+    before = edited.stat()
+    edited.write_bytes(_flip_a_png_byte(edited))  # edited in place
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    swapped = ds / "train-000001.tar"
+    before = swapped.stat()
+    (ds / "other.tmp").write_bytes(_flip_a_png_byte(swapped))  # replaced by another file
+    os.utime(ds / "other.tmp", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(ds / "other.tmp", swapped)
+    message = _reader_error(ds)
+    assert "train-000000.tar: SHA-256" in message and "train-000001.tar: SHA-256" in message
+
+    # The record is what decides: one forged to the edited files' looks hides them from a reader (no hashing),
+    # but not from `cdm verify`, which hashes every shard.
+    for path in (edited, swapped):
+        st = path.stat()
+        record["shards"][path.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    sh.verification_record(sh.open_dataset(ds)).write_text(json.dumps(record))
+    LocalReader(ds, "train")
+    problems = _problems(ds)
+    assert "train-000000.tar: SHA-256" in problems and "train-000001.tar: SHA-256" in problems
+    # A record of another dataset.json is not this dataset's.
+    (ds / "dataset.json").write_text((ds / "dataset.json").read_text() + " ")
+    assert "train-000000.tar: SHA-256" in _reader_error(ds)
+
+
 def test_missing_shard_and_manifest(ds):
     (ds / "train-000002.tar").unlink()
     (ds / "manifest.parquet").unlink()

@@ -99,8 +99,8 @@ def share(n: int, rank: int, world_size: int, **order_kw: Any) -> tuple[np.ndarr
 class LocalReader:
     """Reads one split into memory (uint8) and serves batches; single process, no Ray.
 
-    Checks the shards against dataset.json's SHA-256 first (verify=True), then
-    decodes every sample with the same checks as `cdm verify`.
+    Checks the shards against dataset.json's SHA-256 first (verify=True; once per version of each shard
+    file, `shards.check_shard_files`), then decodes every sample with the same checks as `cdm verify`.
     """
 
     def __init__(self, uri: str | os.PathLike, split: str, *, verify: bool = True, normalization: Any = DATASET):
@@ -242,8 +242,8 @@ def ray_dataset(
     (`pipelines.data.normalization.of_model`), or None (the values as stored).
 
     Pass `pad_to_multiple_of=num_workers` when Ray Train splits it across workers.
-    verify=True checks every shard's size and SHA-256 against dataset.json first,
-    so a corrupt or swapped shard is a clear error here rather than inside a Ray task.
+    verify=True checks every shard's size and SHA-256 against dataset.json first (the SHA-256 once per
+    version of each shard file), so a corrupt or swapped shard is a clear error here rather than inside a Ray task.
     shuffle: None keeps index order; "files" shuffles the shard order; "rows" is a
     full `random_shuffle` (an all-to-all, new order every epoch). A cheaper middle
     ground is `iter_torch_batches(local_shuffle_buffer_size=...)` in the worker.

@@ -29,6 +29,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -383,6 +384,7 @@ class Dataset:
 
     loc: Location
     meta: dict[str, Any]
+    json_sha256: str = ""  # of dataset.json's bytes: what a verification record is valid for
 
     @property
     def spec(self) -> SampleSpec:
@@ -421,8 +423,9 @@ def open_dataset(uri: str | os.PathLike) -> Dataset:
             f"run `cdm prepare SOURCE --out {loc.uri}`"
         )
     where = loc.where(DATASET_JSON)
+    raw = loc.read_bytes(DATASET_JSON)
     try:
-        meta = json.loads(loc.read_bytes(DATASET_JSON))
+        meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{where}: not valid JSON ({err}); re-run `cdm prepare … --force` to rewrite it") from None
     missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
@@ -430,12 +433,21 @@ def open_dataset(uri: str | os.PathLike) -> Dataset:
         raise UserError(f"{where}: missing field(s) {missing}; re-run `cdm prepare … --force` to rewrite it")
     if meta["format"] != FORMAT:
         raise UserError(f"{where}: format {meta['format']!r}, this cdm reads {FORMAT!r}; re-run `cdm prepare`")
-    return Dataset(loc=loc, meta=meta)
+    return Dataset(loc=loc, meta=meta, json_sha256=hashlib.sha256(raw).hexdigest())
 
 
-def check_shard_files(ds: Dataset, splits: list[str] | None = None, checksums: bool = True) -> list[str]:
-    """Problems with the shard files themselves (missing, wrong size, SHA-256 mismatch)."""
+def check_shard_files(
+    ds: Dataset, splits: list[str] | None = None, checksums: bool = True, *, deep: bool = False
+) -> list[str]:
+    """Problems with the shard files themselves (missing, wrong size, SHA-256 mismatch).
+
+    A shard's SHA-256 is computed once per version of the file: a shard whose size, mtime (and, on local disk,
+    inode and ctime, which no copy or edit keeps) are those recorded in `VERIFIED` after its last full check is
+    trusted. `deep=True` (`cdm verify`) hashes every shard whatever the record says.
+    """
     problems = []
+    record = {} if deep or not checksums else _verified(ds)
+    fresh: dict[str, list[int]] = {}
     for split in splits or ds.splits:
         for shard in ds.shards(split):
             name, where = shard["name"], ds.loc.where(shard["name"])
@@ -449,13 +461,68 @@ def check_shard_files(ds: Dataset, splits: list[str] | None = None, checksums: b
                 )
                 continue
             if checksums:
+                stamp = _stamp(ds.loc, name, info)
+                if stamp is not None and record.get(name) == stamp:
+                    continue
                 digest = ds.loc.sha256(name)
                 if digest != shard["sha256"]:
                     problems.append(
                         f"{where}: SHA-256 {digest[:12]}… does not match dataset.json ({shard['sha256'][:12]}…); "
                         "the file changed since `cdm prepare` wrote it; re-run `cdm prepare --force`"
                     )
+                elif stamp is not None and _stamp(ds.loc, name) == stamp:  # unchanged while it was hashed
+                    fresh[name] = stamp
+    if fresh:
+        _record_verified(ds, {**_verified(ds), **fresh})
     return problems
+
+
+def _stamp(loc: Location, name: str, info: Any = None) -> list[int] | None:
+    """How a shard file looks without reading it; None where nothing reliable can be had."""
+    if loc.is_local():
+        try:
+            st = os.stat(loc.path(name))
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    info = info if info is not None else loc.info(name)
+    if info.size is None or info.mtime_ns is None:  # an object store that reports neither: always hash
+        return None
+    return [info.size, info.mtime_ns]  # an object's last-modified changes with every upload of it
+
+
+def verification_record(ds: Dataset) -> Path:
+    """Where this machine records which shards of `ds` were last checked whole, and how each file looked then.
+
+    In the user's cache, not in the dataset: reading a dataset never writes into it (read-only or shared
+    folders and buckets stay as `cdm prepare` left them).
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdm" / "verified"
+    return cache / f"{hashlib.sha256(ds.loc.uri.encode()).hexdigest()[:32]}.json"
+
+
+def _verified(ds: Dataset) -> dict[str, list[int]]:
+    """The record of fully checked shards, if it belongs to this very dataset.json; else nothing."""
+    try:
+        record = json.loads(verification_record(ds).read_text())
+    except (OSError, ValueError):  # no record, or one that cannot be read: hash
+        return {}
+    if not isinstance(record, dict) or record.get("dataset_json_sha256") != ds.json_sha256 or not ds.json_sha256:
+        return {}
+    shards = record.get("shards")
+    return shards if isinstance(shards, dict) else {}
+
+
+def _record_verified(ds: Dataset, shards: dict[str, list[int]]) -> None:
+    path = verification_record(ds)
+    record = {"uri": ds.loc.uri, "dataset_json_sha256": ds.json_sha256, "shards": shards}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)  # concurrent readers (a sweep's trials) never see half a record
+    except OSError:  # no writable cache: the next reader hashes again
+        pass
 
 
 def require_valid_shards(ds: Dataset, splits: list[str] | None = None, checksums: bool = True) -> None:
@@ -595,7 +662,7 @@ def verify(uri: str | os.PathLike, *, decode: bool = True) -> VerifyReport:
             problems.append(
                 f"{ds.loc.where(DATASET_JSON)}: split {split} count {counts[split]} != sum of its shards {first}"
             )
-    problems += check_shard_files(ds)
+    problems += check_shard_files(ds, deep=True)
 
     manifest = ds.meta.get("manifest") or {}
     if not ds.loc.exists(MANIFEST):
