@@ -278,6 +278,14 @@ CASES = [
     ),
     ("run-unknown-setting", "run workflow.toml --dry-run", r"nll\.spiltt: unknown setting"),
     ("run-a-training-config", f"run {TINY} --dry-run", r"unknown setting"),
+    # the same mistakes with tracking on: each is found before the stage opens its MLflow run
+    ("prepare-bad-fraction-tracked", "prepare digits --test-fraction 1.5 --out o9", r"--test-fraction 1.5"),
+    ("nll-unknown-split-tracked", "nll cdm data --split valid", r"no split 'valid'"),
+    ("ood-unknown-split-tracked", "ood cdm data data --out-split valid", r"no split 'valid'"),
+    ("classify-other-classes-tracked", "classify cond toy", r"the model has 10 classes, \S*toy has 3"),
+    ("sample-too-many-steps-tracked", "sample cdm --out s6 --steps 500", r"between 1 and the model's T=20"),
+    ("fid-unknown-features-tracked", "fid data data --features vgg", r"--features 'vgg'"),
+    ("train-features-on-vectors-tracked", "train-features toy --out f1", r"toy: holds vectors"),
     # clusters and the UI
     ("jobs-unreachable", "jobs list --address http://127.0.0.1:9", r"127\.0\.0\.1:9"),
     ("ui-missing-workdir", "ui --workdir nowhere/at/all", r"nowhere/at/all: no such directory"),
@@ -322,6 +330,20 @@ def test_the_installed_command_prints_what_its_forked_runs_print(world, outcomes
         real = subprocess.run([CDM, *argv.split()], cwd=world, env=_env(world, argv), capture_output=True, text=True)
         forked = outcomes[name][0]
         assert (real.returncode, real.stdout, real.stderr) == (forked.returncode, forked.stdout, forked.stderr), name
+
+
+def test_no_mistake_leaves_an_mlflow_run_behind(world, outcomes, cdm_forks):
+    """Every stage checks its inputs before it opens its MLflow run, so the tracked cases above leave no run (not
+    even a FAILED one) in the store they name; a good tracked command beside them leaves exactly its own."""
+    from mlflow.tracking import MlflowClient
+
+    assert outcomes  # every case has run, tracking to world/mlflow.db where it tracks
+    argv = "prepare digits --out good-tracked"
+    done = cdm_forks.run(argv.split(), cwd=world, env=_env(world, argv))
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{world / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert [(r.data.tags["cdm.stage"], r.info.status) for r in runs] == [("prepare", "FINISHED")]
 
 
 @pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])

@@ -17,8 +17,10 @@ of a batch stage read the checkpoint from the bucket themselves, whichever node 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,22 +73,24 @@ def checkpoint_file(path: str | os.PathLike) -> Path | str:
     return p
 
 
-def _read(file: Path | str, **kwargs) -> dict[str, Any]:
-    """load_checkpoint of a local file, or of a URI downloaded first to a scratch file (one pass, few requests)."""
+@contextlib.contextmanager
+def _local(file: Path | str) -> Iterator[Path]:
+    """The checkpoint as a local file for the block: itself, or a URI downloaded once to a scratch file
+    (one pass, few requests)."""
     if isinstance(file, str) and storage.is_uri(file):
         folder, name = storage.parent_and_name(file)
         with tempfile.TemporaryDirectory(prefix="cdm-checkpoint-") as scratch:
             local = Path(scratch) / CHECKPOINT_FILENAME
             folder.download(name, local)
-            return load_checkpoint(local, name=file, **kwargs)
-    return load_checkpoint(file, **kwargs)
+            yield local
+    else:
+        yield Path(file)
 
 
-def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device: str = "cpu") -> TrainedModel:
-    """Rebuild the network (EMA weights by default), its schedule and prior from a checkpoint."""
-    file = checkpoint_file(path)
+def _trained(file: Path | str, local: Path, use_ema: bool, device: str) -> tuple[TrainedModel, dict[str, Any]]:
+    """The network (EMA weights by default), its schedule and prior, from the local copy of `file`."""
     try:
-        ckpt = _read(file)
+        ckpt = load_checkpoint(local, name=str(file))
         model = model_from_checkpoint(ckpt, use_ema=use_ema and ckpt.get("ema") is not None)
     except (ValueError, RuntimeError, OSError) as err:
         raise UserError(f"{file}: cannot load checkpoint ({err})") from None
@@ -98,7 +102,7 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device:
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{file}: checkpoint config lacks a usable model kind or schedule ({err!r})") from None
     prior = config.get("loss", {}).get("prior")
-    return TrainedModel(
+    trained = TrainedModel(
         # Inference only: no parameter keeps a gradient (a CDM's ε̂ differentiates the input alone).
         model=model.to(device).eval().requires_grad_(False),
         kind=kind,
@@ -109,21 +113,36 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device:
         step=int(ckpt["step"]),
         path=str(file),
     )
+    return trained, ckpt
 
 
-def training_run_id(checkpoint_file: str | os.PathLike) -> str | None:
-    """The MLflow run that trained this checkpoint, if the checkpoint records it.
+def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, device: str = "cpu") -> TrainedModel:
+    """Rebuild the network (EMA weights by default), its schedule and prior from a checkpoint."""
+    file = checkpoint_file(path)
+    with _local(file) as local:
+        return _trained(file, local, use_ema, device)[0]
 
-    Looked up in `extra["mlflow_run_id"]`, then `config["tracking"]["run_id"]`;
-    a local file is mmap'd, so the weights are not read (a URI's are downloaded).
-    """
-    try:
-        if storage.is_uri(os.fspath(checkpoint_file)):
-            ckpt: dict[str, Any] = _read(os.fspath(checkpoint_file))
-        else:
-            ckpt = torch.load(Path(checkpoint_file), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
+
+@dataclass
+class LocatedModel:
+    """A trained model as a batch stage's driver checks it: found, read once (a URI downloaded once), hashed
+    and loaded; the workers load `file` themselves."""
+
+    file: Path | str  # the checkpoint file: a local path or a URI
+    trained: TrainedModel
+    sha256: str
+    train_run_id: str | None  # the MLflow run that trained it, where the checkpoint (or the caller) says
+
+
+def locate_model(path: str | os.PathLike, *, use_ema: bool = True, train_run_id: str | None = None) -> LocatedModel:
+    file = checkpoint_file(path)
+    with _local(file) as local:
+        sha256 = storage.sha256_file(local)
+        trained, ckpt = _trained(file, local, use_ema, "cpu")
+    return LocatedModel(file, trained, sha256, train_run_id or _run_id_of(ckpt))
+
+
+def _run_id_of(ckpt: dict[str, Any]) -> str | None:
     run_id = (ckpt.get("extra") or {}).get("mlflow_run_id")
     if run_id is None:
         run_id = ((ckpt.get("config") or {}).get("tracking") or {}).get("run_id")

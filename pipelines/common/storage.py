@@ -257,6 +257,12 @@ def check_writable(uri: str, what: str = "--out") -> None:
         raise UserError(f"{uri}: cannot write there ({reason}); choose another {what}, or make it writable") from None
 
 
+def user_cache(name: str) -> Path:
+    """Folder `name` of this user's cdm cache: $CDM_CACHE_DIR, else ~/.cache/cdm (not created here)."""
+    base = os.environ.get("CDM_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "cdm") / name
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file (a local path or a URI), read in 1 MiB chunks."""
     if is_uri(os.fspath(path)):

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
-
 from pipelines.common import config as cfg
 from pipelines.common import console, storage
 from pipelines.common.console import warn
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.data.config import SOURCES, PrepareConfig
 from pipelines.data.preview import save_preview
@@ -265,25 +263,6 @@ def run(config: PrepareConfig) -> PrepareResult:
     # of folders, and a folder holding files of the user's own is rewritten in place, never moved.)
     beside = loc.is_local() and not strangers
 
-    def work() -> dict[str, Any]:
-        if up_to_date:
-            return existing.meta
-        storage.check_writable(loc.uri)
-        if beside:
-            return _write_beside(source, config, loc, fingerprint)
-        loc.makedirs()
-        if loc.exists(sh.DATASET_JSON):
-            loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset
-        for name in loc.list_names():
-            if name.startswith(".") and _OUR_FILES.match(name):
-                loc.delete(name)  # temp files of an interrupted earlier run
-        return _write(source, config, loc, fingerprint)
-
-    if not config.track:
-        meta = work()
-        return PrepareResult(loc.uri, meta, up_to_date, time.perf_counter() - start)
-
-    uri = store_uri(config.tracking)
     params = {
         "source": config.source,
         "out": loc.uri,
@@ -293,28 +272,37 @@ def run(config: PrepareConfig) -> PrepareResult:
         "options": source.options,
     }
     tags = {"cdm.stage": "prepare", "cdm.dataset": loc.uri, "cdm.fingerprint": fingerprint}
-    with mlflow_run(
-        config.tracking.experiment, f"prepare-{config.source}", uri, params, tags, config.tracking.parent_run_id
-    ) as active:
-        meta = work()
+    with tracked(config, f"prepare-{config.source}", params, tags) as record:
+        meta = existing.meta if up_to_date else _write_to(source, config, loc, fingerprint, beside)
         seconds = time.perf_counter() - start
-        metrics = {f"data/{s}_count": float(v["count"]) for s, v in meta["splits"].items()}
         all_shards = [s for v in meta["splits"].values() for s in v["shards"]]
-        metrics.update(
+        record.metrics(
             {
-                "data/num_shards": float(len(all_shards)),
-                "data/bytes": float(sum(s["bytes"] for s in all_shards)),
-                "data/skipped_bad": float(meta["skipped"]["count"]),
+                **{f"data/{s}_count": v["count"] for s, v in meta["splits"].items()},
+                "data/num_shards": len(all_shards),
+                "data/bytes": sum(s["bytes"] for s in all_shards),
+                "data/skipped_bad": meta["skipped"]["count"],
                 "data/seconds": seconds,
                 "data/up_to_date": float(up_to_date),
             }
         )
-        mlflow.log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / sh.DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-            mlflow.log_artifact(str(Path(tmp) / sh.DATASET_JSON))
-            grid = Path(tmp) / "samples.png"
-            save_preview(sh.open_dataset(loc.uri), grid)
-            mlflow.log_artifact(str(grid))
-        run_id = active.info.run_id
-    return PrepareResult(loc.uri, meta, up_to_date, seconds, run_id)
+        record.json(sh.DATASET_JSON, meta)
+        if record.run_id:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_preview(sh.open_dataset(loc.uri), Path(tmp) / "samples.png")
+                record.artifact(Path(tmp) / "samples.png")
+    return PrepareResult(loc.uri, meta, up_to_date, seconds, record.run_id)
+
+
+def _write_to(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str, beside: bool) -> dict:
+    """Write the dataset at `loc`: into a folder beside it, renamed into place, or (`beside` False) in place."""
+    storage.check_writable(loc.uri)
+    if beside:
+        return _write_beside(source, config, loc, fingerprint)
+    loc.makedirs()
+    if loc.exists(sh.DATASET_JSON):
+        loc.delete(sh.DATASET_JSON)  # written last: its absence marks an unfinished dataset
+    for name in loc.list_names():
+        if name.startswith(".") and _OUR_FILES.match(name):
+            loc.delete(name)  # temp files of an interrupted earlier run
+    return _write(source, config, loc, fingerprint)

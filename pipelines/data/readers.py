@@ -103,12 +103,21 @@ class LocalReader:
     file, `shards.check_shard_files`), then decodes every sample with the same checks as `cdm verify`.
     """
 
-    def __init__(self, uri: str | os.PathLike, split: str, *, verify: bool = True, normalization: Any = DATASET):
+    def __init__(
+        self,
+        uri: str | os.PathLike | sh.Dataset,
+        split: str,
+        *,
+        verify: bool = True,
+        normalization: Any = DATASET,
+        first: int | None = None,
+    ):
+        """`first`: only the split's first samples, in index order (an input example needs no more)."""
         self.dataset = sh.open_dataset(uri)
         self.split = split
         self.spec = self.dataset.spec
         self.normalization = resolve_normalization(self.dataset, normalization)
-        n = self.dataset.count(split)
+        n = self.dataset.count(split) if first is None else min(first, self.dataset.count(split))
         if verify:
             sh.require_valid_shards(self.dataset, [split])
         dtype = np.uint8 if self.spec.kind == "image" else np.float32
@@ -117,6 +126,8 @@ class LocalReader:
         self.keys: list[str] = []
         seen = 0
         for key, index, data, label in sh.iter_split(self.dataset, split):
+            if seen == n:  # shards hold consecutive indices, in order
+                break
             self.data[index] = data
             self.labels[index] = label
             self.keys.append(key)

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.common.errors import UserError
-from pipelines.common.storage import Location, resolve
+from pipelines.common.storage import Location, resolve, user_cache
 
 FORMAT = "cdm-webdataset/1"
 DATASET_JSON = "dataset.json"
@@ -409,8 +409,13 @@ class Dataset:
 _REQUIRED = ("format", "source", "sample", "splits")
 
 
-def open_dataset(uri: str | os.PathLike) -> Dataset:
-    """Parse `dataset.json`; a clear UserError if the URI is not a prepared dataset."""
+def open_dataset(uri: str | os.PathLike | Dataset) -> Dataset:
+    """Parse `dataset.json`; a clear UserError if the URI is not a prepared dataset.
+
+    A Dataset already opened is returned as it is: a stage opens its datasets once and passes them down.
+    """
+    if isinstance(uri, Dataset):
+        return uri
     loc = resolve(uri)
     kind = loc.root_kind()
     if kind == "missing":
@@ -497,8 +502,7 @@ def verification_record(ds: Dataset) -> Path:
     In the user's cache, not in the dataset: reading a dataset never writes into it (read-only or shared
     folders and buckets stay as `cdm prepare` left them).
     """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdm" / "verified"
-    return cache / f"{hashlib.sha256(ds.loc.uri.encode()).hexdigest()[:32]}.json"
+    return user_cache("verified") / f"{hashlib.sha256(ds.loc.uri.encode()).hexdigest()[:32]}.json"
 
 
 def _verified(ds: Dataset) -> dict[str, list[int]]:

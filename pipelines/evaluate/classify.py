@@ -35,30 +35,27 @@ as `cdm nll` does).
 from __future__ import annotations
 
 import io
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from matplotlib.figure import Figure
 
 from cdm_core.objective import log_likelihood
 from pipelines.common import storage
-from pipelines.common.checkpoints import TrainedModel, checkpoint_file, load_trained_model
+from pipelines.common.checkpoints import LocatedModel, TrainedModel, locate_model
 from pipelines.common.config import FieldError
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.data.normalization import of_model
 from pipelines.data.readers import DATASET
 from pipelines.evaluate.config import ClassifyConfig
-from pipelines.evaluate.nll import _check_model_fits, check_complete, default_out, manifest_keys, write_scores
+from pipelines.evaluate.nll import check_complete, check_model_fits, default_out, manifest_keys, write_scores
+from pipelines.evaluate.plots import save_beside, save_confusion
 from pipelines.evaluate.workers import ModelWorker, map_split, run_tags
 
 CONFUSION = "confusion.png"
@@ -155,26 +152,6 @@ def classification_summary(log_post: np.ndarray, labels: np.ndarray) -> dict[str
     }
 
 
-def save_confusion(confusion: np.ndarray, accuracy: float, title: str, path: Path) -> None:
-    k = confusion.shape[0]
-    fig = Figure(figsize=(1.6 + 0.45 * k, 1.2 + 0.45 * k), dpi=100)
-    ax = fig.subplots()
-    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                color = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(k))
-    ax.set_yticks(range(k))
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"{title}\naccuracy {accuracy:.4f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 # --------------------------------------------------------------------------- classifying a split
 
 
@@ -224,7 +201,7 @@ def _check_model(trained: TrainedModel, ds: sh.Dataset) -> int:
             f"{trained.path}: the model has {trained.num_labels} classes, {ds.loc.uri} has {have}; "
             "classify a dataset of the classes the model was trained on"
         )
-    _check_model_fits(trained, ds, conditional=True)  # the sample shape
+    check_model_fits(trained, ds, conditional=True)  # the sample shape
     return int(trained.num_labels)
 
 
@@ -256,17 +233,32 @@ def class_prior(ds: sh.Dataset, num_classes: int, which: str) -> np.ndarray:
     return counts / counts.sum()
 
 
-def classify_split(config: ClassifyConfig) -> ClassifiedSplit:
-    """Posteriors of every sample of the split on Ray workers; sorted by index and checked against the manifest."""
+@dataclass
+class ClassifyInputs:
+    """A model and a split checked for classification, before any MLflow run is opened."""
+
+    model: LocatedModel
+    dataset: sh.Dataset
+    num_classes: int
+    prior: np.ndarray
+    expected: list[str]  # the split's keys in the manifest
+
+
+def check_classify(config: ClassifyConfig) -> ClassifyInputs:
+    _validate(config)
     ds = sh.open_dataset(config.dataset)
-    ckpt = checkpoint_file(config.checkpoint)
-    trained = load_trained_model(ckpt, use_ema=config.use_ema)
-    k = _check_model(trained, ds)
-    prior = class_prior(ds, k, config.prior)
-    expected = manifest_keys(ds, config.split)
+    model = locate_model(config.checkpoint, use_ema=config.use_ema, train_run_id=config.train_run_id)
+    k = _check_model(model.trained, ds)
+    return ClassifyInputs(model, ds, k, class_prior(ds, k, config.prior), manifest_keys(ds, config.split))
+
+
+def classify_split(config: ClassifyConfig, inputs: ClassifyInputs) -> ClassifiedSplit:
+    """Posteriors of every sample of the split on Ray workers; sorted by index and checked against the manifest."""
+    ds, trained, k, prior = inputs.dataset, inputs.model.trained, inputs.num_classes, inputs.prior
+    ckpt, expected = inputs.model.file, inputs.expected
     norm = of_model(trained.config)  # continuous data: the model's own normalization, whatever the dataset's
     rows = map_split(
-        config.dataset,
+        ds,
         config.split,
         BayesClassifier,
         {
@@ -338,59 +330,41 @@ def _validate(config: ClassifyConfig) -> None:
 
 
 def run(config: ClassifyConfig) -> ClassifyResult:
-    _validate(config)
+    inputs = check_classify(config)
     out = config.out or default_out(config.dataset, config.split, stage="classify")
     storage.check_writable(out)  # before the split is scored, not after
-    ckpt = checkpoint_file(config.checkpoint)
-
-    def work(tmp: Path) -> tuple[dict[str, Any], str, str]:
-        scores = classify_split(config)
+    params = {
+        "checkpoint": str(inputs.model.file),
+        "dataset": inputs.dataset.loc.uri,
+        "split": config.split,
+        "prior": config.prior,
+        "batch_size": config.batch_size,
+        "use_ema": config.use_ema,
+        "allow_tf32": config.allow_tf32,
+        "workers": config.pool.workers,
+    }
+    tags = run_tags("classify", inputs.model) | {"cdm.dataset": inputs.dataset.loc.uri}
+    with tracked(config, f"classify-{config.split}", params, tags) as record:
+        scores = classify_split(config, inputs)
         uri = write_scores(scores, out)  # scores.parquet and summary.json, as `cdm nll` writes them
         summary = scores.summary()
         title = f"{Path(summary['dataset']).name} [{summary['split']}], prior {summary['prior']}"
-        save_confusion(np.asarray(summary["confusion"]), summary["accuracy"], title, tmp / CONFUSION)
-        loc = storage.resolve(out)
-        loc.write_bytes(CONFUSION, (tmp / CONFUSION).read_bytes())
-        return summary, uri, loc.where(CONFUSION)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if not config.track:
-            summary, uri, confusion = work(Path(tmp))
-            return ClassifyResult(summary, uri, confusion)
-        dataset_uri = storage.resolve(config.dataset).uri
-        params = {
-            "checkpoint": str(ckpt),
-            "dataset": dataset_uri,
-            "split": config.split,
-            "prior": config.prior,
-            "batch_size": config.batch_size,
-            "use_ema": config.use_ema,
-            "allow_tf32": config.allow_tf32,
-            "workers": config.pool.workers,
-        }
-        tags = run_tags("classify", ckpt, config.train_run_id) | {"cdm.dataset": dataset_uri}
-        with mlflow_run(
-            config.tracking.experiment,
-            f"classify-{config.split}",
-            store_uri(config.tracking),
-            params,
-            tags,
-            config.tracking.parent_run_id,
-        ) as active:
-            summary, uri, confusion = work(Path(tmp))
-            mlflow.log_metrics(
-                {
-                    "eval/classify_accuracy": summary["accuracy"],
-                    "eval/classify_nll": summary["nll"],
-                    "eval/classify_ece": summary["ece"],
-                    "eval/classify_count": float(summary["count"]),
-                    "eval/classify_mean_log_px_nats": summary["mean_log_px_nats"],
-                    "eval/classify_seconds": summary["seconds"],
-                    "eval/classify_samples_per_s": summary["samples_per_s"],
-                }
-            )
-            (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            mlflow.log_artifact(str(Path(tmp) / "summary.json"))
-            mlflow.log_artifact(str(Path(tmp) / CONFUSION))
-            run_id = active.info.run_id
-    return ClassifyResult(summary, uri, confusion, run_id)
+        confusion = save_beside(
+            out,
+            CONFUSION,
+            lambda path: save_confusion(np.asarray(summary["confusion"]), summary["accuracy"], title, path),
+            record,
+        )
+        record.metrics(
+            {
+                "eval/classify_accuracy": summary["accuracy"],
+                "eval/classify_nll": summary["nll"],
+                "eval/classify_ece": summary["ece"],
+                "eval/classify_count": summary["count"],
+                "eval/classify_mean_log_px_nats": summary["mean_log_px_nats"],
+                "eval/classify_seconds": summary["seconds"],
+                "eval/classify_samples_per_s": summary["samples_per_s"],
+            }
+        )
+        record.json("summary.json", summary)
+    return ClassifyResult(summary, uri, confusion, record.run_id)

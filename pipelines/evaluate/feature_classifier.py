@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,8 @@ from torch import nn
 
 from pipelines.common import storage
 from pipelines.common.errors import UserError
+from pipelines.common.stage import tracked
 from pipelines.common.storage import sha256_file
-from pipelines.common.tracking import mlflow_run, store_uri
 from pipelines.data import shards as sh
 from pipelines.data.readers import LocalReader
 from pipelines.evaluate.config import TrainFeaturesConfig
@@ -149,56 +148,11 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
     if device == "cpu":
         torch.set_num_threads(max(1, config.threads))
     torch.manual_seed(config.seed)
-    train = LocalReader(config.dataset, config.train_split)
-    test = LocalReader(config.dataset, config.test_split)
+    train = LocalReader(ds, config.train_split)
+    test = LocalReader(ds, config.test_split)
     x_test = test.inputs(np.arange(len(test)))
     h, w, c = spec.shape
     model = FeatureClassifier(c, h, w, spec.num_classes, width_mult=config.width_mult).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
-    losses = []
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        total, seen = 0.0, 0
-        for batch in train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch):
-            x, y = batch["x"].to(device), batch["label"].to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(y)
-            seen += len(y)
-        losses.append(total / seen)
-    seconds = time.perf_counter() - start
-    test_acc = accuracy(model, x_test, test.labels, device)
-
-    ckpt = {
-        "format": CLASSIFIER_FORMAT,
-        "version": 1,
-        "config": model.config,
-        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "dataset_name": name,
-        "dataset": ds.loc.uri,
-        "dataset_fingerprint": ds.meta.get("fingerprint"),
-        "test_accuracy": test_acc,
-        "test_count": len(test),
-        "epochs": config.epochs,
-        "train_losses": losses,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
-    result = TrainFeaturesResult(str(out), test_acc, seconds, name)
-    if not config.track:
-        return result
-
-    uri = store_uri(config.tracking)
     params = {
         "dataset": ds.loc.uri,
         "epochs": config.epochs,
@@ -210,14 +164,54 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
         "device": device,
     }
     tags = {"cdm.stage": "train-features", "cdm.dataset": ds.loc.uri, "cdm.output": str(out)}
-    with mlflow_run(
-        config.tracking.experiment, f"train-features-{name}", uri, params, tags, config.tracking.parent_run_id
-    ) as active:
-        for epoch, loss in enumerate(losses):
-            mlflow.log_metric("features/train_loss", loss, step=epoch)
-        mlflow.log_metrics({"features/test_accuracy": test_acc, "features/train_seconds": seconds})
-        result.run_id = active.info.run_id
-    return result
+    with tracked(config, f"train-features-{name}", params, tags) as record:
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        steps_per_epoch = -(-len(train) // config.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
+        losses = []
+        start = time.perf_counter()
+        for epoch in range(config.epochs):
+            model.train()
+            total, seen = 0.0, 0
+            for batch in train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch):
+                x, y = batch["x"].to(device), batch["label"].to(device)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(y)
+                seen += len(y)
+            losses.append(total / seen)
+            record.metrics({"features/train_loss": losses[-1]}, step=epoch)
+        seconds = time.perf_counter() - start
+        test_acc = accuracy(model, x_test, test.labels, device)
+        _save(model, out, name, ds, test_acc, len(test), config.epochs, losses)
+        record.metrics({"features/test_accuracy": test_acc, "features/train_seconds": seconds})
+    return TrainFeaturesResult(str(out), test_acc, seconds, name, record.run_id)
+
+
+def _save(model, out: Path, name: str, ds: sh.Dataset, test_acc: float, test_count: int, epochs: int, losses) -> None:
+    """The classifier's checkpoint at `out`, written whole or not at all."""
+    ckpt = {
+        "format": CLASSIFIER_FORMAT,
+        "version": 1,
+        "config": model.config,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "dataset_name": name,
+        "dataset": ds.loc.uri,
+        "dataset_fingerprint": ds.meta.get("fingerprint"),
+        "test_accuracy": test_acc,
+        "test_count": test_count,
+        "epochs": epochs,
+        "train_losses": losses,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
 
 
 run = train_features

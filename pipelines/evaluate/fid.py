@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import ray
 import torch
 
 from cdm_core.frechet import FeatureStats, fd_from_stats
+from pipelines.common import storage
 from pipelines.common.console import Progress
 from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.evaluate.config import FidConfig
 from pipelines.evaluate.feature_classifier import load_classifier
@@ -102,11 +102,9 @@ class FeatureWorker:
         return job, shard_stats(self.extractor, self._datasets[dataset], split, shard, self.batch_size)
 
 
-def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidConfig) -> list[Any]:
+def compute_stats(jobs: list[tuple[sh.Dataset, str]], spec: ExtractorSpec, config: FidConfig) -> list[Any]:
     """FeatureStats of each (dataset, split) in `jobs`, all shards of all jobs sharing one actor pool."""
-    tasks = [
-        (i, uri, split, shard) for i, (uri, split) in enumerate(jobs) for shard in sh.open_dataset(uri).shards(split)
-    ]
+    tasks = [(i, ds.loc.uri, split, shard) for i, (ds, split) in enumerate(jobs) for shard in ds.shards(split)]
     plan = plan_pool(config.pool, max_useful=len(tasks))
     file_data = extractor_file(spec)
     if file_data is not None and not plan.local:
@@ -127,8 +125,7 @@ def compute_stats(jobs: list[tuple[str, str]], spec: ExtractorSpec, config: FidC
 def cache_dir(config: FidConfig) -> Path:
     if config.cache_dir:
         return Path(config.cache_dir)
-    base = os.environ.get("CDM_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "cdm") / "fid-stats"
+    return storage.user_cache("fid-stats")
 
 
 def reference_key(ds: sh.Dataset, split: str, extractor_id: str) -> dict[str, Any]:
@@ -227,30 +224,6 @@ def run(config: FidConfig) -> FidResult:
     sh.require_valid_shards(samples, [s_split])
     sh.require_valid_shards(reference, [r_split])
 
-    def work() -> FidResult:
-        start = time.perf_counter()
-        key = reference_key(reference, r_split, spec.id)
-        folder = cache_dir(config)
-        ref_stats = load_cached(folder, key) if config.use_cache else None
-        cached = ref_stats is not None
-        jobs = [(samples.loc.uri, s_split)] + ([] if cached else [(reference.loc.uri, r_split)])
-        computed = compute_stats(jobs, spec, config)
-        sample_stats = computed[0]
-        if not cached:
-            ref_stats = computed[1]
-            if config.use_cache:
-                save_cached(folder, key, ref_stats)
-        seconds = time.perf_counter() - start
-        processed = sample_stats.count + (0 if cached else ref_stats.count)
-        value = fd_from_stats(sample_stats, ref_stats)
-        return FidResult(
-            value, spec.metric, spec.id, sample_stats.count, ref_stats.count, cached, seconds, processed / seconds
-        )
-
-    if not config.track:
-        return work()
-
-    uri = store_uri(config.tracking)
     params = {
         "samples": samples.loc.uri,
         "samples_split": s_split,
@@ -271,18 +244,39 @@ def run(config: FidConfig) -> FidResult:
     train_run = samples.meta.get("options", {}).get("train_run_id")
     if train_run:
         tags["cdm.train_run_id"] = train_run
-    with mlflow_run(
-        config.tracking.experiment, f"fid-{spec.kind}", uri, params, tags, config.tracking.parent_run_id
-    ) as active:
-        result = work()
+    with tracked(config, f"fid-{spec.kind}", params, tags) as record:
+        start = time.perf_counter()
+        key = reference_key(reference, r_split, spec.id)
+        folder = cache_dir(config)
+        ref_stats = load_cached(folder, key) if config.use_cache else None
+        cached = ref_stats is not None
+        jobs = [(samples, s_split)] + ([] if cached else [(reference, r_split)])
+        computed = compute_stats(jobs, spec, config)
+        sample_stats = computed[0]
+        if not cached:
+            ref_stats = computed[1]
+            if config.use_cache:
+                save_cached(folder, key, ref_stats)
+        seconds = time.perf_counter() - start
+        processed = sample_stats.count + (0 if cached else ref_stats.count)
+        value = fd_from_stats(sample_stats, ref_stats)
         metric_base = spec.metric.split("/", 1)[1]
-        mlflow.log_metrics(
+        record.metrics(
             {
-                spec.metric: result.value,
-                f"eval/{metric_base}_samples": float(result.samples_count),
-                f"eval/{metric_base}_reference": float(result.reference_count),
-                f"eval/{metric_base}_seconds": result.seconds,
+                spec.metric: value,
+                f"eval/{metric_base}_samples": sample_stats.count,
+                f"eval/{metric_base}_reference": ref_stats.count,
+                f"eval/{metric_base}_seconds": seconds,
             }
         )
-        result.run_id = active.info.run_id
-    return result
+    return FidResult(
+        value,
+        spec.metric,
+        spec.id,
+        sample_stats.count,
+        ref_stats.count,
+        cached,
+        seconds,
+        processed / seconds,
+        record.run_id,
+    )

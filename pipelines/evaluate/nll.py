@@ -46,31 +46,29 @@ from __future__ import annotations
 import io
 import json
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from matplotlib.figure import Figure
 
 from cdm_core.likelihood import cdm_continuous_eps_fn, ddm_continuous_eps_fn, elbo_bits_per_dim, ode_log_likelihood
 from cdm_core.objective import LOG2_BIN_OFFSET, OFFICIAL_CODE_OFFSET, log_likelihood_from_logits, nats_to_bits_per_dim
 from cdm_core.samplers import cdm_eps_fn, ddm_eps_fn
 from pipelines.common import storage
-from pipelines.common.checkpoints import checkpoint_file, load_trained_model
+from pipelines.common.checkpoints import LocatedModel, locate_model
 from pipelines.common.config import FieldError
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.data.normalization import of_model
 from pipelines.data.readers import DATASET
 from pipelines.evaluate.config import CONVENTIONS, NLL_METHODS, NllConfig, PoolSection, ScoringSection
+from pipelines.evaluate.plots import save_beside, save_method_scatter
 from pipelines.evaluate.workers import ModelWorker, map_split, run_tags
 
 SCORES = "scores.parquet"
@@ -405,7 +403,7 @@ class LikelihoodScorer(ModelWorker):
 # --------------------------------------------------------------------------- scoring a split
 
 
-def _check_model_fits(trained: Any, ds: sh.Dataset, conditional: bool) -> None:
+def check_model_fits(trained: Any, ds: sh.Dataset, conditional: bool) -> None:
     where = ds.loc.uri
     spec = ds.spec
     want = tuple(trained.model.data_shape)
@@ -465,56 +463,75 @@ def check_complete(keys: list[str], expected: list[str], where: str) -> None:
         )
 
 
-def score_split(
-    checkpoint: str,
-    dataset: str,
+@dataclass
+class ScoringInputs:
+    """A model and a split checked for scoring: all `score` needs, found before any MLflow run is opened."""
+
+    model: LocatedModel
+    dataset: sh.Dataset
+    split: str
+    expected: list[str]  # the split's keys in the manifest: every one must be scored exactly once
+    methods: Methods
+    convention: str
+    options: ScoringSection
+    pool: PoolSection
+
+
+def check_scoring(
+    checkpoint: str | LocatedModel,
+    dataset: str | sh.Dataset,
     split: str,
     options: ScoringSection,
     pool: PoolSection,
     methods: Optional[Methods | NllConfig] = None,
-) -> SplitScores:
-    """Score every sample of `split` on Ray workers; sorted by index and checked against the manifest.
+) -> ScoringInputs:
+    """Everything about scoring `split` with this model that can be wrong, checked once; one line if it is.
 
     `methods`: a Methods, or an NllConfig whose method settings are resolved for this model and data
     (default: the one-pass likelihood, which needs a CDM: a DDM is refused, as `cdm ood` wants).
     """
     ds = sh.open_dataset(dataset)
-    ckpt = checkpoint_file(checkpoint)
-    trained = load_trained_model(ckpt, use_ema=options.use_ema)
+    model = checkpoint if isinstance(checkpoint, LocatedModel) else locate_model(checkpoint, use_ema=options.use_ema)
+    trained = model.trained
     if not isinstance(methods, Methods):
-        asked = methods or NllConfig(checkpoint=str(checkpoint), method="one-pass")  # `cdm ood`: one-pass only
+        asked = methods or NllConfig(checkpoint=str(model.file), method="one-pass")  # `cdm ood`: one-pass only
         methods = resolve_methods(asked, trained.kind, ds.spec.kind)
     elif "one-pass" in methods.names and trained.kind != "cdm":
-        resolve_methods(NllConfig(checkpoint=str(checkpoint), method="one-pass"), trained.kind, ds.spec.kind)
-    _check_model_fits(trained, ds, options.conditional)
+        resolve_methods(NllConfig(checkpoint=str(model.file), method="one-pass"), trained.kind, ds.spec.kind)
+    check_model_fits(trained, ds, options.conditional)
     convention = resolve_convention(options.bpd_convention, ds.spec.kind, options.dequantize)
     if options.batch_size < 1:
         raise UserError(f"--batch-size {options.batch_size}: must be ≥ 1")
     expected = manifest_keys(ds, split)
+    return ScoringInputs(model, ds, split, expected, methods, convention, options, pool)
 
+
+def score(inputs: ScoringInputs) -> SplitScores:
+    """Score every sample of the split on the workers; sorted by index and checked against the manifest."""
+    trained, ds, options, methods = inputs.model.trained, inputs.dataset, inputs.options, inputs.methods
     norm = of_model(trained.config)  # continuous data: the model's own normalization, whatever the dataset's
     kwargs = {
-        "checkpoint": str(ckpt),
+        "checkpoint": str(inputs.model.file),
         "use_ema": options.use_ema,
         "dequantize": options.dequantize,
         "seed": options.seed,
-        "offset": bpd_offset(convention),
+        "offset": bpd_offset(inputs.convention),
         "conditional": options.conditional,
         "allow_tf32": options.allow_tf32,
         "methods": methods,
     }
     rows = map_split(
-        dataset,
-        split,
+        ds,
+        inputs.split,
         LikelihoodScorer,
         kwargs,
         batch_size=options.batch_size,
-        pool=pool,
+        pool=inputs.pool,
         normalization=DATASET if norm is None else norm,
         label=f"nll ({', '.join(methods.names)})",
     )
     keys, index, arrays, seconds = rows.keys, rows.index, rows.columns, rows.seconds
-    check_complete(keys, expected, f"{ds.loc.uri} split {split}")
+    check_complete(keys, inputs.expected, f"{ds.loc.uri} split {inputs.split}")
     # The density of the data as given: undo the normalization's Jacobian (log p_x = log p_z − Σ log σ).
     log_det = norm.log_det(tuple(trained.model.data_shape)) if norm is not None else 0.0
     for name in ("log_px", "log_px_ode"):
@@ -535,10 +552,10 @@ def score_split(
         )
     return SplitScores(
         ds.loc.uri,
-        split,
+        inputs.split,
         pa.table(table),
-        convention,
-        bpd_offset(convention),
+        inputs.convention,
+        bpd_offset(inputs.convention),
         options.dequantize,
         seconds,
         options.allow_tf32,
@@ -550,32 +567,6 @@ def _column_order(name: str) -> tuple[int, str]:
     """log_px, bpd (one-pass) first, then the ELBO's and the ODE's columns, the seconds last."""
     first = ("log_px", "bpd", "bpd_elbo", "nats_elbo", "nfe_elbo", "log_px_ode", "bpd_ode", "nfe_ode")
     return (first.index(name), name) if name in first else (len(first), name)
-
-
-def save_method_scatter(scores: SplitScores, path: Path) -> None:
-    """Per sample: the one-pass bits/dim on x, the ELBO's and the ODE's on y, and the diagonal."""
-    one = scores.column("bpd")
-    fig = Figure(figsize=(5.5, 5.0))
-    ax = fig.subplots()
-    ys = []
-    if "elbo" in scores.methods.names:
-        # The ELBO's discrete bits/dim compare with the standard convention: moved to this one's footing.
-        ys.append(("ELBO", scores.column("bpd_elbo") + scores.offset - LOG2_BIN_OFFSET, "tab:orange"))
-    if "ode" in scores.methods.names:
-        ys.append(("ODE", scores.column("bpd_ode"), "tab:blue"))
-    for name, y, color in ys:
-        ax.scatter(one, y, s=8, alpha=0.6, color=color, label=f"{name} (mean {y.mean():.3f})")
-    values = np.concatenate([one, *(y for _, y, _ in ys)])
-    lo, hi = float(values.min()), float(values.max())
-    pad = 0.02 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=1, label="y = x")
-    ax.set_xlabel(f"one-pass bits/dim (mean {one.mean():.3f})")
-    ax.set_ylabel("bits/dim")
-    deq = "dequantized" if scores.dequantized else "not dequantized"
-    ax.set_title(f"{scores.count} samples of {scores.split}; convention {scores.convention}, {deq}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def write_scores(scores: SplitScores, out: str) -> str:
@@ -634,32 +625,12 @@ def run(config: NllConfig) -> NllResult:
         raise UserError("nll needs a checkpoint and a dataset")
     out = config.out or default_out(config.dataset, config.split)
     storage.check_writable(out)  # before the split is scored, not after
-    ckpt = checkpoint_file(config.checkpoint)
+    model = locate_model(config.checkpoint, use_ema=config.scoring.use_ema, train_run_id=config.train_run_id)
+    inputs = check_scoring(model, config.dataset, config.split, config.scoring, config.pool, config)
 
-    def work() -> tuple[dict[str, Any], str, Optional[str]]:
-        scores = score_split(config.checkpoint, config.dataset, config.split, config.scoring, config.pool, config)
-        uri = write_scores(scores, out)
-        plot = None
-        if "one-pass" in scores.methods.names and len(scores.methods.names) > 1:
-            loc = storage.resolve(out)
-            if loc.is_local():
-                plot = str(Path(loc.root) / SCATTER)
-                save_method_scatter(scores, Path(plot))
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_method_scatter(scores, Path(tmp) / SCATTER)
-                    loc.write_bytes(SCATTER, (Path(tmp) / SCATTER).read_bytes())
-                plot = loc.where(SCATTER)
-        return scores.summary(), uri, plot
-
-    if not config.track:
-        summary, uri, plot = work()
-        return NllResult(summary, uri, plot=plot)
-
-    tracking = store_uri(config.tracking)
     scoring = config.scoring
     params = {
-        "dataset": storage.resolve(config.dataset).uri,
+        "dataset": inputs.dataset.loc.uri,
         "split": config.split,
         "conditional": scoring.conditional,
         "dequantize": scoring.dequantize,
@@ -669,38 +640,38 @@ def run(config: NllConfig) -> NllResult:
         "allow_tf32": scoring.allow_tf32,
         "workers": config.pool.workers,
     }
-    tags = run_tags("nll", ckpt, config.train_run_id) | {"cdm.dataset": storage.resolve(config.dataset).uri}
-    with mlflow_run(
-        config.tracking.experiment, f"nll-{config.split}", tracking, params, tags, config.tracking.parent_run_id
-    ) as active:
-        summary, uri, plot = work()
-        methods = summary["methods"]
-        # Which method and convention a figure uses is part of the figure: logged as params next to it.
-        method_params: dict[str, Any] = {"method": ",".join(methods)}
-        density = next((m for m in ("one-pass", "ode") if m in methods), None)
-        if density:
-            method_params |= {
-                "bpd_convention": methods[density]["convention"],
-                "bpd_offset": methods[density]["bpd_offset"],
-            }
-        if "elbo" in methods:
-            method_params |= {"elbo_stride": methods["elbo"]["stride"], "elbo_convention": ELBO_CONVENTION}
-        if "ode" in methods:
-            ode = methods["ode"]
-            method_params |= {"ode_rtol": ode["rtol"], "ode_atol": ode["atol"], "ode_trace": ode["trace"]}
-        mlflow.log_params(method_params)
-        mlflow.log_metrics(
+    tags = run_tags("nll", model) | {"cdm.dataset": inputs.dataset.loc.uri}
+    with tracked(config, f"nll-{config.split}", params, tags) as record:
+        scores = score(inputs)
+        uri = write_scores(scores, out)
+        plot = None
+        if "one-pass" in scores.methods.names and len(scores.methods.names) > 1:
+            plot = save_beside(out, SCATTER, lambda path: save_method_scatter(scores, path), record)
+        summary = scores.summary()
+        record.params(method_params(summary))
+        record.metrics(
             {
-                "eval/nll_count": float(summary["count"]),
+                "eval/nll_count": summary["count"],
                 "eval/nll_seconds": summary["seconds"],
                 "eval/nll_images_per_s": summary["images_per_s"],
                 **method_metrics(summary),
             }
         )
-        loc = storage.resolve(out)
-        if loc.is_local():
-            mlflow.log_artifact(str(Path(loc.root) / SUMMARY))
-            if plot:
-                mlflow.log_artifact(plot)
-        run_id = active.info.run_id
-    return NllResult(summary, uri, run_id, plot)
+        if storage.resolve(out).is_local():
+            record.artifact(Path(storage.resolve(out).root) / SUMMARY)
+    return NllResult(summary, uri, record.run_id, plot)
+
+
+def method_params(summary: dict[str, Any]) -> dict[str, Any]:
+    """Which method and convention a figure uses is part of the figure: logged as params next to it."""
+    methods = summary["methods"]
+    params: dict[str, Any] = {"method": ",".join(methods)}
+    density = next((m for m in ("one-pass", "ode") if m in methods), None)
+    if density:
+        params |= {"bpd_convention": methods[density]["convention"], "bpd_offset": methods[density]["bpd_offset"]}
+    if "elbo" in methods:
+        params |= {"elbo_stride": methods["elbo"]["stride"], "elbo_convention": ELBO_CONVENTION}
+    if "ode" in methods:
+        ode = methods["ode"]
+        params |= {"ode_rtol": ode["rtol"], "ode_atol": ode["atol"], "ode_trace": ode["trace"]}
+    return params

@@ -14,24 +14,22 @@ which is a finding to report, not a bug.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
-from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 
 from pipelines.common import config as cfg
 from pipelines.common import storage
-from pipelines.common.checkpoints import checkpoint_file
+from pipelines.common.checkpoints import locate_model
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.evaluate.config import OodConfig
-from pipelines.evaluate.nll import score_split, write_scores
+from pipelines.evaluate.nll import check_scoring, score, write_scores
+from pipelines.evaluate.plots import save_beside, save_histogram
 from pipelines.evaluate.workers import run_tags
 
 HISTOGRAM = "ood_histogram.png"
@@ -52,25 +50,6 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.concatenate([in_scores, out_scores])))
 
 
-def save_histogram(
-    in_bpd: np.ndarray, out_bpd: np.ndarray, names: tuple[str, str], auc: float, unit: str, path: Path
-) -> None:
-    both = np.concatenate([in_bpd, out_bpd])
-    finite = both[np.isfinite(both)]
-    lo, hi = np.percentile(finite, [0.5, 99.5]) if len(finite) else (0.0, 1.0)
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
-    fig = Figure(figsize=(6, 4), dpi=100)
-    ax = fig.subplots()
-    ax.hist(np.clip(in_bpd, lo, hi), bins=bins, alpha=0.6, density=True, label=f"in: {names[0]} ({len(in_bpd)})")
-    ax.hist(np.clip(out_bpd, lo, hi), bins=bins, alpha=0.6, density=True, label=f"out: {names[1]} ({len(out_bpd)})")
-    ax.set_xlabel(f"NLL ({unit})")
-    ax.set_ylabel("density")
-    ax.set_title(f"Likelihood OOD detection, AUROC {auc:.3f}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def _name(uri: str) -> str:
     return storage.resolve(uri).root.rstrip("/").rsplit("/", 1)[-1] or uri
 
@@ -84,14 +63,20 @@ def run(config: OodConfig) -> OodResult:
             f"{ds_out.loc.uri}: samples are {ds_out.spec.kind} {ds_out.spec.shape}, "
             f"{ds_in.loc.uri} has {ds_in.spec.kind} {ds_in.spec.shape}; OOD scoring needs one shape"
         )
-    ckpt = checkpoint_file(config.checkpoint)
     names = (_name(config.in_dataset), _name(config.out_dataset))
     out = config.out or str(Path("outputs") / "ood" / f"{names[0]}-vs-{names[1]}")
     storage.check_writable(out)
+    model = locate_model(config.checkpoint, use_ema=config.scoring.use_ema, train_run_id=config.train_run_id)
+    inputs = [
+        check_scoring(model, ds, split, config.scoring, config.pool)
+        for ds, split in ((ds_in, config.in_split), (ds_out, config.out_split))
+    ]
 
-    def work() -> tuple[float, dict[str, Any], Optional[str]]:
-        s_in = score_split(config.checkpoint, config.in_dataset, config.in_split, config.scoring, config.pool)
-        s_out = score_split(config.checkpoint, config.out_dataset, config.out_split, config.scoring, config.pool)
+    settings = ("in_split", "out_split", "dequantize", "conditional", "seed", "batch_size", "use_ema", "allow_tf32")
+    params = {k: v for k, v in cfg.flat_values(config).items() if k in (*settings, "workers")}
+    params |= {"in_dataset": ds_in.loc.uri, "out_dataset": ds_out.loc.uri}
+    with tracked(config, f"ood-{names[0]}-vs-{names[1]}", params, run_tags("ood", model)) as record:
+        s_in, s_out = (score(i) for i in inputs)
         write_scores(s_in, f"{out.rstrip('/')}/in")
         write_scores(s_out, f"{out.rstrip('/')}/ood")
         auc = auroc(s_in.bpd, s_out.bpd)
@@ -99,59 +84,16 @@ def run(config: OodConfig) -> OodResult:
         loc = storage.resolve(out)
         loc.write_bytes("summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         unit = "bits/dim" if s_in.convention != "continuous" else "bits/dim, continuous"
-        histogram = None
-        if loc.is_local():
-            histogram = str(Path(loc.root) / HISTOGRAM)
-            save_histogram(s_in.bpd, s_out.bpd, names, auc, unit, Path(histogram))
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_histogram(s_in.bpd, s_out.bpd, names, auc, unit, Path(tmp) / HISTOGRAM)
-                loc.write_bytes(HISTOGRAM, (Path(tmp) / HISTOGRAM).read_bytes())
-        return auc, summary, histogram
-
-    if not config.track:
-        auc, summary, histogram = work()
-        return OodResult(auc, summary, storage.resolve(out).uri, histogram)
-
-    tracking = store_uri(config.tracking)
-    params = {
-        k: v
-        for k, v in cfg.flat_values(config).items()
-        if k
-        in (
-            "in_split",
-            "out_split",
-            "dequantize",
-            "conditional",
-            "seed",
-            "batch_size",
-            "use_ema",
-            "allow_tf32",
-            "workers",
+        plot = save_beside(
+            out, HISTOGRAM, lambda path: save_histogram(s_in.bpd, s_out.bpd, names, auc, unit, path), record
         )
-    }
-    params |= {"in_dataset": ds_in.loc.uri, "out_dataset": ds_out.loc.uri}
-    tags = run_tags("ood", ckpt, config.train_run_id)
-    with mlflow_run(
-        config.tracking.experiment,
-        f"ood-{names[0]}-vs-{names[1]}",
-        tracking,
-        params,
-        tags,
-        config.tracking.parent_run_id,
-    ) as active:
-        auc, summary, histogram = work()
-        mlflow.log_params(
-            {"bpd_convention": summary["in"]["bpd_convention"], "bpd_offset": summary["in"]["bpd_offset"]}
-        )
-        mlflow.log_metrics(
+        histogram = plot if loc.is_local() else None
+        record.params({"bpd_convention": summary["in"]["bpd_convention"], "bpd_offset": summary["in"]["bpd_offset"]})
+        record.metrics(
             {
                 "eval/ood_auroc": auc,
                 "eval/ood_nll_bpd_in": summary["in"]["nll_bpd"],
                 "eval/ood_nll_bpd_out": summary["ood"]["nll_bpd"],
             }
         )
-        if histogram:
-            mlflow.log_artifact(histogram)
-        run_id = active.info.run_id
-    return OodResult(auc, summary, storage.resolve(out).uri, histogram, run_id)
+    return OodResult(auc, summary, loc.uri, histogram, record.run_id)

@@ -31,17 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import mlflow
 import numpy as np
 import torch
 
 from cdm_core.samplers import classifier_free_guidance, initial_noise, sample, timestep_grid
 from pipelines.common import config as cfg
 from pipelines.common import storage
-from pipelines.common.checkpoints import checkpoint_file, load_trained_model, training_run_id
+from pipelines.common.checkpoints import locate_model
 from pipelines.common.console import Progress
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import mlflow_run, store_uri
+from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
 from pipelines.data.normalization import Normalization, of_model
 from pipelines.data.preview import save_preview
@@ -311,8 +310,8 @@ def _check_writable(out: str) -> None:
 def run(config: SampleConfig) -> SampleResult:
     """Draw `config.n` samples on Ray workers and write them as a dataset at `config.out`."""
     _validate(config)
-    ckpt = checkpoint_file(config.checkpoint)
-    trained = load_trained_model(ckpt, use_ema=config.use_ema)  # on the driver only to learn the data shape and labels
+    model = locate_model(config.checkpoint, use_ema=config.use_ema, train_run_id=config.train_run_id)
+    trained = model.trained  # on the driver only to learn the data shape and labels
     shape = tuple(trained.model.data_shape)
     norm = of_model(trained.config)  # None: a model of 8-bit images
     spec = spec_for(shape, trained.num_labels, norm is not None)
@@ -321,7 +320,7 @@ def run(config: SampleConfig) -> SampleResult:
         raise UserError(f"--cfg {config.cfg}: guidance needs a class-conditional model; this one is unconditional")
     if not 1 <= config.steps <= trained.schedule.T:
         raise UserError(f"--steps {config.steps}: must be between 1 and the model's T={trained.schedule.T}")
-    fingerprint = _fingerprint(config, storage.sha256_file(ckpt))
+    fingerprint = _fingerprint(config, model.sha256)
     loc = storage.resolve(config.out)
     existing = None if config.force else _existing(config.out, fingerprint)
     if existing is None:
@@ -332,18 +331,20 @@ def run(config: SampleConfig) -> SampleResult:
     options["clip_x0"] = default_clip(shape, config.clip_x0, norm is not None)  # the effective clip: None is none
     options["nfe"] = len(timestep_grid(trained.schedule.T, config.steps, config.time_grid)) - 1  # ε̂ calls per sample
     options["model_kind"] = trained.kind
-    options["checkpoint"] = str(ckpt)
+    options["checkpoint"] = str(model.file)
     options["checkpoint_step"] = trained.step
-    options["train_run_id"] = config.train_run_id or training_run_id(ckpt)
+    options["train_run_id"] = model.train_run_id
 
-    def work() -> tuple[float, Optional[str]]:
+    tags = run_tags("sample", model) | {"cdm.output": loc.uri, "cdm.fingerprint": fingerprint}
+    params = {**options, "workers": config.pool.workers, "samples_per_shard": config.samples_per_shard, "out": loc.uri}
+    with tracked(config, f"sample-{config.sampler}-{config.steps}", params, tags) as record:
         start = time.perf_counter()
         if existing is None:
             write_dataset(
                 config.out,
                 SPLIT,
                 spec,
-                _in_data_units(_generate_on_workers(config, str(ckpt)), norm),
+                _in_data_units(_generate_on_workers(config, str(model.file)), norm),
                 source="samples",
                 options=options,
                 fingerprint=fingerprint,
@@ -354,39 +355,17 @@ def run(config: SampleConfig) -> SampleResult:
             np.save(Path(loc.root) / ARRAY, load_split(config.out, SPLIT, verify=False)[0], allow_pickle=False)
         seconds = time.perf_counter() - start
         grid = _save_grid(config.out)
-        return seconds, grid
-
-    if not config.track:
-        seconds, grid = work()
-        return SampleResult(
-            loc.uri, config.n, seconds, config.n / seconds if existing is None else 0.0, grid, existing is not None
-        )
-
-    uri = store_uri(config.tracking)
-    tags = run_tags("sample", ckpt, config.train_run_id) | {"cdm.output": loc.uri, "cdm.fingerprint": fingerprint}
-    params = {**options, "workers": config.pool.workers, "samples_per_shard": config.samples_per_shard, "out": loc.uri}
-    with mlflow_run(
-        config.tracking.experiment,
-        f"sample-{config.sampler}-{config.steps}",
-        uri,
-        params,
-        tags,
-        config.tracking.parent_run_id,
-    ) as active:
-        seconds, grid = work()
         rate = config.n / seconds if existing is None else 0.0
-        mlflow.log_metrics(
+        record.metrics(
             {
-                "sample/count": float(config.n),
+                "sample/count": config.n,
                 "sample/seconds": seconds,
                 "sample/images_per_s": rate,
                 "sample/up_to_date": float(existing is not None),
             }
         )
-        if grid:
-            mlflow.log_artifact(grid)
-        run_id = active.info.run_id
-    return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, run_id)
+        record.artifact(grid)
+    return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, record.run_id)
 
 
 def _in_data_units(

@@ -25,7 +25,7 @@ import torch
 from ray.autoscaler.sdk import request_resources
 from ray.util import ActorPool
 
-from pipelines.common.checkpoints import load_trained_model, training_run_id
+from pipelines.common.checkpoints import LocatedModel, load_trained_model
 from pipelines.common.console import Progress, warn
 from pipelines.common.errors import UserError
 from pipelines.common.precision import set_tf32
@@ -180,16 +180,13 @@ def plan_pool(pool: PoolSection, *, max_useful: int | None = None, reserve_cpus:
     return plan
 
 
-def run_tags(
-    stage: str, checkpoint_file: str | os.PathLike | None = None, train_run_id: str | None = None
-) -> dict[str, str]:
+def run_tags(stage: str, model: LocatedModel | None = None) -> dict[str, str]:
     """Tags that link a batch stage's MLflow run to its inputs and to the run that trained the model."""
     tags = {"cdm.stage": stage}
-    if checkpoint_file is not None:
-        tags["cdm.checkpoint"] = str(checkpoint_file)
-        train_run_id = train_run_id or training_run_id(checkpoint_file)
-    if train_run_id:
-        tags["cdm.train_run_id"] = train_run_id
+    if model is not None:
+        tags["cdm.checkpoint"] = str(model.file)
+        if model.train_run_id:
+            tags["cdm.train_run_id"] = model.train_run_id
     return tags
 
 
@@ -293,7 +290,7 @@ class SplitRows:
 
 
 def map_split(
-    dataset: str,
+    dataset: str | sh.Dataset,
     split: str,
     scorer: type,
     kwargs: dict[str, Any],
@@ -316,11 +313,11 @@ def map_split(
     plan = plan_pool(pool, reserve_cpus=1, max_useful=max(len(ds.shards(split)), -(-ds.count(split) // batch_size)))
     constructor = {**kwargs, "device": plan.device, "threads": plan.threads, "faults": faults_from_env()}
     if plan.local:  # the split in memory, its batches through the one scorer in this process
-        batches = LocalReader(dataset, split, normalization=normalization).batches(batch_size, as_torch=False)
+        batches = LocalReader(ds, split, normalization=normalization).batches(batch_size, as_torch=False)
         scored = pool_map(plan, scorer, (), "__call__", ((batch,) for batch in batches), kwargs=constructor)
     else:
         scored = (
-            ray_dataset(dataset, split, normalization=normalization)
+            ray_dataset(ds, split, normalization=normalization)
             .map_batches(
                 scorer,
                 fn_constructor_kwargs=constructor,

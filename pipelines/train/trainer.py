@@ -205,8 +205,8 @@ def log_final_model(checkpoint_dir: str, data_uri: str, split: str, register_as:
     `register_as`: also a new version of that registered model in the MLflow model registry.
     """
     trained = load_trained_model(checkpoint_dir)
-    reader = LocalReader(data_uri, split, verify=False)
-    x = reader.inputs(np.arange(min(4, len(reader))))
+    reader = LocalReader(data_uri, split, verify=False, first=4)
+    x = reader.inputs(np.arange(len(reader)))
     # The signature is the exported program's: CDM model(x[, y]) -> logits over t = 0..T+1;
     # DDM model(x, t[, y]) -> ε̂. The batch dimension (-1) stays dynamic.
     example = [x]
