@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import prepare_quick
 
-from pipelines.data.readers import LocalReader, from_model_input, padded_order, share, to_model_input
+from pipelines.data.readers import LocalReader, from_model_input, padded_order, share, stream_batches, to_model_input
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 7, 17, 100])
@@ -109,3 +109,25 @@ def test_vectors_are_not_rescaled(tmp_path):
     assert b["x"].shape == (30, 2) and b["x"].dtype == torch.float32
     assert torch.equal(b["x"], torch.from_numpy(reader.data))
     assert float(b["x"].abs().max()) > 1.5  # the ring has radius 2
+
+
+def test_a_streamed_split_is_the_split_in_batches_shuffled_per_epoch(digits_dataset):
+    """stream_batches (shard by shard, for splits too large to hold) gives LocalReader's samples, each once."""
+    whole = LocalReader(digits_dataset, "train")
+
+    def epoch(e: int, shuffle: bool = True) -> list[dict]:
+        return list(stream_batches(digits_dataset, "train", 100, shuffle=shuffle, seed=3, epoch=e, buffer=300))
+
+    plain = epoch(0, shuffle=False)
+    assert [len(b["index"]) for b in plain] == [100] * 16 + [18]
+    index = torch.cat([b["index"] for b in plain]).numpy()
+    assert np.array_equal(index, np.arange(len(whole)))
+    assert torch.equal(torch.cat([b["x"] for b in plain]), torch.from_numpy(whole.inputs(index)))
+    first, second, again = epoch(0), epoch(1), epoch(0)
+    order = [torch.cat([b["index"] for b in run]).numpy() for run in (first, second, again)]
+    assert sorted(order[0]) == list(range(len(whole))) and sorted(order[1]) == list(range(len(whole)))
+    assert not np.array_equal(order[0], order[1]) and np.array_equal(order[0], order[2])
+    assert not np.array_equal(order[0], np.sort(order[0]))
+    for b in first:  # each row keeps its own label and pixels
+        assert torch.equal(b["label"], torch.from_numpy(whole.labels[b["index"].numpy()]))
+        assert torch.equal(b["x"], torch.from_numpy(whole.inputs(b["index"].numpy())))

@@ -183,6 +183,71 @@ class LocalReader:
             yield batch
 
 
+def stream_batches(
+    uri: str | os.PathLike | sh.Dataset,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    buffer: int = 8192,
+    verify: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """One pass over a split in torch batches of `x`, `label`, `index`, read shard by shard: memory holds one
+    shard's samples and a shuffle buffer, whatever the split's size (LocalReader holds the whole split).
+
+    shuffle: the shard order and a buffer of `buffer` samples (WebDataset's shuffle), drawn from (seed, epoch).
+    """
+    import torch  # noqa: PLC0415 (deferred for Ray Data's read tasks, as in LocalReader.batches)
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be ≥ 1")
+    ds = sh.open_dataset(uri)
+    norm = resolve_normalization(ds, DATASET)
+    if verify:
+        sh.require_valid_shards(ds, [split])
+    rng = np.random.default_rng([seed, epoch, 2])
+    shards = ds.shards(split)
+    order = rng.permutation(len(shards)) if shuffle else range(len(shards))
+    samples = ((index, data, label) for i in order for _, index, data, label in sh.iter_shard(ds, split, shards[i]))
+
+    def collate(rows: list[tuple[int, np.ndarray, int]]) -> dict[str, Any]:
+        data = np.stack([r[1] for r in rows])
+        if ds.spec.kind == "image":
+            x = to_model_input(data)
+        else:
+            x = norm.apply(data.astype(np.float32)) if norm is not None else data.astype(np.float32)
+        return {
+            "x": torch.from_numpy(np.ascontiguousarray(x)),
+            "label": torch.tensor([r[2] for r in rows], dtype=torch.int64),
+            "index": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        }
+
+    batch: list[tuple[int, np.ndarray, int]] = []
+    for row in _buffer_shuffled(samples, buffer, rng) if shuffle else samples:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch:
+        yield collate(batch)
+
+
+def _buffer_shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Items in random order, drawn from a buffer of `size` that the stream keeps full."""
+    pool: list[Any] = []
+    for item in items:
+        if len(pool) < size:
+            pool.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield pool[i]
+        pool[i] = item
+    rng.shuffle(pool)
+    yield from pool
+
+
 def load_split(uri: str | os.PathLike, split: str, *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(data, labels) of a whole split in index order: uint8 (N, H, W, C) images or float32 (N, D) vectors."""
     reader = LocalReader(uri, split, verify=verify)

@@ -11,11 +11,11 @@ import io
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +25,7 @@ from pipelines.common.errors import UserError
 from pipelines.common.stage import tracked
 from pipelines.common.storage import sha256_file
 from pipelines.data import shards as sh
-from pipelines.data.readers import LocalReader
+from pipelines.data.readers import stream_batches
 from pipelines.evaluate.config import TrainFeaturesConfig
 
 CLASSIFIER_FORMAT = "cdm-feature-classifier"
@@ -114,14 +114,16 @@ def dataset_name(ds: sh.Dataset) -> str:
     return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "dataset"
 
 
-def accuracy(model: Any, x: np.ndarray, labels: np.ndarray, device: str, batch: int = 512) -> float:
+def accuracy(model: Any, batches: Iterator[dict[str, Any]], device: str) -> tuple[float, int]:
+    """(fraction correct, count) over `batches`."""
     model.eval()
-    correct = 0
+    correct, count = 0, 0
     with torch.no_grad():
-        for s in range(0, len(x), batch):
-            xb = torch.from_numpy(x[s : s + batch]).to(device)
-            correct += int((model(xb).argmax(1).cpu().numpy() == labels[s : s + batch]).sum())
-    return correct / max(1, len(x))
+        for batch in batches:
+            predicted = model(batch["x"].to(device)).argmax(1).cpu()
+            correct += int((predicted == batch["label"]).sum())
+            count += len(batch["label"])
+    return correct / max(1, count), count
 
 
 def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
@@ -148,9 +150,7 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
     if device == "cpu":
         torch.set_num_threads(max(1, config.threads))
     torch.manual_seed(config.seed)
-    train = LocalReader(ds, config.train_split)
-    test = LocalReader(ds, config.test_split)
-    x_test = test.inputs(np.arange(len(test)))
+    sh.require_valid_shards(ds, [config.train_split, config.test_split])
     h, w, c = spec.shape
     model = FeatureClassifier(c, h, w, spec.num_classes, width_mult=config.width_mult).to(device)
     params = {
@@ -166,14 +166,18 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
     tags = {"cdm.stage": "train-features", "cdm.dataset": ds.loc.uri, "cdm.output": str(out)}
     with tracked(config, f"train-features-{name}", params, tags) as record:
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-        steps_per_epoch = -(-len(train) // config.batch_size)
+        steps_per_epoch = -(-ds.count(config.train_split) // config.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch)
         losses = []
         start = time.perf_counter()
         for epoch in range(config.epochs):
             model.train()
             total, seen = 0.0, 0
-            for batch in train.batches(config.batch_size, shuffle=True, seed=config.seed, epoch=epoch):
+            # Streamed shard by shard: the split is never held in memory (ImageNet-64's would be 15.7 GB).
+            batches = stream_batches(
+                ds, config.train_split, config.batch_size, shuffle=True, seed=config.seed, epoch=epoch, verify=False
+            )
+            for batch in batches:
                 x, y = batch["x"].to(device), batch["label"].to(device)
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
@@ -185,8 +189,8 @@ def train_features(config: TrainFeaturesConfig) -> TrainFeaturesResult:
             losses.append(total / seen)
             record.metrics({"features/train_loss": losses[-1]}, step=epoch)
         seconds = time.perf_counter() - start
-        test_acc = accuracy(model, x_test, test.labels, device)
-        _save(model, out, name, ds, test_acc, len(test), config.epochs, losses)
+        test_acc, test_count = accuracy(model, stream_batches(ds, config.test_split, 512, verify=False), device)
+        _save(model, out, name, ds, test_acc, test_count, config.epochs, losses)
         record.metrics({"features/test_accuracy": test_acc, "features/train_seconds": seconds})
     return TrainFeaturesResult(str(out), test_acc, seconds, name, record.run_id)
 
