@@ -9,6 +9,7 @@ these starts Ray: every mistake is caught before any work.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -92,6 +93,17 @@ def world(tmp_path_factory):
             (w / name / "manifest.parquet").unlink()
         else:
             (w / name / "dataset.json").write_text("{not json")
+    # dataset.json files whose shard names lead out of the dataset's folder (issue 29): `escape` names a real,
+    # intact shard of `data`, so only the containment check can refuse it.
+    for name, shard in (
+        ("escape", "../data/test-000000.tar"),
+        ("passwd", "../../../../../../../../etc/passwd"),
+        ("absolute", str(w / "data" / "train-000000.tar")),
+    ):
+        shutil.copytree(w / "data", w / name)
+        meta = json.loads((w / name / "dataset.json").read_text())
+        meta["splits"]["test" if name != "absolute" else "train"]["shards"][0]["name"] = shard
+        (w / name / "dataset.json").write_text(json.dumps(meta))
     (w / "emptyfolder").mkdir()
     (w / "notes").mkdir()
     (w / "notes" / "mine.txt").write_text("my own notes")
@@ -134,6 +146,8 @@ def _hashes(w: Path) -> dict[str, str]:
                 out[str(path.relative_to(w))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
+
+_OUTSIDE = r".* is not a file name inside the dataset's folder.*--force"
 
 CASES = [
     # prepare
@@ -195,6 +209,12 @@ CASES = [
     ("verify-missing-manifest", "verify nomanifest", r"manifest\.parquet: missing"),
     ("verify-not-a-dataset", "verify emptyfolder", r"not a prepared dataset"),
     ("verify-damaged-json", "verify badjson", r"dataset\.json: not valid JSON.*--force"),
+    ("verify-shard-outside-dataset", "verify escape", rf"escape/dataset\.json: shard name '\.\./data/{_OUTSIDE}"),
+    (
+        "verify-shard-is-etc-passwd",
+        "verify passwd",
+        rf"passwd/dataset\.json: shard name '(\.\./)+etc/passwd'{_OUTSIDE}",
+    ),
     # train
     ("train-bad-toml", "train bad.toml", r"bad\.toml: not valid TOML"),
     ("train-extends-loop", "train a.toml", r"`extends` goes round in a loop"),
@@ -225,6 +245,11 @@ CASES = [
         f"train {TINY} --from-checkpoint checkpoint_00000002",
         r"--from-checkpoint needs --resume",
     ),
+    (
+        "train-absolute-shard",
+        f"train {TINY} --set data.uri=absolute",
+        rf"shard name '/\S+/train-000000\.tar'{_OUTSIDE}",
+    ),
     ("train-missing-dataset", f"train {TINY} --set data.uri=nodata", r"nodata: no such directory"),
     (
         "train-fractional-gpus",
@@ -241,6 +266,7 @@ CASES = [
     ("nll-ddm-one-pass", "nll ddm data --method one-pass --no-track", r"needs a CDM.*use --method ode"),
     ("nll-unknown-method", "nll cdm data --method exactly --no-track", r"--method 'exactly' is not one of"),
     ("nll-wrong-shape", "nll cdm toy --no-track", r"the model takes \(1, 8, 8\)"),
+    ("nll-shard-outside-dataset", "nll cdm escape --no-track", rf"escape/dataset\.json: shard name{_OUTSIDE}"),
     ("nll-unknown-split", "nll cdm data --split valid --no-track", r"no split 'valid'"),
     ("nll-unwritable-out", "nll cdm data --out afile/scores --no-track", r"afile/scores: cannot write there"),
     ("nll-read-only-out", "nll cdm data --out locked/scores --no-track", r"locked/scores: cannot write there"),

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -438,7 +439,36 @@ def open_dataset(uri: str | os.PathLike | Dataset) -> Dataset:
         raise UserError(f"{where}: missing field(s) {missing}; re-run `cdm prepare … --force` to rewrite it")
     if meta["format"] != FORMAT:
         raise UserError(f"{where}: format {meta['format']!r}, this cdm reads {FORMAT!r}; re-run `cdm prepare`")
+    _check_shard_names(meta, where)
     return Dataset(loc=loc, meta=meta, json_sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _check_shard_names(meta: dict[str, Any], where: str) -> None:
+    """Every shard listed must be a plain file name inside the dataset's folder.
+
+    The one containment check: every reader builds a shard's path from its name here (`loc.path(name)`,
+    locally and in object stores alike), so a name such as `../x.tar` or `/etc/passwd` in a dataset.json
+    someone else wrote would make verify, nll or train read a file outside the dataset.
+    """
+    splits = meta["splits"]
+    if not isinstance(splits, dict):
+        raise UserError(f"{where}: 'splits' is not a table; re-run `cdm prepare … --force` to rewrite it")
+    for split, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise UserError(f"{where}: split {split!r} has no list of shards; re-run `cdm prepare … --force`")
+        for shard in shards:
+            name = shard.get("name")
+            if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+                raise UserError(
+                    f"{where}: shard name {name!r} of split {split!r} is not a file name inside the dataset's "
+                    "folder (a shard is NAME.tar beside dataset.json, without '/' or '..'); the file was altered, "
+                    "re-run `cdm prepare … --force`"
+                )
+
+
+# A file name in the dataset's folder: no separator, no leading dot (so neither `.` nor `..`), no control bytes.
+_SHARD_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*\.tar")
 
 
 def check_shard_files(
