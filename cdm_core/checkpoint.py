@@ -145,7 +145,7 @@ def load_checkpoint(
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as err:  # arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, EOFError, ...)
-        raise ValueError(f"{name} {_unreadable(err)}; {expected}") from err
+        raise ValueError(f"{name} {_not_torch(_head(path)) or _unreadable(err)}; {expected}") from err
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{name} is not a cdm checkpoint (found format {found!r}); {expected}")
@@ -158,6 +158,43 @@ def load_checkpoint(
     if missing:
         raise ValueError(f"{name} is an incomplete cdm checkpoint: missing {missing}")
     return checkpoint
+
+
+def _head(path: str | os.PathLike | IO[bytes], size: int = 64) -> bytes | None:
+    """The first bytes of a file or of a seekable stream (left where it was); None if they cannot be read."""
+    try:
+        if isinstance(path, (str, os.PathLike)):
+            with open(path, "rb") as f:
+                return f.read(size)
+        at = path.tell()
+        path.seek(0)
+        head = path.read(size)
+        path.seek(at)
+        return head
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _not_torch(head: bytes | None) -> str | None:
+    """What a file is, if it is neither of torch.save's formats (a zip archive, or a pickle for the legacy one).
+
+    torch.load reads anything else as a legacy pickle, and so calls a JSON or text file one holding
+    "Python objects": true of no such file, and no help to whoever gave the wrong path.
+    """
+    if head is None or head.startswith((b"PK\x03\x04", b"\x80")) or not head:
+        return None
+    text = head.lstrip()
+    if text[:1] in (b"{", b"["):
+        what = "JSON text"
+    elif head.startswith(b"PAR1"):
+        what = "a Parquet file"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "a numpy .npy file"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        what = "text"
+    else:
+        what = f"bytes {head[:8]!r}…, in neither of torch's formats"
+    return f"is not a checkpoint but {what}: give the checkpoint.pt that `cdm train` wrote, or its folder"
 
 
 def _unreadable(err: Exception) -> str:

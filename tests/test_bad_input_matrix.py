@@ -30,6 +30,7 @@ from pipelines.train.step import build_network
 CDM = str(Path(sys.executable).with_name("cdm"))
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train_tiny.toml")
+DEMO = str(ROOT / "configs" / "demo.toml")
 PWNED = "pwned-by-a-checkpoint"
 
 
@@ -57,6 +58,11 @@ def _bad_arrays(w: Path) -> None:
     np.save(w / "vec.npy", np.arange(60, dtype=np.float64).reshape(20, 3))
     np.save(w / "labels19.npy", np.zeros(19, np.int64))
     np.savez(w / "two.npz", a=np.zeros((4, 3)), b=np.zeros((4, 3)))
+    huge = np.zeros(20, np.int64)
+    huge[3] = 2**40  # the classes would be 0..2**40, one name each: 23 GB before the fix
+    np.save(w / "huge_labels.npy", huge)
+    (w / "garbage.npy").write_bytes(b"not numpy at all " * 8)  # numpy's answer: "load it with allow_pickle"
+    np.save(w / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,7 @@ def world(tmp_path_factory):
         meta["splits"]["test" if name != "absolute" else "train"]["shards"][0]["name"] = shard
         (w / name / "dataset.json").write_text(json.dumps(meta))
     (w / "emptyfolder").mkdir()
+    (w / "loop").symlink_to("loop")  # a symbolic link that leads to itself
     (w / "notes").mkdir()
     (w / "notes" / "mine.txt").write_text("my own notes")
     (w / "afile").write_text("a file where a folder must be")
@@ -203,12 +210,43 @@ CASES = [
     ),
     ("prepare-config-not-toml", "prepare --config bad.toml --out o7 --no-track", r"bad\.toml: not valid TOML"),
     ("prepare-wrong-image-size-option", "prepare imagefolder --path imgs --size 0 --out o8 --no-track", r"--size"),
+    # one value that would exhaust memory, a path that cannot be followed or encoded (issue 29)
+    (
+        "prepare-arrays-huge-label",
+        "prepare arrays --path vec.npy --labels huge_labels.npy --out oa6 --no-track",
+        r"--labels \S*huge_labels\.npy: label 1099511627776 at index 3 makes 1,099,511,627,777 classes, over the "
+        r"100,000",
+    ),
+    (
+        "prepare-toy-billion-points",
+        "prepare toy2d --name gmm8 --num-train 1000000000 --out o11 --no-track",
+        r"--num-train 1000000000: toy2d draws its points in memory, at most 10,000,000",
+    ),
+    ("prepare-huge-size", "prepare digits --size 100000 --out o10 --no-track", r"--size 100000: must be between 1 and"),
+    (
+        "prepare-arrays-garbage-npy",
+        "prepare arrays --path garbage.npy --out oa7 --no-track",
+        r"garbage\.npy: not a \.npy file \(it does not start as numpy\.save writes one\)",
+    ),
+    (
+        "prepare-arrays-object-npy",
+        "prepare arrays --path objects.npy --out oa8 --no-track",
+        r"objects\.npy: holds Python objects \(an object array\), which cdm does not load",
+    ),
+    ("prepare-out-symlink-loop", "prepare digits --out loop --no-track", r"loop: cannot follow this path .*loop"),
+    (
+        "prepare-out-not-utf8",
+        "prepare digits --out caf\udce9 --no-track",
+        r"caf\\xe9: the path holds bytes that are not",
+    ),
     # verify
     ("verify-flipped-byte", "verify flipped", r"SHA-256"),
     ("verify-truncated-shard", "verify short", r"truncated|bytes"),
     ("verify-missing-manifest", "verify nomanifest", r"manifest\.parquet: missing"),
     ("verify-not-a-dataset", "verify emptyfolder", r"not a prepared dataset"),
     ("verify-damaged-json", "verify badjson", r"dataset\.json: not valid JSON.*--force"),
+    ("verify-symlink-loop", "verify loop", r"loop: cannot follow this path .*a symbolic link"),
+    ("verify-not-utf8", "verify caf\udce9", r"caf\\xe9: the path holds bytes that are not UTF-8"),
     ("verify-shard-outside-dataset", "verify escape", rf"escape/dataset\.json: shard name '\.\./data/{_OUTSIDE}"),
     (
         "verify-shard-is-etc-passwd",
@@ -266,6 +304,11 @@ CASES = [
     ("nll-ddm-one-pass", "nll ddm data --method one-pass --no-track", r"needs a CDM.*use --method ode"),
     ("nll-unknown-method", "nll cdm data --method exactly --no-track", r"--method 'exactly' is not one of"),
     ("nll-wrong-shape", "nll cdm toy --no-track", r"the model takes \(1, 8, 8\)"),
+    (
+        "nll-dataset-json-as-checkpoint",
+        "nll data/dataset.json data --no-track",
+        r"data/dataset\.json is not a checkpoint but JSON text: give the checkpoint\.pt",
+    ),
     ("nll-shard-outside-dataset", "nll cdm escape --no-track", rf"escape/dataset\.json: shard name{_OUTSIDE}"),
     ("nll-unknown-split", "nll cdm data --split valid --no-track", r"no split 'valid'"),
     ("nll-unwritable-out", "nll cdm data --out afile/scores --no-track", r"afile/scores: cannot write there"),
@@ -312,6 +355,13 @@ CASES = [
     ("sample-too-many-steps-tracked", "sample cdm --out s6 --steps 500", r"between 1 and the model's T=20"),
     ("fid-unknown-features-tracked", "fid data data --features vgg", r"--features 'vgg'"),
     ("train-features-on-vectors-tracked", "train-features toy --out f1", r"toy: holds vectors"),
+    ("run-s3-workdir", f"run {DEMO} --dry-run --workdir s3://bucket/x", r"--workdir s3://bucket/x: must be a folder"),
+    ("run-no-samples", f"run {DEMO} --dry-run --set sample.n=0", r"sample\.n: 0 must be >= 1"),
+    (
+        "run-name-leaves-workdir",
+        f"run {DEMO} --dry-run --set name=../../../x",
+        r"name: '\.\./\.\./\.\./x': a workflow's",
+    ),
     # clusters and the UI
     ("jobs-unreachable", "jobs list --address http://127.0.0.1:9", r"127\.0\.0\.1:9"),
     ("ui-missing-workdir", "ui --workdir nowhere/at/all", r"nowhere/at/all: no such directory"),

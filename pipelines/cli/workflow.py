@@ -24,8 +24,9 @@ def run(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the plan (each stage, its key and output, run or skip) and exit."
     ),
-    workdir: Path = typer.Option(
-        Path("."),
+    # Text, not a Path: a Path would turn `s3://bucket/x` into the local `s3:/bucket/x` before the plan could refuse it.
+    workdir: str = typer.Option(
+        ".",
         "--workdir",
         help="Project folder: DIR/mlflow.db is the default MLflow store, "
         "DIR/outputs/stages/ holds the stage outputs. On a cluster: shared storage.",

@@ -30,8 +30,36 @@ def is_uri(text: str) -> bool:
 
 def absolute(uri: str | os.PathLike) -> str:
     """A URI as given; a local path made absolute (expanded, symlinks resolved)."""
+    text = _checked(uri)
+    if is_uri(text):
+        return text
+    try:
+        return str(Path(text).expanduser().resolve())
+    except (RuntimeError, OSError) as err:  # Python 3.11 says RuntimeError for a loop, later ones OSError(ELOOP)
+        raise UserError(
+            f"{text}: cannot follow this path ({err}); a symbolic link on it that leads round in a loop must "
+            "point at a real folder instead, or give another path"
+        ) from None
+
+
+def _checked(uri: str | os.PathLike) -> str:
+    """The path or URI as text, refused if it holds bytes that are not UTF-8.
+
+    Python keeps such bytes of a command line as lone surrogates, which pyarrow, MLflow and JSON cannot encode,
+    so they would fail later with an encoding error that does not name the path.
+    """
     text = os.fspath(uri)
-    return text if is_uri(text) else str(Path(text).expanduser().resolve())
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"{shown}: the path holds bytes that are not UTF-8; cdm records paths as UTF-8 text, so rename it "
+            "(or choose another path) in UTF-8"
+        ) from None
+    return text
 
 
 def _store_error(uri: str, err: OSError) -> UserError:
@@ -187,7 +215,7 @@ class Location:
 
 def resolve(uri: str | os.PathLike) -> Location:
     """The folder at a path or URI (pyarrow's filesystems, else fsspec's)."""
-    text = os.fspath(uri)
+    text = _checked(uri)
     if not is_uri(text):
         local = absolute(text)
         return Location(uri=local, fs=pafs.LocalFileSystem(), root=local)

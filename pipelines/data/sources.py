@@ -118,6 +118,18 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return train_idx, test_idx
 
 
+# Bounds on the settings that size what a source holds in memory, so that one mistyped value is a clear
+# error rather than the kernel's OOM killer (which may take other processes with it).
+MAX_SIDE = 1024  # --size: images are resized to SIZE×SIZE (digits keeps all of them in memory)
+MAX_TOY_POINTS = 10_000_000  # --num-train, --num-test: toy2d draws its points in memory
+MAX_CLASSES = 100_000  # arrays --labels: one class name per value 0..max
+
+
+def _check_side(size: int | None) -> None:
+    if size is not None and not 1 <= size <= MAX_SIDE:
+        raise UserError(f"--size {size}: must be between 1 and {MAX_SIDE} (the side of the square images written)")
+
+
 def _check_fraction(f: float) -> float:
     if not 0.0 <= f < 1.0:
         raise UserError(f"--test-fraction {f}: must be in [0, 1)")
@@ -234,8 +246,7 @@ def _digits(opts: SourceOptions) -> Source:
     images = np.round(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     labels = np.asarray(bunch.target, dtype=np.int64)
     if opts.size is not None:
-        if opts.size < 1:
-            raise UserError(f"--size {opts.size}: must be positive")
+        _check_side(opts.size)
         images = np.stack([np.asarray(_resize(Image.fromarray(im, mode="L"), opts.size)) for im in images])
     images = images[..., None]
     f = _check_fraction(0.1 if opts.test_fraction is None else opts.test_fraction)
@@ -443,9 +454,9 @@ def _imagefolder(opts: SourceOptions) -> Source:
     channels = opts.channels if opts.channels is not None else 3
     if channels not in (1, 3):
         raise UserError(f"--channels {channels}: must be 1 (grayscale) or 3 (RGB)")
-    for flag, v in (("--size", size), ("--crop", opts.crop)):
-        if v is not None and v < 1:
-            raise UserError(f"{flag} {v}: must be positive")
+    _check_side(size)
+    if opts.crop is not None and opts.crop < 1:
+        raise UserError(f"--crop {opts.crop}: must be positive")
     labels_mode = opts.labels if opts.labels != "auto" or preset != "celeba" else "none"
     if labels_mode not in ("auto", "folder", "none"):
         raise UserError(f"--labels {opts.labels!r}: choose auto, folder or none")
@@ -730,6 +741,12 @@ def _toy2d(opts: SourceOptions) -> Source:
     n_test = 2_000 if opts.num_test is None else opts.num_test
     if n_train < 1 or n_test < 0:
         raise UserError("--num-train must be ≥ 1 and --num-test ≥ 0")
+    for flag, n in (("--num-train", n_train), ("--num-test", n_test)):
+        if n > MAX_TOY_POINTS:
+            raise UserError(
+                f"{flag} {n}: toy2d draws its points in memory, at most {MAX_TOY_POINTS:,} a split; "
+                "give a smaller number (or prepare a larger set as arrays with `cdm prepare arrays`)"
+            )
     labeled = opts.name != "checkerboard"
     num_classes = len(dist["weights"]) if dist["type"] == "gaussian_mixture" else 2
     extra: dict[str, Any] = {"toy": {"name": opts.name, "distribution": dist}}
@@ -777,6 +794,16 @@ def _load_npy_or_npz(path: Path, key: str | None, flag: str) -> tuple[np.ndarray
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
         raise UserError(f"{path}: {flag} must be a .npy or .npz file (numpy.save / numpy.savez)")
+    # numpy reads a file without its magic bytes as a pickle, and so answers any damaged file with a hint to
+    # load it with allow_pickle: wrong here (a pickle can run code), so such a file is refused first.
+    with open(path, "rb") as f:
+        head = f.read(6)
+    magics = (b"\x93NUMPY",) if suffix == ".npy" else (b"PK\x03\x04", b"PK\x05\x06")  # a zip, as numpy checks
+    if not head.startswith(magics):
+        raise UserError(
+            f"{path}: not a {suffix} file (it does not start as numpy.{'save' if suffix == '.npy' else 'savez'} "
+            f"writes one); {flag} must be an array saved with numpy"
+        )
     try:
         if suffix == ".npy":
             if key is not None:
@@ -798,6 +825,11 @@ def _load_npy_or_npz(path: Path, key: str | None, flag: str) -> tuple[np.ndarray
     except UserError:
         raise
     except Exception as err:  # a damaged file, or object arrays that would need pickle
+        if any(word in str(err) for word in ("pickle", "Python objects", "Object arrays")):
+            raise UserError(
+                f"{path}: holds Python objects (an object array), which cdm does not load; {flag} must be a "
+                "numeric array (save x.astype(np.float32), labels as integers)"
+            ) from None
         raise UserError(f"{path}: not a readable {suffix} file ({err})") from None
 
 
@@ -830,6 +862,12 @@ def _array_labels(
     negative = np.flatnonzero(arr < 0)
     if len(negative):
         raise UserError(f"{lwhere}: label {arr[negative[0]]} at index {negative[0]}; labels must be 0..K-1")
+    top = int(np.argmax(arr))
+    if arr[top] >= MAX_CLASSES:  # the classes are 0..max, one name each
+        raise UserError(
+            f"--labels {lwhere}: label {arr[top]} at index {top} makes {int(arr[top]) + 1:,} classes, over the "
+            f"{MAX_CLASSES:,} cdm takes; number the classes 0..K-1 (np.unique(y, return_inverse=True)[1])"
+        )
     return arr, {"labels_sha256": digest or _sha256_bytes(arr.tobytes())}
 
 

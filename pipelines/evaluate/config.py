@@ -79,21 +79,21 @@ class ScoringSection:
 class SampleConfig:
     checkpoint: str = option(doc="A checkpoint.pt or the folder holding one (a `cdm train` output).")
     out: str = option(doc="Output folder or URI for the sample shards and grid.png.")
-    n: int = option(64, doc="Number of samples.")
+    n: int = option(64, ge=1, doc="Number of samples.")
     sampler: str = option(
         "ddim",
         doc=f"One of: {', '.join(SAMPLERS)} (dpmsolver2m: DPM-Solver-2 multistep on ε̂, the paper's "
         '"2nd order DPMS"; dpmsolver++2m: DPM-Solver++(2M) on x̂0).',
     )
-    steps: int = option(50, doc="Sampler steps (ε̂ evaluations; each is a forward and a backward pass for a CDM).")
+    steps: int = option(50, ge=1, doc="Sampler steps (ε̂ evaluations; each is a forward and a backward pass for a CDM).")
     time_grid: str = option(
         "even",
         doc="Classes the sampler visits: even (T down to 1 evenly, then 0) or official (the official code's "
         "range(1, T+1, T//steps) from the top, then 0; more steps than asked when steps does not divide T).",
     )
     seed: int = option(0, doc="Base seed; sample i uses a stream derived from (seed, i).")
-    batch_size: int = option(64, doc="Samples per batch on a worker.")
-    cfg: float = option(0.0, doc="Classifier-free guidance scale w: ε = (1+w)·ε_cond − w·ε_uncond.")
+    batch_size: int = option(64, ge=1, doc="Samples per batch on a worker.")
+    cfg: float = option(0.0, ge=0, doc="Classifier-free guidance scale w: ε = (1+w)·ε_cond − w·ε_uncond.")
     label: Optional[int] = option(
         None, doc="Draw every sample for this class (conditional models); default: classes in turn."
     )

@@ -68,7 +68,9 @@ def stage_section(
             fields.append((setting, *replace[setting]))
             continue
         default = cfg.field_default(stage_config, setting)
-        fields.append((setting, tp, option(default, doc=f.metadata.get("doc", ""))))
+        # The stage's bounds come along, so that the plan refuses what the stage would refuse (sample.n=0).
+        ge, gt, le, lt = f.metadata.get("bounds", (None,) * 4)
+        fields.append((setting, tp, option(default, doc=f.metadata.get("doc", ""), ge=ge, gt=gt, le=le, lt=lt)))
     made = dataclasses.make_dataclass(name, [*fields, *extra], namespace={"check": check} if check else None)
     made.__doc__ = f"The settings of {stage_config.__name__} that the workflow does not set itself."
     made.__module__ = __name__
@@ -124,6 +126,7 @@ FidSection = stage_section(
 )
 
 _PROTOCOL_NAME = re.compile(r"[A-Za-z0-9_]+")
+_WORKFLOW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # Workflow-only settings of a section: not settings of the stage itself.
 WORKFLOW_ONLY = ("enabled", "untrained")
@@ -177,6 +180,12 @@ class WorkflowConfig:
     ray: RaySection = field(default_factory=RaySection)
 
     def check(self) -> None:
+        if self.name is not None and not _WORKFLOW_NAME.fullmatch(self.name):
+            raise FieldError(
+                "name",
+                f"{self.name!r}: a workflow's name is letters, digits, '.', '_' and '-', starting with a letter or "
+                "digit (it names the folder outputs/workflows/NAME, which must stay inside the workdir)",
+            )
         if self.fid.enabled and not self.sample.enabled:
             raise FieldError(
                 "fid.enabled", "the fid stage compares samples: enable the sample stage or set fid.enabled = false"
