@@ -425,3 +425,83 @@ def test_cli_prepare_and_verify_ok(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0 and r.stdout.startswith("up to date:")
+
+
+# --------------------------------------------------------------------------- inputs that attack the reader
+
+
+def _bomb_png(width: int, height: int, keep: int | None = None) -> bytes:
+    """A valid 1-bit PNG of width×height black pixels: tens of KB on disk that decode to width·height bytes
+    (`keep`: only the first `keep` bytes of its pixel data, so that only its header is whole)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    body = (b"".join(z.compress(row) for _ in range(height)) + z.flush())[:keep]
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def _one_error(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_decompression_bombs_and_fifos_are_refused_by_name_and_skipped(tmp_path, cdm_forks):
+    """A PNG over Pillow's own limit, one under it that still decodes to 144 MB, and a FIFO named like an image:
+    each is refused naming the file (the bombs from their headers, before a pixel is decoded; the FIFO without
+    opening it for a read that would block forever), and --skip-bad skips all three."""
+    bad = {
+        "over-pillow": ("zbig.png", _bomb_png(14000, 14000)),  # 196 Mpx: Pillow's DecompressionBombError
+        "under-pillow": ("zmid.png", _bomb_png(12000, 12000)),  # 144 Mpx: Pillow would decode it
+        "fifo": ("x.png", None),
+    }
+    expected = {
+        "over-pillow": r"zbig\.png: too large to decode .*decompression bomb",
+        "under-pillow": r"zmid\.png: the image header says 12000x12000 \(144 Mpx\), over the 64 Mpx cdm decodes",
+        "fifo": r"x\.png: is a FIFO \(named pipe\), not an image file",
+    }
+    import re
+
+    for case, (name, data) in bad.items():
+        src = tmp_path / case
+        write_image_folder(src, {"a": 3, "b": 3}, size=(8, 8))
+        if data is None:
+            os.mkfifo(src / "b" / name)
+        else:
+            (src / "b" / name).write_bytes(data)
+        argv = ["prepare", "imagefolder", "--path", str(src), "--out", f"out-{case}", "--no-track"]
+        line = _one_error(cdm_forks.run(argv, cwd=tmp_path, timeout=60))
+        assert re.search(expected[case], line) and "--skip-bad" in line, line
+    assert sorted(os.listdir(tmp_path)) == sorted(bad), "an output or a .partial folder was left"
+
+    everything = tmp_path / "under-pillow"
+    (everything / "a" / "zbig.png").write_bytes(bad["over-pillow"][1])
+    os.mkfifo(everything / "a" / "x.png")
+    argv = ["prepare", "imagefolder", "--path", str(everything), "--out", "kept", "--no-track", "--skip-bad"]
+    result = cdm_forks.run(argv, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(Path(e["where"]).name for e in _meta_skipped(tmp_path / "kept")) == ["x.png", "zbig.png", "zmid.png"]
+    assert sh.verify(tmp_path / "kept").ok
+
+
+def _meta_skipped(ds: Path) -> list[dict]:
+    return json.loads((ds / "dataset.json").read_text())["skipped"]["examples"]
+
+
+def test_a_bomb_inside_a_shard_is_refused_from_its_header(ds):
+    """A prepared shard whose PNG claims 12000×12000: the header is checked against dataset.json before decoding
+    (the pixels here are cut off, so a reader that decoded first would report a decode error instead)."""
+
+    def replace(samples):
+        samples[0][1]["png"] = _bomb_png(12000, 12000, keep=100)
+        return samples
+
+    _rewrite_shard(ds, "train-000000.tar", replace)
+    msg = _problems(ds)
+    assert "train-000000.tar: sample train-00000000: image is 12000x12000 mode 1, dataset.json declares 5x6" in msg

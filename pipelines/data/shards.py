@@ -113,18 +113,21 @@ class SampleSpec:
 
 def decode_png(data: bytes, spec: SampleSpec, where: str) -> np.ndarray:
     """PNG bytes → uint8 (H, W, C), checked against the dataset's declared shape and mode."""
-    try:
-        pil = Image.open(io.BytesIO(data))
-        pil.load()
-    except Exception as err:
-        raise UserError(f"{where}: PNG does not decode ({err}); the shard is corrupt, re-run `cdm prepare`") from None
     h, w, c = spec.shape
     want_mode = "L" if c == 1 else "RGB"
-    if pil.mode != want_mode or pil.size != (w, h):
-        raise UserError(
-            f"{where}: image is {pil.size[0]}x{pil.size[1]} mode {pil.mode}, "
-            f"dataset.json declares {w}x{h} mode {want_mode}; the shard does not belong to this dataset, re-run `cdm prepare`"
-        )
+    try:
+        pil = Image.open(io.BytesIO(data))
+        # Size and mode from the header, checked before decoding: a small PNG can decode to gigabytes.
+        if pil.mode != want_mode or pil.size != (w, h):
+            raise UserError(
+                f"{where}: image is {pil.size[0]}x{pil.size[1]} mode {pil.mode}, dataset.json declares {w}x{h} "
+                f"mode {want_mode}; the shard does not belong to this dataset, re-run `cdm prepare`"
+            )
+        pil.load()
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{where}: PNG does not decode ({err}); the shard is corrupt, re-run `cdm prepare`") from None
     arr = np.asarray(pil, dtype=np.uint8)
     return arr[:, :, None] if c == 1 else arr
 

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import pickle
+import stat
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -390,6 +391,17 @@ _SPLIT_DIRS = ("train", "valid", "val", "validation", "test")
 _CELEBA_PARTITIONS = {"0": "train", "1": "valid", "2": "test"}
 
 
+# The most pixels an input image may have (a 48-megapixel photo has 48e6): its header is checked before it
+# is decoded, so that a small file that decodes to gigabytes (a decompression bomb) is refused.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {stat.S_IFREG: "regular file", stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket"}
+    kinds.update({stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFDIR: "folder"})
+    return kinds.get(stat.S_IFMT(mode), "special file")
+
+
 def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
 
@@ -538,15 +550,49 @@ def _imagefolder(opts: SourceOptions) -> Source:
 
     transparency = {"seen": False}
 
+    native = size is None and crop_box is None and opts.crop is None  # every image must have the first's size
+
     def load(p: Path, bad: BadInputs) -> np.ndarray | None:
         where = str(p)
         try:
-            with Image.open(p) as im:
-                im.load()
-                pil = im.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            bad.report(where, f"not a readable image ({err})", "delete or replace the file")
+            # Not blocking, so that opening a FIFO (or a device) named like an image returns, and is refused.
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            bad.report(where, f"cannot be opened ({err.strerror})", "make it readable or remove it")
             return None
+        with os.fdopen(fd, "rb") as file:
+            kind = _file_kind(os.fstat(fd).st_mode)
+            if kind != "regular file":
+                bad.report(where, f"is a {kind}, not an image file", "remove it or put the image there")
+                return None
+            try:
+                with Image.open(file) as im:
+                    # The header's size, before a pixel is decoded: a few KB of PNG can decode to gigabytes.
+                    w, h = im.size
+                    if w * h > MAX_IMAGE_PIXELS:
+                        bad.report(
+                            where,
+                            f"the image header says {w}x{h} ({w * h / 1e6:.0f} Mpx), over the "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx cdm decodes (a decompression bomb?)",
+                            "shrink it or remove it",
+                        )
+                        return None
+                    want = shape_holder.get("shape")
+                    if native and want is not None and (h, w) != want[:2]:
+                        bad.report(
+                            where,
+                            f"image is {w}x{h}, earlier images are {want[1]}x{want[0]}",
+                            "pass --size N to resize every image to N×N",
+                        )
+                        return None
+                    im.load()
+                    pil = im.copy()
+            except Image.DecompressionBombError as err:
+                bad.report(where, f"too large to decode ({err})", "shrink it or remove it")
+                return None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                bad.report(where, f"not a readable image ({err})", "delete or replace the file")
+                return None
         if pil.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             bad.report(where, f"image mode {pil.mode} (16-bit or float) is not supported", "convert it to 8-bit first")
             return None
