@@ -327,28 +327,38 @@ def test_a_failed_prepare_leaves_the_old_dataset_and_no_half_written_one(tmp_pat
     assert _files(old) == before and sorted(os.listdir(tmp_path)) == ["imgs", "old"]
 
 
-def test_a_killed_prepare_leaves_the_old_dataset(tmp_path):
-    """SIGKILL while the new dataset is being written: the old one is untouched; the next run cleans up."""
+def test_a_killed_prepare_leaves_the_old_dataset_and_a_second_prepare_meanwhile_is_refused(tmp_path, cdm_forks):
+    """SIGKILL while the new dataset is being written: the old one is untouched; the next run cleans up.
+
+    While the first writes, a second `cdm prepare` into the same folder, even with --force, is refused at
+    once (issue 29: both used to write, and the last rename won)."""
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    images = tmp_path / "imgs"
-    write_image_folder(images, {"a": 20}, size=(8, 8))
-    os.mkfifo(images / "a" / "stuck.png")  # reading it blocks: the kill lands mid-write, always
     old = tmp_path / "old"
     _toy(old)
     before = _files(old)
     cdm = str(Path(sys.executable).with_name("cdm"))
-    argv = [cdm, "prepare", "imagefolder", "--path", str(images), "--out", str(old), "--force", "--no-track"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # 50,000 points take ~12 s to write (after the ~6 s start): the kill lands mid-write.
+    many = ["--name", "gmm8", "--num-train", "50000", "--num-test", "0", "--out", str(old), "--force", "--no-track"]
+    proc = subprocess.Popen([cdm, "prepare", "toy2d", *many], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = tmp_path / f".old.partial-{proc.pid}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert partial.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no partial folder"
+    second = cdm_forks.run(
+        ["prepare", "toy2d", "--name", "gmm8", "--num-train", "40", "--num-test", "10", "--out", "old", "--force"]
+        + ["--no-track"],
+        cwd=tmp_path,
+    )
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
+    assert f"{old}: another `cdm prepare` (pid {proc.pid}) is writing this dataset now" in errors[0]
+    assert proc.poll() is None, "the first run ended before the kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _files(old) == before and sh.verify(old).ok
@@ -356,10 +366,9 @@ def test_a_killed_prepare_leaves_the_old_dataset(tmp_path):
     # Killed between its two renames: the old dataset lies aside and nothing is at --out.
     aside = tmp_path / ".old.old-999999999"
     os.replace(old, aside)
-    (images / "a" / "stuck.png").unlink()
     again = _toy(old)  # puts the old dataset back, finds it up to date, and removes the dead run's leftovers
     assert again.up_to_date and _files(old) == before
-    assert sorted(os.listdir(tmp_path)) == ["imgs", "old"]
+    assert sorted(os.listdir(tmp_path)) == ["old"]  # the killed run's lock file too: the next run took and removed it
 
 
 def test_refuses_foreign_output_dir(tmp_path):

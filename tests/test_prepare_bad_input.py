@@ -505,3 +505,47 @@ def test_a_bomb_inside_a_shard_is_refused_from_its_header(ds):
     _rewrite_shard(ds, "train-000000.tar", replace)
     msg = _problems(ds)
     assert "train-000000.tar: sample train-00000000: image is 12000x12000 mode 1, dataset.json declares 5x6" in msg
+
+
+# --------------------------------------------------------------------------- where the output goes
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), to fill. The suite runs as root, as the matrix's `chattr +i` needs."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def _toy_argv(out, num_train: int, *extra: str) -> list[str]:
+    return ["prepare", "toy2d", "--name", "gmm8", "--num-train", str(num_train), "--num-test", "0"] + [
+        "--out",
+        str(out),
+        "--no-track",
+        *extra,
+    ]
+
+
+def test_a_full_disk_is_one_line_and_the_old_dataset_survives(small_disk, cdm_forks):
+    old = small_disk / "d"
+    prepare_quick("toy2d", old, name="gmm8", num_train=100, num_test=0)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    result = cdm_forks.run(_toy_argv(old, 5000, "--force"), cwd=small_disk)  # ~10 MB of shards
+    line = _one_error(result)
+    assert f"{old}: No space left on device while writing the new dataset beside it; free space" in line, line
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before and os.listdir(small_disk) == ["d"]
+    assert sh.verify(old).ok
+
+
+def test_an_out_name_of_250_bytes_is_prepared_and_replaced(tmp_path, cdm_forks):
+    """The folders beside --out (`.NAME.partial-PID`, `.NAME.old-PID`, `.NAME.lock`) fit 255 bytes however
+    long a legal NAME is; 125 two-byte letters also test the cut on a character's boundary."""
+    name = "é" * 125
+    for num_train in (20, 30):  # the second replaces the first (--force): the old folder is moved aside too
+        result = cdm_forks.run(_toy_argv(name, num_train, "--force"), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path) == [name]
+    assert sh.verify(tmp_path / name).ok and sh.open_dataset(tmp_path / name).count("train") == 30

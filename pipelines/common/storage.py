@@ -10,6 +10,8 @@ directories and a cluster's nodes do not share ours.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +23,19 @@ import fsspec
 import pyarrow.fs as pafs
 
 from pipelines.common.errors import UserError
+
+# A disk that is full, a quota reached, a file larger than the limit (RLIMIT_FSIZE): a user's fix, not a bug.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class NoSpace(UserError):
+    """A write failed for want of space (FULL); `where` is the file, `reason` the system's word for it."""
+
+    def __init__(self, where: str, code: int):
+        self.where, self.reason = where, os.strerror(code)
+        super().__init__(
+            f"{where}: {self.reason}; free space there (or raise the quota or file-size limit), or write elsewhere"
+        )
 
 
 def is_uri(text: str) -> bool:
@@ -183,12 +198,15 @@ class Location:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write `name` so that readers never see a half-written file (temp name, then rename)."""
         tmp = f".{name}.tmp-{os.getpid()}"
-        with self.fs.open_output_stream(self.path(tmp)) as f:
-            f.write(data)
         try:
+            with self.fs.open_output_stream(self.path(tmp)) as f:
+                f.write(data)
             self.fs.move(self.path(tmp), self.path(name))
-        except Exception:
-            self.fs.delete_file(self.path(tmp))
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(self.path(tmp))
+            if isinstance(err, OSError) and err.errno in FULL:
+                raise NoSpace(self.where(name), err.errno) from None
             raise
 
     def delete(self, name: str) -> None:

@@ -7,6 +7,8 @@ rerun whose outputs are already complete and intact does no work.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -173,6 +176,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# The longest name cdm gives a file beside --out, `.NAME.partial-PID`, must fit a file name's 255 bytes
+# (PIDs go up to 2**22, 7 digits); a longer NAME is cut and made unique again by a hash of it.
+_NAME_MAX = 255
+_LONGEST_SUFFIX = len(".partial-4194304")
+
+
+def _sibling(target: Path, kind: str, pid: int | str | None = None) -> Path:
+    """`.NAME.KIND-PID` (or `.NAME.KIND` without a pid) beside `target`, within 255 bytes whatever NAME's length."""
+    prefix = f".{target.name}"
+    room = _NAME_MAX - _LONGEST_SUFFIX
+    if len(prefix.encode()) > room:
+        digest = hashlib.sha256(target.name.encode()).hexdigest()[:16]
+        prefix = prefix.encode()[: room - len(digest) - 1].decode(errors="ignore") + "~" + digest
+    return target.with_name(f"{prefix}.{kind}" + (f"-{pid}" if pid is not None else ""))
+
+
 def _recover_leftovers(target: Path) -> None:
     """What a killed `_write_beside` on this machine left beside `target`: put the old dataset back, drop the new.
 
@@ -181,11 +200,14 @@ def _recover_leftovers(target: Path) -> None:
     """
     if not target.parent.is_dir():
         return
+    names = sorted(os.listdir(target.parent))
     for kind in ("old", "partial"):
-        for leftover in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
-            pid = leftover.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
+        start = _sibling(target, kind, "").name  # `.NAME.KIND-`
+        for name in names:
+            pid = name[len(start) :]
+            if not name.startswith(start) or not pid.isdigit() or _alive(int(pid)):
                 continue
+            leftover = target.parent / name
             if kind == "old" and not target.exists():
                 os.replace(leftover, target)
                 warn(f"warning: {target}: put back the dataset an interrupted `cdm prepare` had moved aside")
@@ -196,22 +218,79 @@ def _recover_leftovers(target: Path) -> None:
 def _write_beside(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str) -> dict[str, Any]:
     """Write the dataset into `.<name>.partial-<pid>` beside `loc`, then swap it into place."""
     target = Path(loc.root)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    partial = _sibling(target, "partial", os.getpid())
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         meta = _write(source, config, storage.resolve(partial), fingerprint)
         # The paths inside dataset.json are names relative to the folder, so the folder may move.
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = _sibling(target, "old", os.getpid())
             os.replace(target, old)
             os.replace(partial, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(partial, target)
+    except (storage.NoSpace, OSError) as err:
+        reason = err.reason if isinstance(err, storage.NoSpace) else os.strerror(err.errno or 0)
+        if not isinstance(err, storage.NoSpace) and err.errno not in storage.FULL:
+            raise
+        raise UserError(
+            f"{loc.uri}: {reason} while writing the new dataset beside it; free space on that disk (or raise the "
+            "quota or file-size limit) or choose another --out. Nothing at --out changed"
+        ) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return meta
+
+
+@contextlib.contextmanager
+def _claim(loc: storage.Location) -> Iterator[None]:
+    """Hold `.NAME.lock` beside a local --out while this run checks and writes it, so that two `cdm prepare`
+    runs into one folder cannot both pass the checks and the second replace the first's dataset.
+
+    The second is refused at once rather than made to wait: it would then find a dataset it may not replace.
+    The lock (flock) ends with the process, also a killed one; its file is removed by the run that holds it.
+    """
+    if not loc.is_local():
+        yield  # an object store has no locks; it is written in place, as its own folder
+        return
+    target = Path(loc.root)
+    if not target.parent.is_dir():
+        storage.check_writable(loc.uri)  # nothing created yet: the usual line for a folder that cannot be made
+        target.parent.mkdir(parents=True, exist_ok=True)
+    lock = _sibling(target, "lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            # A folder no one may write into (or a link planted as the lock): no run can write this --out
+            # either, and check_writable says why before any work.
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(
+                f"{loc.uri}: another `cdm prepare`{f' (pid {holder})' if holder.isdigit() else ''} is writing this "
+                "dataset now; wait for it to finish and run again (it then finds that dataset), or choose another --out"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the run before us removed this file between our open and our lock: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def run(config: PrepareConfig) -> PrepareResult:
@@ -224,6 +303,14 @@ def run(config: PrepareConfig) -> PrepareResult:
     source = build_source(config.source, config)
     fingerprint = _fingerprint(source, config)
     loc = storage.resolve(config.out)
+    with _claim(loc):
+        return _run_claimed(config, source, fingerprint, loc, start)
+
+
+def _run_claimed(
+    config: PrepareConfig, source: Source, fingerprint: str, loc: storage.Location, start: float
+) -> PrepareResult:
+    """`run` once this process alone may write `loc`."""
     if loc.is_local():
         _recover_leftovers(Path(loc.root))
     kind = loc.root_kind()
