@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -549,3 +550,49 @@ def test_an_out_name_of_250_bytes_is_prepared_and_replaced(tmp_path, cdm_forks):
         assert result.returncode == 0, result.stderr[-2000:]
     assert os.listdir(tmp_path) == [name]
     assert sh.verify(tmp_path / name).ok and sh.open_dataset(tmp_path / name).count("train") == 30
+
+
+def test_the_log_folder_is_private_and_never_followed_through_a_link(tmp_path, cdm_forks):
+    """A quiet command's library output goes to <tmp>/cdm-logs-<uid>: made 0700 with 0600 logs, and when that name
+    is a link or another user's folder (planted to read or redirect the logs), a fresh private folder instead.
+
+    The library output here is Pillow's DecompressionBombWarning for a 100 Mpx image (which cdm then refuses)."""
+    src = tmp_path / "src"
+    write_image_folder(src, {"a": 1}, size=(8, 8))
+    (src / "a" / "big.png").write_bytes(_bomb_png(10000, 10000))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.pop("CDM_VERBOSE", None)
+    mine = tmp / f"cdm-logs-{os.getuid()}"
+
+    def run_and_find_log(where: Path | None) -> str:
+        """Run; check the log in `where` (None: the fresh folder mkdtemp made beside `mine`); remove it."""
+        argv = ["prepare", "imagefolder", "--path", str(src), "--out", "o", "--no-track"]
+        result = cdm_forks.run(argv, cwd=tmp_path, env=env)
+        assert result.returncode == 2 and "big.png" in result.stderr, result.stderr[-2000:]
+        if where is None:
+            (where,) = tmp.glob(f"{mine.name}-*")
+        (log,) = where.glob("cdm-prepare-*.log")
+        assert "DecompressionBombWarning" in log.read_text()
+        assert stat.S_IMODE(where.lstat().st_mode) == 0o700 and stat.S_IMODE(log.lstat().st_mode) == 0o600
+        log.unlink()
+        if where != mine:
+            where.rmdir()
+        return result.stderr
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    mine.symlink_to(theirs)
+    stderr = run_and_find_log(None)
+    assert f"warning: {mine}: not a folder of yours" in stderr and os.listdir(theirs) == []
+
+    mine.unlink()
+    mine.mkdir(mode=0o777)
+    os.chown(mine, 4321, 4321)  # another user's folder (the suite runs as root)
+    stderr = run_and_find_log(None)
+    assert f"warning: {mine}: owned by user 4321, not by you" in stderr and os.listdir(mine) == []
+
+    mine.rmdir()
+    stderr = run_and_find_log(mine)  # none there yet: made, private
+    assert "warning: " not in stderr

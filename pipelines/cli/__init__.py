@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -148,7 +147,7 @@ def _capture_for(argv: list[str]) -> bool:
     if verbose or command not in _QUIET_COMMANDS or {"--help", "-h"} & set(argv[:head]):
         return False
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log = os.path.join(tempfile.gettempdir(), "cdm-logs", f"cdm-{command}-{stamp}-{os.getpid()}.log")
+    log = console.log_folder() / f"cdm-{command}-{stamp}-{os.getpid()}.log"
     return console.capture_library_output(log)
 
 

@@ -19,10 +19,12 @@ Nothing is captured in a process whose streams someone else already replaced
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import IO
@@ -83,13 +85,13 @@ def capture_library_output(log: str | os.PathLike) -> bool:
     global _capture
     if _capture is not None or sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
         return False
-    log = Path(log).resolve()
+    log = Path(log).absolute()
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     out = os.fdopen(os.dup(1), "w", buffering=1, encoding=sys.stdout.encoding, errors="replace")
     err = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="replace")
-    _point_fds_at(log, mode="a")
+    _point_fds_at(log)
     # Ray colours its copies of worker lines and C++ log prefixes whatever the stream is; not in a file.
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     _capture = _Capture(log, out, err)
@@ -103,10 +105,49 @@ def _drop_empty_log() -> None:
         _capture.log.unlink()
 
 
-def _point_fds_at(path: Path, mode: str) -> None:
-    with open(path, mode, buffering=1, encoding="utf-8") as file:
-        os.dup2(file.fileno(), 1)
-        os.dup2(file.fileno(), 2)
+def _open_log(path: Path) -> int:
+    """The log file for appending; readable by its owner only (a log may hold paths, hosts and settings), and
+    never opened through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _point_fds_at(path: Path) -> None:
+    fd = _open_log(path)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def log_folder() -> Path:
+    """This user's private folder for the logs of commands that have no run folder (yet): `<tmp>/cdm-logs-<uid>`.
+
+    A fixed name in a shared /tmp could be made first by another user, as a link to where they can read or
+    write; so the folder must be a real one (not a link) of this user's, and is made mode 0700. If it is
+    not, a new private folder (tempfile.mkdtemp) takes the logs, with a warning.
+    """
+    path = Path(tempfile.gettempdir()) / f"cdm-logs-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as err:
+        problem = f"not a folder of yours ({err.strerror})"
+    else:
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid():
+                problem = f"owned by user {st.st_uid}, not by you"
+            else:
+                if st.st_mode & 0o077:
+                    os.fchmod(fd, 0o700)  # ours, made by an older cdm or by hand: private from now on
+                return path
+        finally:
+            os.close(fd)
+    fresh = Path(tempfile.mkdtemp(prefix=f"cdm-logs-{os.getuid()}-"))
+    warn(f"warning: {path}: {problem}, so not used for logs; this command logs to {fresh}")
+    return fresh
 
 
 def place_log(folder: str | os.PathLike) -> Path | None:
@@ -125,9 +166,10 @@ def place_log(folder: str | os.PathLike) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     sys.__stderr__.flush()
     sys.__stdout__.flush()
+    os.close(_open_log(target))  # made private before anything is written into it
     with open(_capture.log, "rb") as old, open(target, "ab") as new:
         shutil.copyfileobj(old, new)
-    _point_fds_at(target, mode="a")
+    _point_fds_at(target)
     _capture.log.unlink(missing_ok=True)
     _capture.log, _capture.placed = target, True
     return target
