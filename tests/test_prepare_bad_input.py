@@ -3,7 +3,9 @@
 Covers bad *sources* (missing paths, wrong formats, unreadable or mismatched images)
 and bad *prepared datasets* (truncated/corrupt tars, samples without an image,
 wrong shape or mode, SHA-256 mismatches), through `verify`, the plain reader and
-the real `cdm` console script.
+the real `cdm` command (forked: tests/cdm_forks.py); and inputs that attack the reader
+(decompression bombs, a FIFO named like an image) and where the output goes (a full
+disk, a 250-byte --out name, the log folder).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import pickle
 import shutil
 import stat
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -27,8 +28,6 @@ from conftest import png_bytes, prepare_quick, write_cifar10, write_image_folder
 from pipelines.common.errors import UserError
 from pipelines.data import shards as sh
 from pipelines.data.readers import LocalReader
-
-CDM = str(Path(sys.executable).with_name("cdm"))
 
 
 @pytest.fixture(scope="module")
@@ -373,27 +372,39 @@ def test_imagefolder_mixed_layout(tmp_path):
 # --------------------------------------------------------------------------- the real console script
 
 
-def _cdm(*args, cwd):
+def _cdm(forks, *args, cwd):
+    """The real `cdm ARGS`, forked from a process that has imported what it imports (tests/cdm_forks.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
-    return subprocess.run([CDM, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    return forks.run(list(args), cwd=cwd, env=env)
 
 
-def test_cli_errors_have_no_traceback(ds, tmp_path):
-    r = _cdm("verify", str(tmp_path / "missing"), cwd=tmp_path)
+def test_cli_errors_have_no_traceback(ds, tmp_path, cdm_forks):
+    r = _cdm(cdm_forks, "verify", str(tmp_path / "missing"), cwd=tmp_path)
     assert r.returncode == 2 and "error:" in r.stderr and "no such directory" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
-    r = _cdm("prepare", "cifar10", "--path", str(tmp_path / "nope.tar.gz"), "--out", "o", "--no-track", cwd=tmp_path)
+    r = _cdm(
+        cdm_forks,
+        "prepare",
+        "cifar10",
+        "--path",
+        str(tmp_path / "nope.tar.gz"),
+        "--out",
+        "o",
+        "--no-track",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "nope.tar.gz: does not exist" in r.stderr and "Traceback" not in r.stderr
 
     data = (ds / "train-000001.tar").read_bytes()
     (ds / "train-000001.tar").write_bytes(data[:-2000])
-    r = _cdm("verify", str(ds), cwd=tmp_path)
+    r = _cdm(cdm_forks, "verify", str(ds), cwd=tmp_path)
     assert r.returncode == 2 and "train-000001.tar" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_prepare_and_verify_ok(tmp_path):
+def test_cli_prepare_and_verify_ok(tmp_path, cdm_forks):
     r = _cdm(
+        cdm_forks,
         "prepare",
         "toy2d",
         "--name",
@@ -409,9 +420,10 @@ def test_cli_prepare_and_verify_ok(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "wrote:" in r.stdout and "train 50, test 10" in r.stdout
-    r = _cdm("verify", "d", cwd=tmp_path)
+    r = _cdm(cdm_forks, "verify", "d", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("ok:") and "60 samples decoded" in r.stdout
     r = _cdm(
+        cdm_forks,
         "prepare",
         "toy2d",
         "--name",
