@@ -608,3 +608,21 @@ def test_the_log_folder_is_private_and_never_followed_through_a_link(tmp_path, c
     mine.rmdir()
     stderr = run_and_find_log(mine)  # none there yet: made, private
     assert "warning: " not in stderr
+
+
+def test_a_shard_name_leaving_a_dataset_in_an_object_store_is_refused():
+    """The containment check is on the names, before any path is built: a URI dataset (memory:// here, as
+    s3:// goes through the same Location) whose dataset.json names `../other/…` is refused like a local one."""
+    import fsspec
+
+    uri = "memory://cdm-escape/ds"
+    prepare_quick("toy2d", "memory://cdm-escape/other", name="gmm8", num_train=10, num_test=0)
+    prepare_quick("toy2d", uri, name="gmm8", num_train=10, num_test=0)
+    fs = fsspec.filesystem("memory")
+    meta = json.loads(fs.cat("/cdm-escape/ds/dataset.json"))
+    meta["splits"]["train"]["shards"][0]["name"] = "../other/train-000000.tar"  # an intact shard of another dataset
+    fs.pipe("/cdm-escape/ds/dataset.json", json.dumps(meta).encode())
+    with pytest.raises(UserError, match=r"ds/dataset\.json: shard name '\.\./other/train-000000\.tar' of split"):
+        sh.verify(uri)
+    with pytest.raises(UserError, match=r"is not a file name inside the dataset's folder"):
+        LocalReader(uri, "train")
