@@ -626,3 +626,14 @@ def test_a_shard_name_leaving_a_dataset_in_an_object_store_is_refused():
         sh.verify(uri)
     with pytest.raises(UserError, match=r"is not a file name inside the dataset's folder"):
         LocalReader(uri, "train")
+
+
+def test_a_link_planted_as_the_lock_is_refused(tmp_path, cdm_forks):
+    """`.NAME.lock` is opened without following links: one planted there would otherwise let a run go unlocked
+    (or write a pid through it)."""
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("keep me")
+    (tmp_path / ".d.lock").symlink_to(theirs)
+    line = _one_error(cdm_forks.run(_toy_argv("d", 10), cwd=tmp_path))
+    assert f"{tmp_path / '.d.lock'}: a symbolic link where cdm keeps its lock for {tmp_path / 'd'}; remove it" in line
+    assert theirs.read_text() == "keep me" and not (tmp_path / "d").exists()

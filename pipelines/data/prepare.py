@@ -8,6 +8,7 @@ rerun whose outputs are already complete and intact does no work.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -232,9 +233,9 @@ def _write_beside(source: Source, config: PrepareConfig, loc: storage.Location, 
         else:
             os.replace(partial, target)
     except (storage.NoSpace, OSError) as err:
-        reason = err.reason if isinstance(err, storage.NoSpace) else os.strerror(err.errno or 0)
-        if not isinstance(err, storage.NoSpace) and err.errno not in storage.FULL:
+        if isinstance(err, OSError) and err.errno not in storage.FULL:
             raise
+        reason = err.reason if isinstance(err, storage.NoSpace) else os.strerror(err.errno)
         raise UserError(
             f"{loc.uri}: {reason} while writing the new dataset beside it; free space on that disk (or raise the "
             "quota or file-size limit) or choose another --out. Nothing at --out changed"
@@ -251,30 +252,42 @@ def _claim(loc: storage.Location) -> Iterator[None]:
 
     The second is refused at once rather than made to wait: it would then find a dataset it may not replace.
     The lock (flock) ends with the process, also a killed one; its file is removed by the run that holds it.
+    An object store has no locks: it is written in place, as its own folder.
     """
     if not loc.is_local():
-        yield  # an object store has no locks; it is written in place, as its own folder
+        yield
         return
     target = Path(loc.root)
     if not target.parent.is_dir():
         storage.check_writable(loc.uri)  # nothing created yet: the usual line for a folder that cannot be made
         target.parent.mkdir(parents=True, exist_ok=True)
     lock = _sibling(target, "lock")
+    fd = _lock(lock, loc.uri)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _lock(lock: Path, uri: str) -> int | None:
+    """The file descriptor of `lock`, locked exclusively; None where no file can be made (a read-only folder:
+    then no run can write --out, and check_writable says why before any work)."""
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError:
-            # A folder no one may write into (or a link planted as the lock): no run can write this --out
-            # either, and check_writable says why before any work.
-            yield
-            return
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UserError(f"{lock}: a symbolic link where cdm keeps its lock for {uri}; remove it") from None
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             raise UserError(
-                f"{loc.uri}: another `cdm prepare`{f' (pid {holder})' if holder.isdigit() else ''} is writing this "
+                f"{uri}: another `cdm prepare`{f' (pid {holder})' if holder.isdigit() else ''} is writing this "
                 "dataset now; wait for it to finish and run again (it then finds that dataset), or choose another --out"
             ) from None
         try:
@@ -282,15 +295,10 @@ def _claim(loc: storage.Location) -> Iterator[None]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
         os.close(fd)  # the run before us removed this file between our open and our lock: take the new one
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def run(config: PrepareConfig) -> PrepareResult:
