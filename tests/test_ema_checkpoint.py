@@ -312,7 +312,7 @@ def test_clear_errors_for_files_that_are_not_checkpoints(tmp_path):
         load_checkpoint(plain)
     garbage = tmp_path / "notes.txt"
     garbage.write_text("hello")
-    with pytest.raises(ValueError, match=r"notes\.txt is not a cdm checkpoint.*save_checkpoint"):
+    with pytest.raises(ValueError, match=r"notes\.txt is not a checkpoint but text: .*save_checkpoint"):
         load_checkpoint(garbage)
     newer = tmp_path / "newer.pt"
     torch.save({"format": "cdm-checkpoint", "version": 99}, newer)
