@@ -41,8 +41,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Two pytest processes: the Ray-using modules in one (one Ray at a time), the rest beside them (tests/conftest.py).
+PYTEST_PROCESSES ?= -n 2 --dist loadgroup
+
 test: lint browser
-	CDM_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_ARGS)
+	CDM_REQUIRE_BROWSER=1 $(PY) -m pytest $(PYTEST_PROCESSES) $(PYTEST_ARGS)
 
 # The whole pipeline on mnist5k with a local Ray and ./mlflow.db; rerunning skips finished stages.
 demo: install

@@ -24,6 +24,60 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
+# `make test` runs pytest in two processes (`-n 2 --dist loadgroup`): every module that may start Ray (a local
+# Ray, a `Cluster`, a `cdm` that trains or joins one) is in one xdist group, so Ray tests still run one at a time,
+# as a 2-core machine needs; the modules below start no Ray and run in the other process meanwhile. A module
+# listed here that starts Ray fails (`_no_ray_in_the_parallel_lane`) rather than overload the machine.
+PARALLEL_LANE = {
+    "test_bad_input_matrix",
+    "test_cluster_ui",
+    "test_common",
+    "test_compiled_step",
+    "test_config",
+    "test_devices",
+    "test_ema_checkpoint",
+    "test_features",
+    "test_frechet",
+    "test_fuzz",
+    "test_layout",
+    "test_learning",
+    "test_likelihood_core",
+    "test_networks",
+    "test_prepare",
+    "test_prepare_bad_input",
+    "test_readers",
+    "test_recipes",
+    "test_samplers",
+    "test_schedules_objective",
+    "test_submit_options",
+    "test_tracking",
+    "test_train_cli",
+    "test_train_units",
+    "test_tune_space",
+    "test_workflow_plan",
+}
+RAY_PROCESSES = {"raylet", "gcs_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ not in PARALLEL_LANE:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_parallel_lane(request):
+    yield
+    if request.module.__name__ not in PARALLEL_LANE:
+        return
+    import psutil
+
+    started = [p.name() for p in psutil.Process().children(recursive=True) if p.name() in RAY_PROCESSES]
+    ray = sys.modules.get("ray")
+    if started or (ray is not None and ray.is_initialized()):
+        pytest.fail(f"{request.module.__name__} started Ray ({started or 'ray.init'}): take it out of PARALLEL_LANE")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _isolate_mlflow_tracking_uri():
     """Each test module starts from the MLflow environment the session started with.
