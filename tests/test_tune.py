@@ -29,6 +29,7 @@ from pipelines.tune import sweep as tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
+PBT_STEPS = 30
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,7 +116,9 @@ def pbt(ray_session, digits_dataset, store):
         "pbt",
         {"optim.lr": {"grid": [5e-3, 1e-7]}},
         {"scheduler": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5, "seed": 0},
-        "train.steps=60",
+        # Two chances to exploit (steps 10 and 20; the final step is left alone): by step 20 both trials have
+        # reported, so the lagging one is exploited then at the latest. Each exploit restarts a trial (a new fit).
+        f"train.steps={PBT_STEPS}",
         "loss.w_ce=0.1",
     )
 
@@ -240,14 +243,14 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(pbt, stor
         donor, start = old.data.tags["cdm.pbt.donor_run"], int(new.data.tags["cdm.init_step"])
         assert new.data.tags["cdm.run_name"] == f"{old.data.tags['cdm.run_name'].split('-at')[0]}-at{start}"
         assert new.data.tags["cdm.init_from"] == str(trials_dir / donor / f"checkpoint_{start:08d}")
-        assert start in (10, 20, 30, 40, 50) and donor in runs and donor != old.data.tags["cdm.run_name"]
+        assert start in (10, 20) and donor in runs and donor != old.data.tags["cdm.run_name"]
         # The new run starts at the donor's step (it continues that training), with a value PBT could pick.
         assert min(steps_of(store, new.info.run_id, "train/loss")) > start
         assert new.data.params["optim.lr"] in ("0.005", "1e-07")
     # Each of the two trials ends in one run that trained to the last step.
     finals = [r for r in runs.values() if r.data.tags.get("cdm.trial_status") != "exploited"]
     assert len(finals) == 2 and all(r.data.tags["cdm.trial_status"] == "completed" for r in finals)
-    assert all(r.data.tags["cdm.final_step"] == "60" for r in finals)
+    assert all(r.data.tags["cdm.final_step"] == str(PBT_STEPS) for r in finals)
     # The best is the lowest validation NLL any run reached; an exploited run may hold it (it trained on
     # until Tune stopped it), as a trial ASHA stopped early may.
     assert pbt.best is not None and pbt.best.value == min(r.value for r in pbt.rows if r.status != "failed")

@@ -53,7 +53,7 @@ def test_a_sweep_survives_a_dead_worker_retrying_or_recording_the_trial(dying_wo
     )
     space = {
         "space": {"run.max_failures": {"grid": [0, 1]}},
-        "tune": {"name": "faults", "scheduler": "fifo", "max_concurrent": 1},
+        "tune": {"name": "faults", "scheduler": "fifo", "max_concurrent": 2},  # each run has its own marker
     }
     result = tune.run(config, tune_space.parse(space, config), config_name="tiny")
     by_retries = {row.params["run.max_failures"]: row for row in result.rows}
