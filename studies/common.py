@@ -1,9 +1,10 @@
 """What every study shares: the real `cdm` command, a results JSON with its provenance, a markdown table.
 
 A study runs the product's own commands (`cdm run`, `cdm classify`, …) in a subprocess, exactly as a
-user would (the suite's smoke run: through the same entry point in the study's process), into a work folder outside the repository (default /tmp/cdm-studies/NAME; its MLflow store
-is there too: `cdm ui --workdir …` opens it). What it commits is `results.json` (every figure, its
-convention, the commands, seconds, machine and commit), a figure and `table.md`.
+user would (the suite's smoke run: through the same entry point, in the study's process), into a work
+folder outside the repository (default /tmp/cdm-studies/NAME; its MLflow store is there too: `cdm ui
+--workdir …` opens it). What it commits is `results.json` (every figure, its convention, the commands,
+seconds, machine and commit), a figure and `table.md`.
 """
 
 from __future__ import annotations
