@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # listed here that starts Ray fails (`_no_ray_in_the_parallel_lane`) rather than overload the machine.
 PARALLEL_LANE = {
     "test_bad_input_matrix",
+    "test_cluster_files",
     "test_cluster_ui",
     "test_common",
     "test_compiled_step",

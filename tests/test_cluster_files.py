@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -188,7 +187,7 @@ def _gpus_on_offer(where: str) -> int:
 
 
 @pytest.mark.parametrize("where, command", _cluster_commands())
-def test_every_cluster_command_plans_and_trains_on_the_gpus(tmp_path, monkeypatch, where, command):
+def test_every_cluster_command_plans_and_trains_on_the_gpus(tmp_path, monkeypatch, where, command, cdm_forks):
     from pipelines.workflow.runner import prepare_plan
     from pipelines.workflow.stages import Context
 
@@ -206,13 +205,7 @@ def test_every_cluster_command_plans_and_trains_on_the_gpus(tmp_path, monkeypatc
             (tmp_path / path).write_bytes(b"a stand-in for the dataset file")
     plan, uri = prepare_plan(config, sets, workdir=tmp_path, strict=False)
     assert [s.name for s in plan.stages][:1] == ["prepare"] and plan.has("train")
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *words[1:], "--dry-run"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    cli = cdm_forks.run([*words[1:], "--dry-run"], cwd=tmp_path, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     if "cifar10" not in config:
         return

@@ -9,8 +9,6 @@ not only for a crash.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,6 @@ from pipelines.data import shards as sh  # noqa: E402
 from pipelines.data.readers import load_split  # noqa: E402
 from pipelines.evaluate.config import SampleConfig  # noqa: E402
 from pipelines.evaluate.sample import generate, run  # noqa: E402
-
-CDM = str(Path(sys.executable).with_name("cdm"))
 
 
 def config_for(kind: str, t: int, num_labels=None, schedule: str = "linear") -> dict:
@@ -179,7 +175,7 @@ def test_ddm_checkpoints_sample_through_the_same_stage(ray_session, tmp_path):
     assert np.array_equal(a[2:], direct(ckpt, range(2, 4), sampler="dpmsolver2m", steps=5, seed=0))
 
 
-def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path):
+def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path, cdm_forks):
     import mlflow
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -198,12 +194,7 @@ def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path):
     assert again.up_to_date
 
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
-    r = subprocess.run(
-        [CDM, "sample", str(unet), "--out", str(tmp_path / "c"), "--sampler", "heun", "--no-track"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
+    r = cdm_forks.run(
+        ["sample", str(unet), "--out", str(tmp_path / "c"), "--sampler", "heun", "--no-track"], tmp_path, env
     )
     assert r.returncode == 2 and "--sampler 'heun'" in r.stderr and "Traceback" not in r.stderr

@@ -115,15 +115,10 @@ def children(workdir: Path, parent_id: str) -> list:
     return c.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def cli(workdir: Path, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CDM, "run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args],
-        capture_output=True,
-        text=True,
-        env=env or os.environ.copy(),
-        timeout=600,
-        **kw,
-    )
+def cli(forks, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`cdm run` of the module's workflow through `cdm_forks` (the real command, without its import time): the
+    dry runs and the mistakes, which end before any work."""
+    return forks.run(["run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args], cwd=Path.cwd())
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +194,7 @@ def registered_checkpoints(train_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(first_run, ray_session, workdir):
+def killed_and_resumed(first_run, ray_session, workdir, cdm_forks):
     overrides = [a for kv in KILLED for a in ("--set", kv)]
     plan, _ = prepare_plan(workdir / "tiny.toml", KILLED, workdir=workdir)
     train_dir = Path(plan.stage("train").output)
@@ -227,7 +222,7 @@ def killed_and_resumed(first_run, ray_session, workdir):
     prepare_record = Path(f"{plan.stage('prepare').output}.json")
     assert prepare_record.is_file(), "the prepare stage finished before training started"
     prepare_mtime = prepare_record.stat().st_mtime_ns
-    dry = cli(workdir, "--dry-run", *overrides)
+    dry = cli(cdm_forks, workdir, "--dry-run", *overrides)
 
     lines: list[str] = []
     result = run_workflow(workdir / "tiny.toml", KILLED, workdir=workdir, echo=lines.append)
@@ -272,16 +267,16 @@ def test_a_killed_run_resumes_training_from_its_checkpoint_without_redoing_earli
     ]
 
 
-def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run, workdir):
+def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run, workdir, cdm_forks):
     result, _ = first_run
-    done = cli(workdir, "--dry-run")
+    done = cli(cdm_forks, workdir, "--dry-run")
     assert done.returncode == 0, done.stderr
     for name in ALL_STAGES:
         record = result.records[name]
         line = next(line for line in done.stdout.splitlines() if f" {name} " in f" {line} " and record["key"] in line)
         assert "skip" in line
         assert record["output"] in done.stdout
-    changed = cli(workdir, "--dry-run", "--set", "sample.steps=4")
+    changed = cli(cdm_forks, workdir, "--dry-run", "--set", "sample.steps=4")
     assert changed.returncode == 0, changed.stderr
     status = {
         line.split()[1]: line.split()[3]
@@ -300,20 +295,22 @@ def test_dry_run_prints_each_stage_its_key_output_and_whether_it_runs(first_run,
 
 
 def test_user_mistakes_name_the_setting_and_exit_without_a_traceback(workdir, cdm_forks):
-    def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-        argv = ["run", str(workdir / "tiny.toml"), "--workdir", str(workdir), *args]
-        return cdm_forks.run(argv, cwd=Path.cwd())
-
-    bad = cli(workdir, "--dry-run", "--set", "train.optim.lrr=1e-3")
+    bad = cli(cdm_forks, workdir, "--dry-run", "--set", "train.optim.lrr=1e-3")
     assert bad.returncode == 2 and "train.optim.lrr" in bad.stderr and "'lr'" in bad.stderr
     assert "Traceback" not in bad.stderr
-    bad = cli(workdir, "--dry-run", "--set", "prepare.source=cifar10")
+    bad = cli(cdm_forks, workdir, "--dry-run", "--set", "prepare.source=cifar10")
     assert bad.returncode == 2 and "prepare.path" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli(
-        workdir, "--dry-run", "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth"
+        cdm_forks,
+        workdir,
+        "--dry-run",
+        "--set",
+        "fid.features=inception",
+        "--set",
+        "fid.inception_weights=/nonexistent.pth",
     )
     assert bad.returncode == 0 and "cannot run as it is: fid.features" in bad.stdout  # a dry run lists it
-    bad = cli(workdir, "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
+    bad = cli(cdm_forks, workdir, "--set", "fid.features=inception", "--set", "fid.inception_weights=/nonexistent.pth")
     assert bad.returncode == 2 and "fid.features" in bad.stderr and "Traceback" not in bad.stderr
 
 
