@@ -143,7 +143,8 @@ def test_image_conventions_dequantization_and_mlflow(ray_session, digits_small, 
     import mlflow
 
     common = dict(checkpoint=str(unet_checkpoint), dataset=str(digits_small), split="test", batch_size=40)
-    plain = run(nest(NllConfig, **common, workers=1, out=str(tmp_path / "plain"), track=False))
+    # The pools' share of this test is official (1 worker) against tracked (2); the others run in this process.
+    plain = run(nest(NllConfig, **common, workers=0, out=str(tmp_path / "plain"), track=False))
     tracked = run(
         nest(NllConfig, **common, dequantize=True, workers=2, out=str(tmp_path / "t"), tracking_uri=_store(tmp_path))
     )
@@ -159,7 +160,7 @@ def test_image_conventions_dequantization_and_mlflow(ray_session, digits_small, 
         )
     )
     reseeded = run(
-        nest(NllConfig, **common, dequantize=True, seed=1, workers=2, out=str(tmp_path / "seed1"), track=False)
+        nest(NllConfig, **common, dequantize=True, seed=1, workers=0, out=str(tmp_path / "seed1"), track=False)
     )
     p, t, o, r = (read_scores(x.scores_uri) for x in (plain, tracked, official, reseeded))
     assert plain.count == tracked.count == official.count == sh.open_dataset(digits_small).count("test")
@@ -362,7 +363,7 @@ def test_elbo_and_ode_of_a_ddm_score_every_sample_once_whatever_the_batching(
     one = run(nest(NllConfig, **common, workers=1, batch_size=30, out=str(tmp_path / "a"), tracking_uri=store))
     two = run(nest(NllConfig, **common, workers=2, batch_size=7, out=str(tmp_path / "b"), track=False))
     other = run(
-        nest(NllConfig, **common, seed=1, elbo_stride=3, workers=1, batch_size=30, out=str(tmp_path / "c"), track=False)
+        nest(NllConfig, **common, seed=1, elbo_stride=3, workers=0, batch_size=30, out=str(tmp_path / "c"), track=False)
     )
     a, b, c = (read_scores(r.scores_uri) for r in (one, two, other))
     expected = sorted(manifest_keys(sh.open_dataset(digits_tiny), "test"))
@@ -390,7 +391,7 @@ def test_elbo_and_ode_of_a_ddm_score_every_sample_once_whatever_the_batching(
     # A CDM on images: all three, the ELBO through Theorem 3.1's ε̂, with the per-sample comparison plotted.
     cdm = run(
         nest(
-            NllConfig, **common | {"checkpoint": str(unet_checkpoint)}, workers=1, out=str(tmp_path / "e"), track=False
+            NllConfig, **common | {"checkpoint": str(unet_checkpoint)}, workers=0, out=str(tmp_path / "e"), track=False
         )
     )
     assert list(cdm.summary["methods"]) == ["one-pass", "elbo", "ode"] and cdm.plot
