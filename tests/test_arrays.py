@@ -203,7 +203,8 @@ def _check_samples(ckpt: Path, norm: Normalization, out: Path, capsys, monkeypat
     """`cdm sample` writes samples.npy (and the shards) in the data's units: x = μ + σ·z of the model's z."""
     trained = load_trained_model(ckpt)
     argv = ["sample", str(ckpt), "--n", "6", "--sampler", "ddim", "--steps", "4", "--out", str(out)]
-    code, text = cli_in_process([*argv, "--no-track", "--workers", "1"], capsys, monkeypatch)
+    # In this process: sampling reads no data, and the sample stage's pool is test_sample.py's.
+    code, text = cli_in_process([*argv, "--no-track", "--workers", "0"], capsys, monkeypatch)
     assert code == 0, text
     drawn = np.load(out / "samples.npy")
     assert drawn.shape == (6, *trained.model.data_shape) and drawn.dtype == np.float32
@@ -279,7 +280,7 @@ num_workers = 0
 n = 16
 steps = 3
 batch_size = 16
-workers = 1
+workers = 0
 [nll]
 workers = 1
 [fid]
