@@ -127,9 +127,9 @@ def stop(
     from pipelines.cluster import jobs_api as api  # deferred: see the module docstring
 
     cluster = api.connect(address)
-    status = str(api.job_info(cluster, job_id).status.value)
-    if status in api.TERMINAL_STATUSES:
-        typer.echo(f"job {job_id} already ended: {status}")
+    status = api.job_info(cluster, job_id).status
+    if status.is_terminal():
+        typer.echo(f"job {job_id} already ended: {status.value}")
         return
     with cluster.errors(job_id):
         cluster.client.stop_job(job_id)

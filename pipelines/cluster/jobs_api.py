@@ -30,12 +30,11 @@ from urllib.parse import urlparse
 import aiohttp
 import requests
 from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipelines.common.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # Exit codes of the commands that follow a job: it failed or was stopped; the user stopped following.
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -241,23 +240,23 @@ def stream_logs(cluster: Cluster, job_id: str, write: Callable[[str], None]) -> 
                 asyncio.run(follow())
         except RuntimeError:
             pass  # the socket closed early; the status below decides whether to reconnect
-        if job_status(cluster, job_id) in TERMINAL_STATUSES:
+        if job_status(cluster, job_id).is_terminal():
             return
         time.sleep(min(2**attempt, 10))
     wait_until_done(cluster, job_id)
 
 
-def job_status(cluster: Cluster, job_id: str) -> str:
+def job_status(cluster: Cluster, job_id: str) -> JobStatus:
     with cluster.errors(job_id):
-        return str(cluster.client.get_job_status(job_id).value)
+        return JobStatus(cluster.client.get_job_status(job_id))
 
 
 def wait_until_done(cluster: Cluster, job_id: str, poll_s: float = 1.0) -> str:
-    """Poll until the job reaches a terminal status; return it."""
+    """Poll until the job reaches a terminal status (SUCCEEDED, FAILED, STOPPED); return its name."""
     while True:
         status = job_status(cluster, job_id)
-        if status in TERMINAL_STATUSES:
-            return status
+        if status.is_terminal():
+            return str(status.value)
         time.sleep(poll_s)
 
 
