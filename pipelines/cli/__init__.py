@@ -31,8 +31,17 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(dist_version("cdm"))
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
+    _version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the cdm version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
     verbose: bool = typer.Option(
         False,
