@@ -18,8 +18,13 @@ jobs_app = typer.Typer(
     no_args_is_help=True,
 )
 
+# RAY_API_SERVER_ADDRESS first, as Ray's own job CLI reads them.
+_ADDRESS_ENV = ["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"]
 _ADDRESS = typer.Option(
-    None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
+    None,
+    "--address",
+    envvar=_ADDRESS_ENV,
+    help="Jobs API of the head (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265).",
 )
 
 
@@ -142,9 +147,7 @@ def stop(
 
 def submit(
     entrypoint: list[str] = typer.Argument(None, metavar="COMMAND", help="The command the job runs, after `--`."),
-    address: Optional[str] = typer.Option(
-        None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
-    ),
+    address: Optional[str] = _ADDRESS,
     working_dir: Optional[str] = typer.Option(
         None,
         "--working-dir",
