@@ -24,11 +24,12 @@ from ray._private import worker as ray_worker
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 from ray.data._internal import logging as ray_data_logging
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback as WorkerGroupCallback
 
+# WorkerGroupCallback is imported from here too (the explicit re-export above), but it is Ray's class: make docs
+# documents only what __all__ names.
 __all__ = [
     "InterruptibleTorchTrainer",
-    "WorkerGroupCallback",
     "actor_state",
     "is_train_v2",
     "placement_group_of",
