@@ -132,3 +132,35 @@ def test_print_config_tells_the_micro_batch_and_refuses_one_that_does_not_divide
     )  # fmt: skip
     assert bad.returncode == 2 and "train.grad_accum" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_resuming_mid_run_from_a_checkpoint_is_exact(tmp_path):
+    """Four accumulated steps in one go, and two, a checkpoint as the training loop writes it (weights, Adam,
+    schedule, EMA, RNG streams), a fresh step restored from it and two more: the same weights, bit for bit."""
+    from cdm_core.checkpoint import load_checkpoint, save_checkpoint
+    from pipelines.common.config import to_dict
+    from pipelines.train.loop import _restore_state, _rng_state, _set_rng_state
+
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.rand(BATCH, 1, 8, 8, generator=generator) * 2 - 1 for _ in range(4)]
+    straight = _step(k=2)
+    for x in batches:
+        straight(x)
+    first = _step(k=2)
+    for x in batches[:2]:
+        first(x)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(
+        path, model=first.model, step=2, config=to_dict(first.config), ema=first.ema, optimizer=first.optimizer,
+        scheduler=first.scheduler, extra={"rng": _rng_state(first.generator)},
+    )  # fmt: skip
+    resumed = fresh_train_step(first.config, 1, 8, seed=99)  # other weights and streams, all replaced below
+    state = load_checkpoint(path)
+    assert _restore_state(state, resumed.model, resumed.ema, resumed.optimizer, resumed.scheduler, first.config) == 2
+    assert _set_rng_state(resumed.generator, state["extra"]["rng"]) is None
+    for x in batches[2:]:
+        resumed(x)
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(straight.ema.model.parameters(), resumed.ema.model.parameters()):
+        assert torch.equal(p, q)
