@@ -258,7 +258,7 @@ def stream_logs(
         try:
             if lost_since is not None:  # after a drop: is the API back, and does the job still run?
                 status = job_status(cluster, job_id)
-                lost_since, pause = None, _FIRST_PAUSE_S
+                lost_since = None  # the pause keeps growing until the stream gives a line again
                 if status.is_terminal():  # it ended while we were away: the rest of its log, at once
                     with cluster.errors(job_id):
                         write_new(cluster.client.get_job_logs(job_id), 0)
@@ -266,10 +266,11 @@ def stream_logs(
             seen = 0
 
             async def follow() -> None:
-                nonlocal seen
+                nonlocal seen, pause
                 async for chunk in cluster.client.tail_job_logs(job_id):
                     write_new(chunk, seen)
                     seen += len(chunk)
+                    pause = _FIRST_PAUSE_S
 
             with cluster.errors(job_id):
                 asyncio.run(follow())
