@@ -9,11 +9,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install browser lint format test demo bench clean
+.PHONY: install browser lint format test demo bench docs clean
 
-# torch-fidelity's Inception-v3 FID extractor: --no-deps because the package
-# declares torchvision (for extractors we don't use), and PyPI's torchvision
-# does not import beside the pinned CPU torch. pipelines/evaluate/features.py loads
+# torch-fidelity's Inception-v3 FID extractor (the package's `fid` extra): --no-deps
+# because the package declares torchvision (for extractors we don't use), and PyPI's
+# torchvision does not import beside the pinned CPU torch. pipelines/evaluate/features.py loads
 # the Inception module without torchvision.
 # (Comments stay out of recipes: make echoes every recipe line, comments included.)
 $(VENV)/.installed: pyproject.toml Makefile
@@ -50,6 +50,11 @@ test: lint browser
 # The whole pipeline on mnist5k with a local Ray and ./mlflow.db; rerunning skips finished stages.
 demo: install
 	$(VENV)/bin/cdm run configs/demo.toml
+
+# The API reference of cdm_core and pipelines, from their docstrings, in docs/api/.
+docs: install
+	$(PY) -m pip install --quiet -e ".[docs]"
+	$(PY) -m pdoc --output-directory docs/api cdm_core pipelines
 
 bench: install
 	$(PY) benchmarks/core.py

@@ -16,6 +16,9 @@
 #     SXM, 835 for the NVL cards, 756 for H100 PCIe, 312 for A100; none for others)
 #     and against a bf16 8192³ matmul measured on the same GPU;
 #   - peak GPU memory;
+#   - peak GPU memory of the cifar10 preset's CDM step (eager, bf16 and fp32) per micro-batch size with
+#     train.grad_accum: the recipe's global batch (BENCH_GLOBAL, 512) in micro-batches of each of BENCH_MICRO
+#     ("64 128 256"), so a lent GPU answers which grad_accum fits it ("oom" where one does not);
 #   - each of the four (CDM, DDM) x (bf16, fp32) eager and compiled (train.compile: torch.compile, the CDM's
 #     input gradient through torch.func), the compilation's seconds reported apart from the step time
 #     (BENCH_COMPILE=0 skips the compiled rows). FLOPs of a compiled step are its eager twin's: the same
@@ -161,7 +164,38 @@ def bench(kind, precision, compiled=False, flops=None):
     return row
 
 
+def micro_batch_memory(precision, micro, total):
+    """Peak GPU memory (GiB) of one CDM step of `total` images in micro-batches of `micro`; "oom" if it does not fit."""
+    config = cfg.load(TrainConfig, "configs/cifar10.toml", [
+        f"model.preset={preset}", f"train.precision={precision}", f"train.batch_size={total}",
+        f"train.grad_accum={total // micro}"])
+    step = x = None
+    try:
+        step = fresh_train_step(config, 3, 32, device)
+        x = torch.rand(total, 3, 32, 32, device=device) * 2 - 1
+        step(x)  # the first step allocates Adam's moments, which every later one keeps
+        sync()
+        if device.type != "cuda":
+            return None
+        torch.cuda.reset_peak_memory_stats()
+        assert step(x).finite, f"micro-batch {micro}, {precision}: non-finite loss"
+        sync()
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except torch.OutOfMemoryError:
+        return "oom"
+    finally:
+        del step, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 matmul = measured_matmul_tflops()
+total = int(os.environ.get("BENCH_GLOBAL", "512"))
+micro_memory = {
+    f"cdm_{precision}_micro{micro}_peak_memory_gib": micro_batch_memory(precision, micro, total)
+    for precision in ("bf16", "fp32")
+    for micro in (int(m) for m in os.environ.get("BENCH_MICRO", "64 128 256").split())
+}
 rows = {}
 for kind in ("cdm", "ddm"):
     for precision in ("bf16", "fp32"):
@@ -178,6 +212,8 @@ results = {
     "timed_steps": steps,
     "measured_bf16_matmul_tflops": round(matmul, 1) if matmul else None,
     "datasheet_bf16_tflops": DATASHEET_BF16_TFLOPS,
+    "micro_batch_global_batch": total,
+    **micro_memory,
 }
 for name, row in rows.items():
     for key, value in row.items():
@@ -199,6 +235,7 @@ for name, row in rows.items():
           f"{format(mfu, '.1%') if mfu is not None else '-':>6} {row['peak_memory_gib']!s:>6} "
           f"{row['compile_seconds'] if row['compile_seconds'] is not None else '-':>9} "
           f"{results.get(name + '_speedup', '-'):>8}")
+print(f"peak memory of a CDM step of {total} images per micro-batch size: {micro_memory}")
 print(f"MFU against the datasheet's {DATASHEET_BF16_TFLOPS} TFLOP/s dense bf16; measured bf16 matmul: {results['measured_bf16_matmul_tflops']} TFLOP/s")
 with open(out_path, "w") as f:
     json.dump(results, f, indent=2)

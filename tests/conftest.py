@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # listed here that starts Ray fails (`_no_ray_in_the_parallel_lane`) rather than overload the machine.
 PARALLEL_LANE = {
     "test_bad_input_matrix",
+    "test_cli_surface",
     "test_cluster_files",
     "test_cluster_ui",
     "test_common",
@@ -40,10 +41,12 @@ PARALLEL_LANE = {
     "test_features",
     "test_frechet",
     "test_fuzz",
+    "test_grad_accum",
     "test_layout",
     "test_learning",
     "test_likelihood_core",
     "test_networks",
+    "test_packaging",
     "test_prepare",
     "test_prepare_bad_input",
     "test_readers",

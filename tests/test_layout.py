@@ -187,7 +187,7 @@ def test_every_import_inside_a_function_says_why():
 
 def test_pipelines_itself_holds_only_the_package_files():
     loose = sorted(p.name for p in (ROOT / "pipelines").iterdir() if p.is_file())
-    assert loose == ["__init__.py", "__main__.py"]
+    assert loose == ["__init__.py", "__main__.py", "py.typed"]  # py.typed: PEP 561, the package is typed
     assert sorted(p.name for p in (ROOT / "pipelines").iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(
         PACKAGES
     )

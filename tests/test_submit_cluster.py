@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,95 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path):
         assert result.returncode == 2, result.stderr
         assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in result.stderr
         assert "local_cluster.sh start" in result.stderr and "Traceback" not in result.stderr
+
+
+# A job that prints a numbered line every half second for 30 s: what is lost or doubled shows.
+TICKS = 60
+TICKER = f"import time; [print(f'tick {{i:02d}}', flush=True) or time.sleep(0.5) for i in range({TICKS})]"
+
+
+def _dashboard(cluster_env: dict[str, str]) -> tuple[int, list[str], dict[str, str]]:
+    """The head's dashboard process: pid, command line and environment (to start it again as it was)."""
+    sid = int((Path(cluster_env["CLUSTER_DIR"]) / "session_id").read_text().strip())
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.getsid(int(entry.name)) == sid:
+                argv = (entry / "cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+                if any(arg.endswith("dashboard/dashboard.py") for arg in argv):
+                    found[int(entry.name)] = argv
+        except OSError:  # a process that ended meanwhile
+            continue
+    ((pid, argv),) = found.items()
+    environ = dict(
+        item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
+    )
+    return pid, argv, environ
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _answers(address: str) -> bool:
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_following_rides_out_a_dashboard_restart(cluster, tmp_path):
+    """The real dashboard is stopped mid-job and started again: a follower with the default window prints every
+    line once and ends with the job; one whose window (3 s) passes first exits 2 with one line. This module's
+    cluster serves (the only one with a dashboard to restart); it runs last, as the dashboard it leaves is the
+    one it started, ended here."""
+    submitted = _cdm(
+        "submit", "--address", cluster["address"], "--working-dir", "", "--no-wait", "--", "python", "-c", TICKER,
+        env=cluster["env"], cwd=cluster["workdir"],
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    cdm = str(BIN / "cdm")
+    followers = {}
+    for name, window in (("patient", "120"), ("hasty", "3")):
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        followers[name] = (
+            subprocess.Popen(
+                [cdm, "jobs", "logs", "--follow", job_id, "--address", cluster["address"], "--reconnect-s", window],
+                stdout=out.open("w"), stderr=err.open("w"), env=cluster["env"], cwd=cluster["workdir"],
+            ),
+            out,
+            err,
+        )  # fmt: skip
+    restarted = None
+    try:
+        _wait_for(lambda: "tick 04" in followers["patient"][1].read_text(), 120, "the job's first lines")
+        pid, argv, environ = _dashboard(cluster["cluster_env"])
+        os.kill(pid, signal.SIGTERM)
+        _wait_for(lambda: not _answers(cluster["address"]), 60, "the dashboard to stop")
+        hasty, _, hasty_err = followers["hasty"]
+        assert hasty.wait(timeout=60) == 2
+        message = hasty_err.read_text()
+        assert "lost the Ray Jobs API" in message and f"job {job_id} keeps running" in message, message
+        assert "Traceback" not in message
+        restarted = subprocess.Popen(
+            argv, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        patient, out, err = followers["patient"]
+        assert patient.wait(timeout=240) == 0, err.read_text()
+        lines = [line for line in out.read_text().splitlines() if line.startswith("tick ")]
+        assert lines == [f"tick {i:02d}" for i in range(TICKS)]  # every line once, in order
+        assert f"job {job_id} SUCCEEDED" in err.read_text()
+    finally:
+        for process, _, _ in followers.values():
+            if process.poll() is None:
+                process.kill()
+        if restarted is not None:
+            os.killpg(restarted.pid, signal.SIGTERM)
+            try:
+                restarted.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(restarted.pid, signal.SIGKILL)

@@ -176,3 +176,23 @@ def test_a_locked_store_delays_training_metrics_and_loses_none(tmp_path):
     with pytest.raises(MlflowException, match="not found"):
         PatientClient(uri).get_run("0" * 32)
     assert time.monotonic() - began < 5.0
+
+
+def test_a_stages_dataset_is_logged_as_its_input(store, tmp_path):
+    # mlflow.log_input with MLflow's own dataset entity: the run's Dataset column and filter in the UI.
+    import json
+
+    data = tmp_path / "digits16"
+    data.mkdir()
+    shards = [{"name": "train-000000.tar", "sha256": "ab" * 32}]
+    meta = {"source": "digits", "splits": {"train": {"shards": shards}}, "sample": {"encoding": "png", "labeled": True}}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with mlflow_run("exp-data", "trained", store[1], tags={"cdm.stage": "train", "cdm.dataset": str(data)}) as run:
+        run_id = run.info.run_id
+    with mlflow_run("exp-data", "scored", store[1], tags={"cdm.stage": "nll", "cdm.dataset": str(tmp_path)}) as run:
+        unlogged = run.info.run_id  # no dataset.json there: the run goes on without an input
+    inputs = _client(store[1]).get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "digits:digits16" and len(inputs[0].dataset.digest) == 32
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    assert data.resolve().as_posix() in inputs[0].dataset.source
+    assert _client(store[1]).get_run(unlogged).inputs.dataset_inputs == []

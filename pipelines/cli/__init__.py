@@ -18,7 +18,7 @@ from importlib.metadata import version as dist_version
 
 import typer
 
-from pipelines.cli import classify, cluster, data, evaluate, train, tune, workflow
+from pipelines.cli import classify, cluster, data, env, evaluate, train, tune, workflow
 from pipelines.common import console
 from pipelines.common.errors import UserError
 
@@ -26,17 +26,27 @@ app = typer.Typer(
     name="cdm",
     help="Train, tune and evaluate classification diffusion models on Ray, tracked in MLflow.",
     no_args_is_help=True,
-    add_completion=False,
+    epilog=env.help_epilog(),
     pretty_exceptions_enable=False,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(dist_version("cdm"))
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    _version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the cdm version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", envvar="CDM_DEBUG", help="Show full tracebacks for errors."),
     verbose: bool = typer.Option(
         False,
         "--verbose",
+        envvar="CDM_VERBOSE",
         help="Show Ray's, MLflow's and the libraries' output live (by default it goes to cdm.log in the run's "
         "folder); also accepted after the command.",
     ),
@@ -141,7 +151,7 @@ def _capture_for(argv: list[str]) -> bool:
     (`console.place_log`).
     """
     head = argv.index("--") if "--" in argv else len(argv)
-    verbose = "--verbose" in argv[:head] or os.environ.get("CDM_VERBOSE") == "1"
+    verbose = "--verbose" in argv[:head] or env.is_on("CDM_VERBOSE")
     argv[:head] = [a for a in argv[:head] if a != "--verbose"]
     command = next((a for a in argv[1:head] if not a.startswith("-")), None)
     if verbose or command not in _QUIET_COMMANDS or {"--help", "-h"} & set(argv[:head]):
@@ -167,9 +177,9 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        if os.environ.get("CDM_DEBUG") and not captured:
+        if env.is_on("CDM_DEBUG") and not captured:
             raise
-        if os.environ.get("CDM_DEBUG"):
+        if env.is_on("CDM_DEBUG"):
             traceback.print_exc(file=console.terminal_err())
         _say(f"error: {err}", typer.colors.RED)
         sys.exit(err.exit_code)
@@ -177,7 +187,7 @@ def main() -> None:
         # Typer turns a KeyboardInterrupt inside a command into a silent exit 130.
         if isinstance(stop, SystemExit) and stop.code != 130:
             raise
-        if os.environ.get("CDM_DEBUG") and isinstance(stop, KeyboardInterrupt):
+        if env.is_on("CDM_DEBUG") and isinstance(stop, KeyboardInterrupt):
             raise
         _say(
             "interrupted: what was finished is kept (a training run continues with `cdm train --resume RUN`, "
@@ -190,7 +200,7 @@ def main() -> None:
             raise
         # The traceback goes to the log with everything else; the console gets the cause in one line.
         traceback.print_exc()
-        if os.environ.get("CDM_DEBUG"):
+        if env.is_on("CDM_DEBUG"):
             traceback.print_exc(file=console.terminal_err())
         _say(f"error: {type(err).__name__}: {_cause(err)}", typer.colors.RED)
         _say(f"the traceback is in the log{_log_hint()}", typer.colors.RED)

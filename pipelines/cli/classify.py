@@ -28,9 +28,9 @@ def classify(
     raw_weights: bool = typer.Option(False, "--raw-weights", help=_RAW_WEIGHTS),
     workers: Optional[int] = setting(ClassifyConfig, "workers"),
     gpus_per_worker: Optional[float] = setting(ClassifyConfig, "gpus_per_worker"),
-    address: Optional[str] = setting(ClassifyConfig, "address"),
+    address: Optional[str] = setting(ClassifyConfig, "address", envvar="RAY_ADDRESS"),
     wait_s: Optional[float] = setting(ClassifyConfig, "wait_s", "--wait-s"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     train_run_id: Optional[str] = setting(ClassifyConfig, "train_run_id"),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:

@@ -13,13 +13,26 @@ from typing import Any, Optional
 
 import typer
 
+_RECONNECT_S = typer.Option(
+    120.0,
+    "--reconnect-s",
+    min=0,
+    help="When the Jobs API is lost while following (a restarted dashboard), keep trying this many seconds; "
+    "nothing is printed twice.",
+)
+
 jobs_app = typer.Typer(
     help="List, inspect, follow and stop jobs on a Ray cluster (the Jobs API at --address or $RAY_ADDRESS).",
     no_args_is_help=True,
 )
 
+# RAY_API_SERVER_ADDRESS first, as Ray's own job CLI reads them.
+_ADDRESS_ENV = ["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"]
 _ADDRESS = typer.Option(
-    None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
+    None,
+    "--address",
+    envvar=_ADDRESS_ENV,
+    help="Jobs API of the head (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265).",
 )
 
 
@@ -87,6 +100,7 @@ def status(
 def logs(
     job_id: str = typer.Argument(..., help="The job id `cdm submit` printed."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends; exit 1 if it fails."),
+    reconnect_s: float = _RECONNECT_S,
     address: Optional[str] = _ADDRESS,
 ) -> None:
     """Print a job's output (driver stdout and stderr) so far, or follow it to the end.
@@ -94,6 +108,7 @@ def logs(
     Examples:
       cdm jobs logs raysubmit_XYZ
       cdm jobs logs --follow raysubmit_XYZ
+      cdm jobs logs --follow --reconnect-s 600 raysubmit_XYZ
     """
     from pipelines.cluster import jobs_api as api  # deferred: see the module docstring
 
@@ -103,7 +118,9 @@ def logs(
             sys.stdout.write(cluster.client.get_job_logs(job_id))
         return
     try:
-        api.stream_logs(cluster, job_id, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        api.stream_logs(
+            cluster, job_id, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()), reconnect_s=reconnect_s
+        )
         api.wait_until_done(cluster, job_id)
     except KeyboardInterrupt:
         typer.echo(f"\nstopped following; job {job_id} keeps running", err=True)
@@ -127,9 +144,9 @@ def stop(
     from pipelines.cluster import jobs_api as api  # deferred: see the module docstring
 
     cluster = api.connect(address)
-    status = str(api.job_info(cluster, job_id).status.value)
-    if status in api.TERMINAL_STATUSES:
-        typer.echo(f"job {job_id} already ended: {status}")
+    status = api.job_info(cluster, job_id).status
+    if status.is_terminal():
+        typer.echo(f"job {job_id} already ended: {status.value}")
         return
     with cluster.errors(job_id):
         cluster.client.stop_job(job_id)
@@ -142,9 +159,7 @@ def stop(
 
 def submit(
     entrypoint: list[str] = typer.Argument(None, metavar="COMMAND", help="The command the job runs, after `--`."),
-    address: Optional[str] = typer.Option(
-        None, "--address", help="Jobs API of the head (default: $RAY_ADDRESS or http://127.0.0.1:8265)."
-    ),
+    address: Optional[str] = _ADDRESS,
     working_dir: Optional[str] = typer.Option(
         None,
         "--working-dir",
@@ -168,6 +183,7 @@ def submit(
         None, "--submission-id", help="Job id to use instead of a generated one."
     ),
     no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return; don't stream the logs."),
+    reconnect_s: float = _RECONNECT_S,
 ) -> None:
     """Submit a command as a Ray job, stream its logs, exit non-zero if it fails.
 
@@ -202,7 +218,7 @@ def submit(
     if no_wait:
         typer.echo(f"follow with: cdm jobs logs --follow {job_id}", err=True)
         return
-    code = submission.follow_to_end(cluster, job_id)
+    code = submission.follow_to_end(cluster, job_id, reconnect_s)
     if code:
         raise typer.Exit(code)
 

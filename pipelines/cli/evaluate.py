@@ -44,10 +44,10 @@ def sample(
     clip_x0: Optional[float] = setting(SampleConfig, "clip_x0"),
     workers: Optional[int] = setting(SampleConfig, "workers"),
     gpus_per_worker: Optional[float] = setting(SampleConfig, "gpus_per_worker"),
-    address: Optional[str] = setting(SampleConfig, "address"),
+    address: Optional[str] = setting(SampleConfig, "address", envvar="RAY_ADDRESS"),
     wait_s: Optional[float] = setting(SampleConfig, "wait_s", "--wait-s"),
     force: bool = setting(SampleConfig, "force"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     train_run_id: Optional[str] = setting(SampleConfig, "train_run_id"),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
@@ -104,9 +104,9 @@ def nll(
     raw_weights: bool = typer.Option(False, "--raw-weights", help=_RAW_WEIGHTS),
     workers: Optional[int] = setting(NllConfig, "workers"),
     gpus_per_worker: Optional[float] = setting(NllConfig, "gpus_per_worker"),
-    address: Optional[str] = setting(NllConfig, "address"),
+    address: Optional[str] = setting(NllConfig, "address", envvar="RAY_ADDRESS"),
     wait_s: Optional[float] = setting(NllConfig, "wait_s", "--wait-s"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     train_run_id: Optional[str] = setting(NllConfig, "train_run_id"),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
@@ -165,9 +165,9 @@ def ood(
     batch_size: int = setting(OodConfig, "batch_size", help="Samples per forward pass."),
     workers: Optional[int] = setting(OodConfig, "workers"),
     gpus_per_worker: Optional[float] = setting(OodConfig, "gpus_per_worker"),
-    address: Optional[str] = setting(OodConfig, "address"),
+    address: Optional[str] = setting(OodConfig, "address", envvar="RAY_ADDRESS"),
     wait_s: Optional[float] = setting(OodConfig, "wait_s", "--wait-s"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
     """AUROC of likelihood-based out-of-distribution detection, with a histogram of both NLL distributions.
@@ -207,7 +207,7 @@ def fid(
     samples_split: Optional[str] = setting(FidConfig, "samples_split"),
     reference_split: str = setting(FidConfig, "reference_split"),
     inception_weights: Optional[str] = setting(FidConfig, "inception_weights"),
-    inception_sha256: Optional[str] = setting(FidConfig, "inception_sha256"),
+    inception_sha256: Optional[str] = setting(FidConfig, "inception_sha256", envvar="CDM_INCEPTION_SHA256"),
     cache_dir: Optional[str] = setting(FidConfig, "cache_dir"),
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Recompute the reference statistics and do not cache them."
@@ -215,9 +215,9 @@ def fid(
     batch_size: int = setting(FidConfig, "batch_size"),
     workers: Optional[int] = setting(FidConfig, "workers"),
     gpus_per_worker: Optional[float] = setting(FidConfig, "gpus_per_worker"),
-    address: Optional[str] = setting(FidConfig, "address"),
+    address: Optional[str] = setting(FidConfig, "address", envvar="RAY_ADDRESS"),
     wait_s: Optional[float] = setting(FidConfig, "wait_s", "--wait-s"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
     """Fréchet distance between samples and a reference dataset: FID with Inception features, fd_<dataset> with a classifier's.
@@ -259,7 +259,7 @@ def train_features(
     batch_size: int = setting(TrainFeaturesConfig, "batch_size"),
     lr: float = setting(TrainFeaturesConfig, "lr"),
     seed: int = setting(TrainFeaturesConfig, "seed"),
-    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help=_TRACKING_URI),
     no_track: bool = typer.Option(False, "--no-track", help=_NO_TRACK),
 ) -> None:
     """Train a small classifier on a dataset; its penultimate features define `fd_<dataset>` for `cdm fid`.

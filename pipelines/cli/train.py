@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from pipelines.common import config as cfg
+from pipelines.common import console
 from pipelines.common.errors import UserError
 from pipelines.train.config import TrainConfig
 
@@ -84,6 +85,12 @@ def train(
         train_config = cfg.load(TrainConfig, config, set_)
         if print_config:
             typer.echo(json.dumps(cfg.to_dict(train_config), indent=2))
+            c = train_config
+            console.echo(
+                f"batch: {c.train.batch_size} images per optimizer step = {max(c.scaling.num_workers, 1)} worker(s) "
+                f"× {c.train.grad_accum} micro-batch(es) of {c.micro_batch}",
+                err=True,
+            )
             return
     # Deferred: the trainer imports torch, Ray Train and MLflow (seconds); `cdm --help` should not wait.
     from pipelines.common.tracking import store_uri, ui_url

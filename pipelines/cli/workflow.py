@@ -34,6 +34,7 @@ def run(
     tracking_uri: Optional[str] = typer.Option(
         None,
         "--tracking-uri",
+        # No envvar=: the config's [tracking] tracking_uri beats $MLFLOW_TRACKING_URI, the flag beats both.
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db).",
     ),
     print_config: bool = typer.Option(

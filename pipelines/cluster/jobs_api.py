@@ -30,17 +30,27 @@ from urllib.parse import urlparse
 import aiohttp
 import requests
 from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipelines.common.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # Exit codes of the commands that follow a job: it failed or was stopped; the user stopped following.
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
 _TOKEN_DOCS = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
 _REQUEST_TIMEOUT_S = 30
+# How long following a job's logs rides out a lost Jobs API (a restarted dashboard), and the pauses between tries.
+RECONNECT_S = 120.0
+_FIRST_PAUSE_S, _LAST_PAUSE_S = 0.5, 10.0
+
+
+class ApiUnreachable(UserError):
+    """The Jobs API did not answer (refused, reset, timed out): it may be back in a moment."""
+
+
+class NoSuchJob(UserError):
+    """The Jobs API does not know the job (a restarting dashboard may say so for a moment too)."""
 
 
 @dataclass(frozen=True)
@@ -172,10 +182,10 @@ def translated_errors(address: str, token: ClusterToken | None, job_id: str | No
         requests.exceptions.Timeout,
         aiohttp.ClientConnectorError,
     ) as err:
-        raise UserError(_unreachable_message(address, type(err).__name__)) from None
+        raise ApiUnreachable(_unreachable_message(address, type(err).__name__)) from None
     except aiohttp.WSServerHandshakeError as err:
         if err.status == 404 and job_id:
-            raise UserError(_no_such_job(address, job_id)) from None
+            raise NoSuchJob(_no_such_job(address, job_id)) from None
         if err.status in (401, 403):
             raise UserError(
                 _missing_token_message(address) if err.status == 401 else _wrong_token_message(address, token)
@@ -183,7 +193,7 @@ def translated_errors(address: str, token: ClusterToken | None, job_id: str | No
         raise
     except RuntimeError as err:
         if "status code 404" in str(err) and job_id:
-            raise UserError(_no_such_job(address, job_id)) from None
+            raise NoSuchJob(_no_such_job(address, job_id)) from None
         raise
 
 
@@ -216,48 +226,93 @@ def connect(address: str | None = None) -> Cluster:
     return Cluster(address=url, token=token, client=client, ray_version=ray_version)
 
 
-def stream_logs(cluster: Cluster, job_id: str, write: Callable[[str], None]) -> None:
+def stream_logs(
+    cluster: Cluster,
+    job_id: str,
+    write: Callable[[str], None],
+    reconnect_s: float = RECONNECT_S,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Write the job's logs as they come until it ends.
 
-    The log websocket can drop on a long job (a proxy's idle timeout, a
-    restarted dashboard); the server replays from the start on reconnect, so
-    we skip what was already written instead of printing it twice.
+    The log websocket drops when the dashboard restarts (or a proxy closes an idle one). Then this tries
+    again, pausing 0.5 s, 1 s, 2 s … up to 10 s between tries, for up to `reconnect_s` seconds from the drop;
+    the server replays the log from its start on each connection, so what was written is skipped. Past
+    that it raises a UserError saying the job keeps running. Errors a retry cannot fix (a token, a job
+    unknown from the start) are raised at once.
     """
     written = 0
-    for attempt in range(6):
-        seen = 0
+    lost_since: float | None = None
+    pause = _FIRST_PAUSE_S
 
-        async def follow() -> None:
-            nonlocal seen, written
-            async for chunk in cluster.client.tail_job_logs(job_id):
-                start = max(0, written - seen)
-                seen += len(chunk)
-                if start < len(chunk):
-                    write(chunk[start:])
-                    written = seen
+    def write_new(text: str, start: int) -> None:
+        """`text` is the log from offset `start`; write the part not written yet."""
+        nonlocal written
+        skip = max(0, written - start)
+        if skip < len(text):
+            write(text[skip:])
+            written = start + len(text)
 
+    while True:
         try:
+            if lost_since is not None:  # after a drop: is the API back, and does the job still run?
+                status = job_status(cluster, job_id)
+                lost_since = None  # the pause keeps growing until the stream gives a line again
+                if status.is_terminal():  # it ended while we were away: the rest of its log, at once
+                    with cluster.errors(job_id):
+                        write_new(cluster.client.get_job_logs(job_id), 0)
+                    return
+            seen = 0
+
+            async def follow() -> None:
+                nonlocal seen, pause
+                async for chunk in cluster.client.tail_job_logs(job_id):
+                    write_new(chunk, seen)
+                    seen += len(chunk)
+                    pause = _FIRST_PAUSE_S
+
             with cluster.errors(job_id):
                 asyncio.run(follow())
-        except RuntimeError:
-            pass  # the socket closed early; the status below decides whether to reconnect
-        if job_status(cluster, job_id) in TERMINAL_STATUSES:
-            return
-        time.sleep(min(2**attempt, 10))
-    wait_until_done(cluster, job_id)
+            if job_status(cluster, job_id).is_terminal():
+                return
+            cause = "the log stream closed while the job runs"
+        except NoSuchJob:
+            if lost_since is None:
+                raise
+            cause = "the restarted Jobs API does not know the job yet"
+        except (
+            ApiUnreachable,
+            RuntimeError,
+            aiohttp.ClientError,
+            requests.exceptions.RequestException,
+            OSError,
+        ) as err:
+            cause = str(err).split(". Is the cluster running?")[0] if isinstance(err, UserError) else repr(err)
+        now = time.monotonic()
+        if lost_since is None:
+            lost_since = now
+        elif now - lost_since >= reconnect_s:
+            raise UserError(
+                f"lost the Ray Jobs API at {cluster.address} for {reconnect_s:g} s ({cause}); job {job_id} "
+                f"keeps running: follow it again with `cdm jobs logs --follow {job_id}` (--reconnect-s sets "
+                "how long to wait)"
+            )
+        sleep(min(pause, max(0.0, lost_since + reconnect_s - now)))
+        pause = min(2 * pause, _LAST_PAUSE_S)
 
 
-def job_status(cluster: Cluster, job_id: str) -> str:
+def job_status(cluster: Cluster, job_id: str) -> JobStatus:
     with cluster.errors(job_id):
-        return str(cluster.client.get_job_status(job_id).value)
+        return JobStatus(cluster.client.get_job_status(job_id))
 
 
 def wait_until_done(cluster: Cluster, job_id: str, poll_s: float = 1.0) -> str:
-    """Poll until the job reaches a terminal status; return it."""
+    """Poll until the job reaches a terminal status (SUCCEEDED, FAILED, STOPPED); return its name."""
     while True:
         status = job_status(cluster, job_id)
-        if status in TERMINAL_STATUSES:
-            return status
+        if status.is_terminal():
+            return str(status.value)
         time.sleep(poll_s)
 
 

@@ -25,6 +25,7 @@ import pipelines
 from pipelines.cluster.jobs_api import (
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
+    RECONNECT_S,
     Cluster,
     is_loopback,
     job_info,
@@ -216,10 +217,12 @@ def submit_job(
             raise
 
 
-def follow_to_end(cluster: Cluster, job_id: str) -> int:
+def follow_to_end(cluster: Cluster, job_id: str, reconnect_s: float = RECONNECT_S) -> int:
     """Stream the logs until the job ends; print the outcome; return the exit code for it."""
     try:
-        stream_logs(cluster, job_id, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        stream_logs(
+            cluster, job_id, write=lambda text: (sys.stdout.write(text), sys.stdout.flush()), reconnect_s=reconnect_s
+        )
         wait_until_done(cluster, job_id)
     except KeyboardInterrupt:
         echo(

@@ -11,8 +11,9 @@ training never gets its first batch.
 Ray Data prints several INFO lines per epoch ("Starting execution of Dataset …")
 from its SplitCoordinator actor, where the driver's `logging` settings do not
 reach; each Ray Data process reads its logging config from the YAML file named by
-RAY_DATA_LOGGING_CONFIG. A local Ray's workers inherit the driver's environment,
-so setting the variable before `ray.init` covers them. A user's own
+RAY_DATA_LOGGING_CONFIG, which cdm sets before `ray.init` to Ray Data's default
+with the console at WARNING (pipelines.common.ray_compat). A local Ray's workers
+inherit the driver's environment, so that covers them. A user's own
 RAY_DATA_LOGGING_CONFIG wins; on a cluster the job's runtime_env decides.
 
 While a cdm command captures library output (pipelines.common.console), Ray's
@@ -23,37 +24,25 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import ray
-from ray._private import worker as ray_worker
-from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
-from pipelines.common.console import log_path
-
-RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+from pipelines.common import ray_compat
+from pipelines.common.console import log_folder, log_path
 
 
 def quiet_ray_data_console() -> None:
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    ray_compat.quiet_ray_data_console(log_folder())
 
 
 def route_ray_worker_output() -> None:
     """While output is captured, Ray's copies of its workers' lines go to the log (fd 2), uncoloured.
 
     Ray prints a worker's stdout lines to the driver's `sys.stdout`, which stays the terminal while
-    output is captured (it carries cdm's own lines); this swaps its printer for one that writes
-    every line to the log. Ray's own private printer, as no public setting does this.
+    output is captured (it carries cdm's own lines).
     """
-    dispatcher = global_worker_stdstream_dispatcher
-    if log_path() is None or not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
-        return
-
-    def to_log(data: dict) -> None:
-        ray_worker.print_worker_logs(data, sys.__stderr__)
-
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", to_log)
+    if log_path() is not None:
+        ray_compat.route_worker_output(sys.__stderr__)
 
 
 def cluster_address(address: str | None = None) -> str | None:

@@ -23,10 +23,9 @@ from typing import Any
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Param
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipelines.common import storage
 from pipelines.common.config import TrackingSection
@@ -215,8 +214,8 @@ def _git_commit() -> str | None:
 _DATASET_CONTEXT = {"train": "training", "tune": "training", "train-features": "training"}
 
 
-def dataset_input(uri: str, context: str) -> DatasetInput | None:
-    """A prepared dataset (its `dataset.json`) as an MLflow run input; None if `uri` holds no dataset.json.
+def dataset_input(uri: str) -> MetaDataset | None:
+    """A prepared dataset (its `dataset.json`) as an MLflow dataset; None if `uri` holds no dataset.json.
 
     The digest is the SHA-256 of the shards' SHA-256s (the dataset.json records one per shard), so two runs
     show the same digest exactly when they read the same bytes.
@@ -247,17 +246,18 @@ def dataset_input(uri: str, context: str) -> DatasetInput | None:
         digest=digest,
         schema=Schema(columns),
     )
-    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    return dataset
 
 
-def _log_dataset(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
+def _log_dataset(tags: Mapping[str, str]) -> None:
+    """Log the stage's dataset as an input of the active run (the one `mlflow_run` has just started)."""
     uri, stage = tags.get("cdm.dataset"), tags.get("cdm.stage")
     # prepare writes its dataset; a workflow's children log theirs
     if not uri or stage in (None, "prepare", "workflow"):
         return
-    found = dataset_input(uri, _DATASET_CONTEXT.get(stage, "evaluation"))
+    found = dataset_input(uri)
     if found is not None:
-        client.log_inputs(run_id, datasets=[found])
+        mlflow.log_input(found, context=_DATASET_CONTEXT.get(stage, "evaluation"))
 
 
 def _scored_model(tags: Mapping[str, str]) -> dict[str, str]:
@@ -370,7 +370,7 @@ def mlflow_run(
         status = "FAILED"
         try:
             log_params(client, run_id, {**_scored_model(all_tags), **(params or {})})
-            _log_dataset(client, run_id, all_tags)
+            _log_dataset(all_tags)
             yield run
             status = "FINISHED"
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`cdm jobs stop`): the run was stopped, it did not fail

@@ -141,6 +141,12 @@ class EMASection:
 class TrainSection:
     steps: int = option(500_000, ge=1, doc="optimizer steps")
     batch_size: int = option(128, ge=1, doc="GLOBAL batch, split evenly over the workers")
+    grad_accum: int = option(
+        1,
+        ge=1,
+        doc="micro-batches per optimizer step on each worker (gradient accumulation): a worker holds "
+        "batch_size / workers / grad_accum images at once, and the step's update is the whole batch's",
+    )
     seed: int = option(0, doc="seed of initialisation, noise levels, noise and label dropout")
     precision: Literal["fp32", "bf16"] = option("fp32", doc="bf16 = autocast to bfloat16 (GPUs with bf16 support)")
     compile: bool = option(
@@ -248,6 +254,13 @@ class TrainConfig:
                 f"{self.train.batch_size} is not divisible by scaling.num_workers={workers}; the global batch is "
                 f"split evenly, so choose a multiple of {workers} (e.g. {self.train.batch_size // workers * workers or workers})",
             )
+        per_worker = self.train.batch_size // workers
+        if per_worker % self.train.grad_accum:
+            raise FieldError(
+                "train.grad_accum",
+                f"{self.train.grad_accum} does not divide the {per_worker} images each of the {workers} worker(s) "
+                f"takes per step (train.batch_size={self.train.batch_size}); choose a divisor of {per_worker}",
+            )
         if self.loss.prior is not None and len(self.loss.prior) != self.schedule.T + 2:
             raise FieldError(
                 "loss.prior",
@@ -263,6 +276,11 @@ class TrainConfig:
             raise FieldError("validation.t_points", f"{self.validation.t_points} exceeds schedule.T={self.schedule.T}")
 
     @property
+    def micro_batch(self) -> int:
+        """Images a worker holds at once: its share of the global batch over train.grad_accum."""
+        return self.train.batch_size // max(self.scaling.num_workers, 1) // self.train.grad_accum
+
+    @property
     def score_metric(self) -> str:
         if self.checkpoint.score != "auto":
             return self.checkpoint.score
@@ -274,6 +292,7 @@ class TrainConfig:
 RESUMABLE = (
     "train.steps",
     "train.log_every",
+    "train.grad_accum",
     "optim.",
     "validation.",
     "sampling.",

@@ -7,6 +7,7 @@ benchmarks/train.py, so the benchmark measures Ray's overhead and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -207,15 +208,45 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return objective(model, x, y, t, noise)
 
+    def accumulate(
+        self, x: torch.Tensor, labels: torch.Tensor | None, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add the gradient of the batch's loss to the parameters' `.grad`, in `train.grad_accum` micro-batches;
+        returns the batch's (total, ce, mse), detached.
+
+        The whole batch's draws come first, from the generator in the order one batch takes them, and each
+        micro-batch's mean loss is weighted 1/k: the gradient is the one batch's, to float32 rounding. Under
+        DDP only the last micro-batch's backward all-reduces (`no_sync` before it). `model` as in `loss`.
+        """
+        objective = self.objective
+        if model is None:
+            model = self.model
+            objective = self.compiled if self.compiled is not None else self.objective
+        k = self.config.train.grad_accum
+        y, t, noise = self.draw(x, labels)
+        size = x.shape[0] // k
+        sums = torch.zeros(3, device=x.device)
+        for i in range(k):
+            part = slice(i * size, (i + 1) * size)
+            last = i == k - 1
+            quiet = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else None
+            with quiet or contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss, ce, mse = objective(model, x[part], None if y is None else y[part], t[part], noise[part])
+                if self.poison_loss and model is self.model:
+                    loss = loss * float("nan")
+                (loss / k).backward()
+            sums += torch.stack([loss.detach(), ce.detach(), mse.detach()]).float()
+        if model is self.model:
+            self.poison_loss = False
+        total, ce, mse = (sums / k).unbind()
+        return total, ce, mse
+
     def backward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Gradients of the step's loss in the parameters' `.grad` (averaged over the workers);
         returns (total, ce, mse)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, mse = self.loss(x, labels)
-        if self.poison_loss:
-            loss = loss * float("nan")
-            self.poison_loss = False
-        loss.backward()
+        loss, ce, mse = self.accumulate(x, labels)
         if self.average_gradients:
             collectives.average_gradients(list(self.model.parameters()))
         return loss, ce, mse
@@ -229,8 +260,7 @@ class TrainStep:
         """
         probe.load_state_dict(weights)
         probe.zero_grad(set_to_none=True)
-        loss, _, _ = self.loss(x, labels, probe)
-        loss.backward()
+        loss, _, _ = self.accumulate(x, labels, probe)  # in micro-batches: the step's memory, not the batch's
         norm = torch.nn.utils.clip_grad_norm_(probe.parameters(), float("inf"))
         return math.isfinite(float(loss)) and math.isfinite(float(norm))
 

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import tempfile
 import time
 import uuid
@@ -31,14 +30,13 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import is_v2_enabled
 
 from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME, load_trained_model
 from pipelines.common.console import echo, place_log, warn
 from pipelines.common.errors import UserError
+from pipelines.common.ray_compat import InterruptibleTorchTrainer, is_train_v2
 from pipelines.common.ray_session import ensure_ray
 from pipelines.common.tracking import mlflow_run, reopened_run, store_uri
 from pipelines.data.normalization import of_dataset
@@ -235,7 +233,7 @@ def log_final_model(checkpoint_dir: str, data_uri: str, split: str, register_as:
 
 
 def check_ray_train_v2() -> None:
-    if not is_v2_enabled():
+    if not is_train_v2():
         raise UserError("cdm train needs Ray Train V2 (the default since Ray 2.51); unset RAY_TRAIN_V2_ENABLED=0")
 
 
@@ -271,7 +269,7 @@ def _fit(
             "needs at least one more to read the dataset, so training waits until the cluster grows. Lower "
             "scaling.cpus_per_worker or scaling.num_workers on a fixed-size cluster."
         )
-    trainer = _InterruptibleTrainer(
+    trainer = InterruptibleTorchTrainer(
         train_worker,
         train_loop_config={
             "config": cfg.to_dict(config),
@@ -320,29 +318,6 @@ def _fit(
     if trainer.interrupted:
         raise KeyboardInterrupt
     return result
-
-
-class _InterruptibleTrainer(TorchTrainer):
-    """A TorchTrainer whose Ctrl-C reaches cdm as a KeyboardInterrupt (a message, exit 130, the run KILLED).
-
-    Ray Train installs its own SIGINT handler for the length of `fit()`: it aborts the workers, then
-    exits the process with SystemExit (status 1, without a word). cdm keeps Ray's abort and notes the
-    signal, so that `_fit` can raise KeyboardInterrupt once Ray is done. tests/test_train_recovery.py
-    sends the real signal to the real `cdm train`.
-    """
-
-    interrupted = False
-
-    def _register_sigint_handler(self, controller) -> None:
-        super()._register_sigint_handler(controller)
-        ray_handler = signal.getsignal(signal.SIGINT)
-
-        def note_then_abort(signum, frame):
-            self.interrupted = True
-            if callable(ray_handler):
-                ray_handler(signum, frame)
-
-        signal.signal(signal.SIGINT, note_then_abort)
 
 
 def _finish(

@@ -27,8 +27,9 @@ import time
 from typing import Any
 
 import ray
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import placement_group_table, remove_placement_group
+
+from pipelines.common.ray_compat import WorkerGroupCallback, actor_state, placement_group_of
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def open_ledger(sweep: str) -> Any:
 class RecordPlacementGroup(WorkerGroupCallback):
     """Runs in the trial's Train controller: records each new worker group's placement group.
 
-    This is an internal Ray Train callback interface (RunConfig passes non-UserCallback
-    callbacks through for exactly such workarounds); nothing else here is internal.
+    This is an internal Ray Train callback interface (pipelines.common.ray_compat says what it relies on).
     """
 
     def __init__(self, sweep: str, trial_id: str):
@@ -75,7 +75,7 @@ class RecordPlacementGroup(WorkerGroupCallback):
 
     def after_worker_group_start(self, worker_group: Any) -> None:
         try:
-            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            group = placement_group_of(worker_group)
             ledger = ray.get_actor(ledger_name(self.sweep))
             ray.get(ledger.add_group.remote(self.trial_id, group))
         except Exception as err:  # never fail a trial over bookkeeping (e.g. a Ray whose internals moved)
@@ -91,9 +91,8 @@ class RecordPlacementGroup(WorkerGroupCallback):
 class TrialActorWatch:
     """Tells, without blocking, whether a trial's actor has exited.
 
-    It asks the GCS's actor table (Ray's debugging accessor `ray._private.state.actors`,
-    the one Ray Data uses too) instead of calling the actor: a call that reaches an
-    actor while it exits trips an internal Ray check and prints a crash report.
+    It asks the GCS's actor table (`ray_compat.actor_state`) instead of calling the actor: a call
+    that reaches an actor while it exits trips an internal Ray check and prints a crash report.
     """
 
     POLL_S = 0.5
@@ -110,13 +109,13 @@ class TrialActorWatch:
             return False
         self._next = now + self.POLL_S
         try:
-            info = ray._private.state.actors(actor_id=self.actor_id) or {}
+            state = actor_state(self.actor_id)
         except Exception as err:  # the accessor is Ray-internal: if it moved, say so and stop waiting
             logger.warning(
                 "cdm tune: cannot read actor %s's state (%s); releasing its resources now", self.actor_id, err
             )
             return True
-        return info.get("State", "DEAD") == "DEAD"
+        return state == "DEAD"
 
     def wait(self, timeout_s: float = 120.0) -> bool:
         """Block until the actor has exited (True) or `timeout_s` passed (False)."""
