@@ -69,17 +69,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
-@pytest.fixture(autouse=True)
-def _no_ray_in_the_parallel_lane(request):
-    yield
-    if request.module.__name__ not in PARALLEL_LANE:
-        return
+def _ray_started() -> set:
+    """This process's Ray: its connection and the Ray servers it started (the suite's Ray, after a Ray module ran
+    in this process, stays up for the next)."""
     import psutil
 
-    started = [p.name() for p in psutil.Process().children(recursive=True) if p.name() in RAY_PROCESSES]
     ray = sys.modules.get("ray")
-    if started or (ray is not None and ray.is_initialized()):
-        pytest.fail(f"{request.module.__name__} started Ray ({started or 'ray.init'}): take it out of PARALLEL_LANE")
+    found = {p.pid for p in psutil.Process().children(recursive=True) if p.name() in RAY_PROCESSES}
+    return found | ({"ray.init"} if ray is not None and ray.is_initialized() else set())
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_parallel_lane(request):
+    lane = request.module.__name__ in PARALLEL_LANE
+    before = _ray_started() if lane else set()
+    yield
+    if lane and (_ray_started() - before):
+        pytest.fail(f"{request.module.__name__} started Ray: take it out of PARALLEL_LANE (tests/conftest.py)")
 
 
 @pytest.fixture(autouse=True, scope="module")
