@@ -74,7 +74,7 @@ from typing import NamedTuple
 import torch
 from torchdiffeq import odeint
 
-from cdm_core.objective import nats_to_bits_per_dim
+from cdm_core.objective import LOG2_BIN_OFFSET, log_prior, nats_to_bits_per_dim
 from cdm_core.samplers import EpsFn, Generators, randn_like
 from cdm_core.schedules import Schedule
 
@@ -84,7 +84,10 @@ __all__ = [
     "ddm_continuous_eps_fn",
     "discretized_gaussian_log_likelihood",
     "elbo_bits_per_dim",
+    "link01_expected_nats",
+    "log_snr_classes",
     "ode_log_likelihood",
+    "one_pass_minus_elbo_bpd",
     "rademacher_like",
 ]
 
@@ -329,6 +332,7 @@ def elbo_bits_per_dim(
     schedule: Schedule,
     *,
     stride: int = 1,
+    classes: tuple[int, ...] | list[int] | None = None,
     generator: Generators = None,
     clip_x0: float | None = None,
 ) -> Elbo:
@@ -336,7 +340,8 @@ def elbo_bits_per_dim(
 
     The chain keeps the noisy classes c = 1, 1+stride, 1+2·stride, … ≤ T (every
     class for stride 1; improved-diffusion's respacing keeps its first step too),
-    between class 0 (the data) and T+1 (N(0, I), so the prior term is 0). Each
+    between class 0 (the data) and T+1 (N(0, I), so the prior term is 0), or the
+    given `classes` (increasing, in 1..T; e.g. `log_snr_classes`) instead. Each
     kept class c costs one `eps_fn` call at x_c ~ q(x_c | x_0) (fresh noise from
     `generator`, or one generator per sample), whose x̂_0 = (x_c − s_c·ε̂)/a_c
     (clipped to ±clip_x0 if set) gives the reverse step's mean. Between kept
@@ -355,7 +360,14 @@ def elbo_bits_per_dim(
     host = schedule.to(device="cpu", dtype=torch.float64)
     T, dims = host.T, x[0].numel()
     a, s = host.a.tolist(), host.s.tolist()
-    kept = list(range(1, T + 1, stride))
+    if classes is None:
+        kept = list(range(1, T + 1, stride))
+    else:
+        kept = [int(c) for c in classes]
+        if stride != 1:
+            raise ValueError("give the ELBO a stride or its classes, not both")
+        if not kept or kept[0] < 1 or kept[-1] > T or any(b <= c for c, b in zip(kept, kept[1:])):
+            raise ValueError(f"classes must be increasing and within 1..{T}, got {kept[:5]}…")
     chain = [0, *kept, T + 1]
     x0 = x.to(torch.float64)
     terms = []
@@ -383,3 +395,40 @@ def elbo_bits_per_dim(
 def _gaussian_step_kl(x0: torch.Tensor, x0_hat: torch.Tensor, snr_gain: float) -> torch.Tensor:
     """KL of two Gaussian reverse steps that share their variance: ½·(SNR_c' − SNR_c)·‖x_0 − x̂_0‖² per sample."""
     return 0.5 * snr_gain * (x0 - x0_hat).flatten(1).pow(2).sum(1)
+
+
+def log_snr_classes(schedule: Schedule, count: int) -> tuple[int, ...]:
+    """Up to `count` classes of 1..T evenly spaced in log-SNR (1 and T always in): a cheap ELBO chain.
+
+    An even stride spends its steps where SNR is low and the bound's steps cost little, and leaves the
+    high-SNR end coarse, where each step charges ½·ΔSNR·‖x_0 − x̂_0‖². Each target log-SNR takes the
+    nearest class; where classes are sparser than the targets (the ends) fewer than `count` remain.
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    T = schedule.T
+    if count >= T:
+        return tuple(range(1, T + 1))
+    log_snr = schedule.to(device="cpu", dtype=torch.float64).log_snr()[1 : T + 1]  # decreasing in t
+    targets = torch.linspace(float(log_snr[0]), float(log_snr[-1]), count, dtype=torch.float64)
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(1) + 1
+    return tuple(sorted(set(nearest.tolist())))
+
+
+def link01_expected_nats(schedule: Schedule, dims: int, prior: torch.Tensor | None = None) -> float:
+    """d·ln(√(2π)·s₁/Δ) + log π(0) − log π(1), Δ = 2/255: the scale of ℓ₀ − ℓ₁ on 8-bit data.
+
+    The ℓ₀ − ℓ₁ at which Theorem 3.2 gives bin probability ÷ bin volume at an isolated grid point: there
+    class 1's density is the bin's probability over (√(2π)·s₁)^d and class 0's should be it over Δ^d.
+    A scale to set the measured mean beside, not a prediction (neighbouring levels overlap, a₁ < 1).
+    """
+    s1 = float(schedule.s[1])
+    log_pi = log_prior(prior, schedule.num_classes)
+    return dims * math.log(math.sqrt(2 * math.pi) * s1 / (2 * BIN_HALF_WIDTH)) + float(log_pi[0] - log_pi[1])
+
+
+def one_pass_minus_elbo_bpd(one_pass_bpd, elbo_bpd, offset: float = LOG2_BIN_OFFSET):
+    """One-pass minus ELBO bits/dim on one footing: the one-pass figure (bin offset `offset`) moved to the
+    standard convention, where a density's bits/dim compare with the ELBO's discrete ones. Above 0 the
+    one-pass figure contradicts a bound of the same model. Works on floats, arrays and tensors alike."""
+    return one_pass_bpd - offset + LOG2_BIN_OFFSET - elbo_bpd
