@@ -204,6 +204,12 @@ CASES = [
         r"model\.preset: 'tiny' is a U-Net for images, .* holds vectors of dimension 2; set model\.preset=mlp",
     ),
     (
+        "train-dequantize-continuous-data",
+        f"train {TINY} --set data.uri=toy --set model.preset=mlp --set model.base_channels=none "
+        "--set data.dequantize=true",
+        r"data\.dequantize: true dequantizes 8-bit images, and \S*toy holds continuous data; set data\.dequantize=false",
+    ),
+    (
         "prepare-config-unknown-option",
         "prepare --config prepare.toml --out o6 --no-track",
         r"unknown prepare option\(s\) \['sizee'\]",

@@ -63,6 +63,24 @@ def test_ddm_and_conditional_steps_train(overrides):
     assert first.finite and first.loss > 0 and step.ema.num_updates == 1
 
 
+def test_dequantized_training_adds_one_bin_of_noise_from_the_step_s_generator():
+    """data.dequantize: the step's loss is the objective at x + u·2/255, u drawn from the step's generator after
+    its t and ε, replayed here by hand to the bit; without the option the same seed gives another loss."""
+    x = torch.randint(0, 256, (8, 1, 8, 8)).float() / 127.5 - 1
+    step = make_step(tiny("data.dequantize=true"))
+    replay = make_step(tiny())
+    plain = make_step(tiny())
+    with torch.no_grad():
+        loss = step.loss(x, None)[0]
+        y, t, noise = replay.draw(x, None)
+        u = torch.rand(x.shape, generator=replay.generator)
+        by_hand = replay.objective(replay.model, x + u * (2 / 255), y, t, noise)[0]
+        without = plain.loss(x, None)[0]
+    assert torch.equal(loss, by_hand)
+    assert not torch.equal(loss, without)
+    assert step.generator.get_state().equal(replay.generator.get_state())  # the same draws, nothing more
+
+
 def _batches(x, labels, batch, pad_every=None):
     out = []
     for start in range(0, len(x), batch):

@@ -22,6 +22,12 @@ class DataSection:
     train_split: str = option("train", doc="split to train on")
     val_split: str = option("test", doc="split for validation (CE, MSE, NLL)")
     flip: bool = option(False, doc="random horizontal flips of training images")
+    dequantize: bool = option(
+        False,
+        doc="uniform dequantization of 8-bit training images, x + u·2/255 with u ~ U[0, 1) (the standard for "
+        "likelihood models: class 0 then has a density, and ℓ₀ − ℓ₁ a finite target); the paper trains without; "
+        "evaluate such a model with `cdm nll --dequantize` (validation.dequantize)",
+    )
     shuffle: Literal["none", "files", "rows"] = option(
         "files", doc="Ray Data shuffle: shard order, or a full row shuffle each epoch"
     )

@@ -19,7 +19,7 @@ from torch import nn
 from cdm_core.ddm import ddm_loss, sample_ddm_timesteps
 from cdm_core.ema import EMA
 from cdm_core.networks import MLPClassifier, MLPDenoiser, UNetClassifier, UNetDenoiser, unet_preset
-from cdm_core.objective import cdm_loss, draw_noise, drop_labels, log_prior, sample_timesteps
+from cdm_core.objective import cdm_loss, dequantize, draw_noise, drop_labels, log_prior, sample_timesteps
 from cdm_core.schedules import Schedule, get_schedule
 from pipelines.train import collectives
 from pipelines.train.config import OptimSection, TrainConfig
@@ -105,7 +105,8 @@ class TrainStep:
     With `train.compile` the objective runs through `torch.compile`, a CDM's input gradient
     through `torch.func.grad` (`cdm_loss(input_grad="func")`): `torch.autograd.grad(create_graph=True)`,
     the eager form, is a double backward that compilation refuses. The random draws (label dropout,
-    t, ε) stay outside the compiled function, from the same generator in the same order, so a
+    t, ε, and the dequantization noise with `data.dequantize`) stay outside the compiled function, from the
+    same generator in the same order, so a
     compiled step sees the eager step's t and ε; dropout inside the network draws from torch's
     default generator in both (the compiled kernels draw it differently, so with dropout > 0 the
     masks, not their distribution, differ from eager). DDP cannot wrap a network called inside
@@ -167,6 +168,11 @@ class TrainStep:
             t = sample_ddm_timesteps(x.shape[0], self.schedule, generator=self.generator, device=x.device)
         return y, t, draw_noise(x, self.generator)
 
+    def dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """x + u·2/255, u ~ U[0, 1) from the step's generator (`data.dequantize`; drawn after t and ε, so a run
+        without it draws the same t and ε, and its state is in the checkpoints' RNG streams); else x itself."""
+        return dequantize(x, self.generator) if self.config.data.dequantize else x
+
     def objective(
         self,
         model: nn.Module,
@@ -201,6 +207,7 @@ class TrainStep:
         """(total, ce, mse) of the training objective on a batch, for `model` (default: the one being
         trained, compiled if `train.compile`; any other, e.g. a probe, runs eagerly)."""
         y, t, noise = self.draw(x, labels)
+        x = self.dequantized(x)
         objective = self.objective
         if model is None:
             model = self.model

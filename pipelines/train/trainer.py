@@ -114,6 +114,11 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, ...]]:
         )
     if config.data.flip and spec.kind != "image":
         raise UserError(f"data.flip: true flips images, and {ds.loc.uri} holds continuous data; set data.flip=false")
+    if config.data.dequantize and spec.kind != "image":
+        raise UserError(
+            f"data.dequantize: true dequantizes 8-bit images, and {ds.loc.uri} holds continuous data; "
+            "set data.dequantize=false"
+        )
     if config.validation.dequantize and spec.kind != "image":
         raise UserError(
             f"validation.dequantize: true dequantizes 8-bit images, and {ds.loc.uri} holds continuous data; "
