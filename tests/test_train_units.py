@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_config
 
 from cdm_core.ema import EMA
+from cdm_core.likelihood import elbo_bits_per_dim
 from cdm_core.objective import bits_per_dim, noise_data
+from cdm_core.samplers import cdm_eps_fn
 from pipelines.common import config as cfg
 from pipelines.train.config import TrainConfig
 from pipelines.train.step import TrainStep, build_network, build_schedule, fresh_train_step, lr_factor
-from pipelines.train.validation import Validator, _sample_noise, t_grid
+from pipelines.train.validation import (
+    Validator,
+    _sample_noise,
+    consistency_subset,
+    t_grid,
+    validations_per_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,17 +124,44 @@ class _PowerClassifier(torch.nn.Module):
 def test_validation_does_not_depend_on_batching_and_matches_the_core_formulas():
     config = tiny("validation.t_points=4")
     model = make_step(config).model.eval()
-    x = torch.rand(30, 1, 8, 8) * 2 - 1
+    x = torch.randint(0, 256, (30, 1, 8, 8)).float() / 127.5 - 1  # 8-bit levels, as the readers give them
     labels = torch.zeros(30, dtype=torch.long)
     results = []
     for batch, pad in ((7, None), (30, 3)):
         v = Validator(config, build_schedule(config), None, torch.device("cpu"))
         v.load(_batches(x, labels, batch, pad))
-        results.append(v(model))
+        results.append(v(model, final=True))
+    seconds = [r.pop("val/consistency_seconds") for r in results]
     assert results[0] == pytest.approx(results[1], rel=1e-6)
     m = results[0]
     assert m["val/samples"] == 30
     assert m["val/nll_bpd"] == pytest.approx(bits_per_dim(model, x).mean().item(), rel=1e-5)
+    with torch.no_grad():
+        logits = model(x)
+    assert m["val/link01_nats"] == pytest.approx((logits[:, 0] - logits[:, 1]).mean().item(), rel=1e-5)
+    schedule = build_schedule(config)
+    assert m["val/link01_expected_nats"] == pytest.approx(
+        64 * math.log(math.sqrt(2 * math.pi) * float(schedule.s[1]) * 127.5)
+    )
+    # the final validation's ELBO: the first N images, N = 64 cut to 10% of the run's validation work
+    # (4 validations × 30 images × 4 grid points / 20 classes = 24 → 2)
+    n = consistency_subset(config, 30, 20)
+    assert n == 2 == m["val/consistency_samples"] and m["val/consistency_elbo_classes"] == 20
+    gens = [
+        torch.Generator().manual_seed(int(np.random.default_rng([config.validation.seed, i, 11]).integers(2**62)))
+        for i in range(n)
+    ]
+    elbo = elbo_bits_per_dim(
+        cdm_eps_fn(model, schedule.to(dtype=torch.float32)), x[:n], schedule, classes=range(1, 21), generator=gens
+    )
+    assert m["val/nll_bpd_elbo"] == pytest.approx(elbo.bpd.mean().item(), rel=1e-5)
+    assert m["val/consistency_nll_bpd"] == pytest.approx(bits_per_dim(model, x[:n]).mean().item(), rel=1e-5)
+    assert m["val/consistency_gap_bpd"] == pytest.approx(m["val/consistency_nll_bpd"] - m["val/nll_bpd_elbo"])
+    assert all(s > 0 for s in seconds)
+    assert "val/nll_bpd_elbo" not in v(model)  # only at the final validation
+    # configs/demo.toml's settings (3 validations of 250 images, 5 grid points, 20 classes): 18 images
+    demo = tiny("train.steps=750", "validation.every=250", "checkpoint.every=250", "validation.t_points=5")
+    assert validations_per_run(demo) == 3 and consistency_subset(demo, 250, 20) == 18
     assert len(v.curve) == len(t_grid(config.schedule.T, 4)) == 4 and m["val/mse"] == pytest.approx(sum(v.curve) / 4)
     # val/accuracy: how often argmax_t of the logits at x_t is t, over the grid, with validation's own noise.
     # A classifier by the mean square of x_t (E = a²/3 + s² for uniform data) is right often, not always.

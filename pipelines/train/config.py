@@ -179,6 +179,16 @@ class ValidationSection:
         10, ge=1, doc="noise levels in the fixed grid for val/ce and val/mse (evenly spaced in 1..T)"
     )
     dequantize: bool = option(False, doc="uniform dequantization before the NLL (the paper's figures use none)")
+    consistency_samples: int = option(
+        64,
+        ge=0,
+        doc="CDM on 8-bit images: the final validation also takes the model's own ELBO on the first N validation "
+        "images (val/nll_bpd_elbo, val/consistency_gap_bpd), N cut further so that it adds at most 10% to the "
+        "run's validation work; 0 = off",
+    )
+    consistency_classes: int = option(
+        20, ge=1, doc="classes of that ELBO's chain, evenly spaced in log-SNR (all T when T is smaller)"
+    )
     seed: int = option(1234, doc="seed of the fixed validation noise (per sample, so independent of the worker count)")
     allow_tf32: bool = option(False, doc="let GPUs use TF32 in validation (training's convolutions use it either way)")
 

@@ -410,7 +410,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 checkpoint_due = step % config.checkpoint.every == 0 or step == steps
                 if checkpoint_due or step % config.validation.every == 0:
                     started = time.perf_counter()
-                    last_val = validator(ema.model)
+                    last_val = validator(ema.model, final=step == steps)
                     last_val["val/seconds"] = time.perf_counter() - started
                     log(last_val, step)
 
