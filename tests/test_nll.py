@@ -27,7 +27,14 @@ from pipelines.data import shards as sh  # noqa: E402
 from pipelines.data.readers import load_split  # noqa: E402
 from pipelines.data.sources import toy_log_density  # noqa: E402
 from pipelines.evaluate.config import NllConfig, OodConfig  # noqa: E402
-from pipelines.evaluate.nll import check_complete, manifest_keys, read_scores, resolve_methods, run  # noqa: E402
+from pipelines.evaluate.nll import (  # noqa: E402
+    check_complete,
+    consistency_reading,
+    manifest_keys,
+    read_scores,
+    resolve_methods,
+    run,
+)
 from pipelines.evaluate.ood import auroc  # noqa: E402
 from pipelines.evaluate.ood import run as run_ood  # noqa: E402
 
@@ -321,6 +328,13 @@ def test_method_all_on_the_exact_mixture_cdm_gives_its_density_twice(
     assert m_ode["trace"] == "exact" and m_ode["convention"] == "continuous" and m_ode["nfe_per_sample"] == nfe.mean()
     assert m_ode["seconds"] > 0 and summary["methods"]["one-pass"]["nfe_per_sample"] == 1
     assert abs(summary["consistency"]["ode_minus_one_pass_bpd"]["mean"]) < 1e-3
+    # ℓ₀ − ℓ₁ per point; continuous data has no bin, so neither its 8-bit scale nor the consistency ELBO
+    with torch.no_grad():
+        logits = model(torch.from_numpy(points[table.column("index").to_numpy()]))
+    np.testing.assert_allclose(table.column("link01").to_numpy(), (logits[:, 0] - logits[:, 1]).numpy(), atol=1e-9)
+    assert summary["consistency"]["link01_nats"] == pytest.approx(float((logits[:, 0] - logits[:, 1]).mean()))
+    assert not {"link01_expected_nats", "gap_bpd"} & set(summary["consistency"])
+    assert "bpd_elbo_subset" not in table.column_names
     assert (out / "nll_methods.png").stat().st_size > 1000
     client = mlflow.tracking.MlflowClient(store)
     run_id = client.search_runs([client.get_experiment_by_name("cdm").experiment_id])[0].info.run_id
@@ -340,6 +354,84 @@ def digits_tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_tiny") / "ds"
     prepare_quick("digits", out, samples_per_shard=12, test_fraction=30 / 1797)
     return out
+
+
+def test_consistency_of_a_cdm_on_8bit_images(digits_tiny, unet_checkpoint, tmp_path, capsys, monkeypatch):
+    """`cdm nll --workers 0` (no Ray) on 8-bit digits: ℓ₀ − ℓ₁ per image and the ELBO of the first N images on the
+    log-SNR chain (here all 10 classes of T = 10, so it is `--method elbo`'s own figure for those images, from the
+    same noise streams) beside the one-pass figure; the gap on one footing in Parquet, summary.json, MLflow and
+    the printed reading, and the same gap whatever the one-pass figure's convention."""
+    import json
+
+    import mlflow
+
+    out, store = tmp_path / "c", _store(tmp_path)
+    argv = ["nll", str(unet_checkpoint), str(digits_tiny), "--method", "one-pass,elbo", "--workers", "0"]
+    code, text = cli_in_process(
+        [*argv, "--consistency-samples", "7", "--batch-size", "8", "--out", str(out), "--tracking-uri", store],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 0, text
+    table = read_scores(str(out))
+    index, subset = table.column("index").to_numpy(), table.column("bpd_elbo_subset").to_numpy()
+    first = index < 7
+    assert np.isfinite(subset[first]).all() and np.isnan(subset[~first]).all() and first.sum() == 7
+    np.testing.assert_allclose(subset[first], table.column("bpd_elbo").to_numpy()[first], rtol=1e-9)
+    assert np.isfinite(table.column("link01").to_numpy()).all()
+    c = json.loads((out / "summary.json").read_text())["consistency"]
+    one_pass = table.column("bpd").to_numpy()[first].mean()
+    assert (c["samples"], c["elbo_classes"]) == (7, 10)
+    assert c["nll_bpd"] == pytest.approx(one_pass) and c["nll_bpd_elbo"] == pytest.approx(subset[first].mean())
+    assert c["gap_bpd"] == pytest.approx(one_pass - subset[first].mean())
+    s1 = math.sqrt(1 - (1 - 1e-4))  # linear, T = 10: β₁ = 1e-4
+    assert c["link01_expected_nats"] == pytest.approx(64 * math.log(math.sqrt(2 * math.pi) * s1 * 127.5))
+    assert c["link01_nats"] == pytest.approx(table.column("link01").to_numpy().mean())
+    assert c["reading"] in text and "bits/dim" in c["reading"] and "ℓ₀−ℓ₁" in c["reading"]
+    got = mlflow.tracking.MlflowClient(store).get_run(_only_run(store))
+    for key, metric in (
+        ("gap_bpd", "consistency_gap_bpd"),
+        ("link01_nats", "link01_nats"),
+        ("samples", "consistency_samples"),
+    ):
+        assert got.data.metrics[f"eval/{metric}"] == pytest.approx(c[key])
+    assert got.data.metrics["eval/link01_expected_nats"] == pytest.approx(c["link01_expected_nats"])
+    assert got.data.params["consistency_classes"] == "10"
+
+    official = run(
+        nest(
+            NllConfig,
+            checkpoint=str(unet_checkpoint),
+            dataset=str(digits_tiny),
+            bpd_convention="official",
+            consistency_samples=7,
+            workers=0,
+            out=str(tmp_path / "official"),
+            track=False,
+        )
+    ).summary
+    shift = OFFICIAL_CODE_OFFSET - LOG2_BIN_OFFSET
+    assert official["consistency"]["nll_bpd"] == pytest.approx(c["nll_bpd"] + shift, abs=1e-9)
+    assert official["consistency"]["gap_bpd"] == pytest.approx(c["gap_bpd"], abs=1e-9)
+
+
+def test_consistency_reading_says_what_the_figures_mean():
+    above = {"gap_bpd": 1.6, "samples": 64, "elbo_classes": 20, "link01_nats": 0.3, "link01_expected_nats": 74.4}
+    reading = consistency_reading(above)
+    assert "1.60 bits/dim above the model's own ELBO (20-class ELBO, 64 samples)" in reading
+    assert "not the model's density" in reading and "≈ 0 against a scale of 74.4" in reading
+    assert "density at class 1" in reading
+    below = consistency_reading(above | {"gap_bpd": -1.4, "link01_nats": 60.0})
+    assert "1.40 bits/dim below" in below and "≈ 0" not in below and "60.00 nats against a scale of 74.4" in below
+    assert consistency_reading({"link01_nats": -2.0}) == "consistency: ℓ₀−ℓ₁ = -2.00 nats"  # continuous data
+
+
+def _only_run(store: str) -> str:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(store)
+    (found,) = client.search_runs([client.get_experiment_by_name("cdm").experiment_id])
+    return found.info.run_id
 
 
 def test_elbo_and_ode_of_a_ddm_score_every_sample_once_whatever_the_batching(

@@ -93,6 +93,8 @@ def nll(
     out: Optional[str] = setting(NllConfig, "out", "--out"),
     method: Optional[str] = setting(NllConfig, "method"),
     elbo_stride: int = setting(NllConfig, "elbo_stride"),
+    consistency_samples: int = setting(NllConfig, "consistency_samples"),
+    consistency_classes: int = setting(NllConfig, "consistency_classes"),
     ode_rtol: float = setting(NllConfig, "ode_rtol"),
     ode_atol: float = setting(NllConfig, "ode_atol"),
     trace: Optional[str] = setting(NllConfig, "trace"),
@@ -126,6 +128,8 @@ def nll(
             track=not no_track,
             method=method,
             elbo_stride=elbo_stride,
+            consistency_samples=consistency_samples,
+            consistency_classes=consistency_classes,
             ode_rtol=ode_rtol,
             ode_atol=ode_atol,
             trace=trace,
@@ -149,6 +153,8 @@ def nll(
             f"{s['split']}; convention {m['convention']}, {deq}; {m['nfe_per_sample']:g} NFE/sample, "
             f"{m['seconds']:.1f} s)"
         )
+    if "reading" in s.get("consistency", {}):
+        typer.echo(s["consistency"]["reading"])
     typer.echo(f"per-sample scores: {result.scores_uri}")
     if result.plot:
         typer.echo(f"one-pass vs the other methods, per sample: {result.plot}")

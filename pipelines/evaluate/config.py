@@ -141,6 +141,15 @@ class NllConfig:
         "adaptive), or all that apply; comma-separated lists too. Default: one-pass for a CDM, ode for a DDM.",
     )
     elbo_stride: int = option(1, ge=1, doc="The ELBO keeps every N-th class (1: all T; larger is cheaper, looser).")
+    consistency_samples: int = option(
+        64,
+        ge=0,
+        doc="With one-pass on 8-bit images: the model's own ELBO on the first N samples of the split too "
+        "(classes even in log-SNR), set beside the one-pass figure (eval/consistency_gap_bpd); 0 = off.",
+    )
+    consistency_classes: int = option(
+        20, ge=1, doc="Classes of that ELBO's chain, evenly spaced in log-SNR (all T when T is smaller)."
+    )
     ode_rtol: float = option(1e-5, doc="Relative tolerance of the ODE's adaptive solver (dopri5, torchdiffeq).")
     ode_atol: float = option(1e-5, doc="Absolute tolerance of the ODE's adaptive solver.")
     trace: Optional[str] = option(
@@ -166,6 +175,10 @@ class NllConfig:
                 raise FieldError(name, f"{value!r} must be in (0, 1)")
         if self.elbo_stride < 1:
             raise FieldError("elbo_stride", f"{self.elbo_stride!r} must be >= 1")
+        if self.consistency_samples < 0:
+            raise FieldError("consistency_samples", f"{self.consistency_samples!r} must be >= 0 (0 = off)")
+        if self.consistency_classes < 1:
+            raise FieldError("consistency_classes", f"{self.consistency_classes!r} must be >= 1")
 
 
 @dataclass

@@ -26,7 +26,17 @@ ode: log_px_ode, bpd_ode, nfe_ode; each method's seconds_* as the sample's share
 go to `scores.parquet`; each method's mean bits/dim with a 95% confidence interval, its NFE per sample
 and seconds go to stdout, `summary.json` ("methods") and MLflow (`eval/nll_bpd` and `eval/nll_bpd_ci95`
 for one-pass, `eval/nll_bpd_elbo`, `eval/nll_bpd_ode`, `eval/nfe_per_sample_*`, `eval/nll_seconds_*`).
-With one-pass and another method, `nll_methods.png` plots them per sample. Before anything is
+With one-pass and another method, `nll_methods.png` plots them per sample.
+
+Consistency (with one-pass): the `link01` column is ℓ₀ − ℓ₁ per sample, its mean `eval/link01_nats`, set beside
+its scale on 8-bit data `eval/link01_expected_nats` (`cdm_core.likelihood.link01_expected_nats`; ≈ 0 against it:
+the one-pass figure is the density at class 1, the data blurred by s₁). On 8-bit images the first
+`--consistency-samples` samples of the split (index < N) also get the model's own ELBO on a chain of
+`--consistency-classes` classes even in log-SNR (`bpd_elbo_subset`, NaN elsewhere), and `eval/consistency_nll_bpd`,
+`eval/consistency_nll_bpd_elbo` and `eval/consistency_gap_bpd` (one-pass − ELBO on one footing,
+`cdm_core.likelihood.one_pass_minus_elbo_bpd`; above 0 the one-pass figure contradicts a bound of the same model;
+a consistent model's lies below 0 by the chain's own looseness) go to MLflow and to summary.json's "consistency",
+with a one-line reading that `cdm nll` and `cdm run` print. Before anything is
 reported the scored keys are checked against the dataset's manifest: every
 sample of the split exactly once.
 
@@ -56,7 +66,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cdm_core.likelihood import cdm_continuous_eps_fn, ddm_continuous_eps_fn, elbo_bits_per_dim, ode_log_likelihood
+from cdm_core.likelihood import (
+    cdm_continuous_eps_fn,
+    ddm_continuous_eps_fn,
+    elbo_bits_per_dim,
+    link01_expected_nats,
+    log_snr_classes,
+    ode_log_likelihood,
+    one_pass_minus_elbo_bpd,
+)
 from cdm_core.objective import LOG2_BIN_OFFSET, OFFICIAL_CODE_OFFSET, log_likelihood_from_logits, nats_to_bits_per_dim
 from cdm_core.samplers import cdm_eps_fn, ddm_eps_fn
 from pipelines.common import storage
@@ -96,13 +114,16 @@ DEQUANTIZE_TAG, ELBO_TAG, PROBE_TAG = 7, 11, 13
 
 @dataclass(frozen=True)
 class Methods:
-    """Which likelihoods a scorer computes, and their settings (`NllConfig`'s method, elbo_stride, ode_*, trace)."""
+    """Which likelihoods a scorer computes, and their settings (`NllConfig`'s method, elbo_stride, ode_*, trace,
+    consistency_*; consistency_samples is 0 where the check does not apply)."""
 
     names: tuple[str, ...] = ("one-pass",)
     elbo_stride: int = 1
     ode_rtol: float = 1e-5
     ode_atol: float = 1e-5
     trace: str = "hutchinson"
+    consistency_samples: int = 0
+    consistency_classes: int = 20
 
 
 def resolve_methods(config: NllConfig, kind: str, data_kind: str) -> Methods:
@@ -127,13 +148,48 @@ def resolve_methods(config: NllConfig, kind: str, data_kind: str) -> Methods:
             "vectors; use --method ode (or one-pass for a CDM)"
         )
     trace = config.trace or ("hutchinson" if data_kind == "image" else "exact")
-    return Methods(tuple(names), config.elbo_stride, config.ode_rtol, config.ode_atol, trace)
+    # The consistency ELBO needs the one-pass figure beside it and 8-bit data under its discretized decoder.
+    subset = config.consistency_samples if "one-pass" in names and data_kind == "image" else 0
+    return Methods(
+        tuple(names), config.elbo_stride, config.ode_rtol, config.ode_atol, trace, subset, config.consistency_classes
+    )
 
 
 def _ci95(values: np.ndarray) -> tuple[float, float]:
     std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
     # normal approximation of the mean's sampling distribution: fine for the thousands of images scored here
     return (1.96 * std / math.sqrt(len(values)) if len(values) > 1 else float("nan")), std
+
+
+LINK01_NEAR_ZERO = 0.1  # |mean ℓ₀ − ℓ₁| under this share of its scale reads as "≈ 0"
+
+
+def consistency_reading(c: dict[str, Any]) -> str:
+    """One line on whether the one-pass figure can be read as the model's density, from `SplitScores.consistency`."""
+    parts = []
+    if "gap_bpd" in c:
+        gap, chain = c["gap_bpd"], f"{c['elbo_classes']}-class ELBO, {c['samples']} samples"
+        if gap > 0:
+            parts.append(
+                f"one-pass figure {gap:.2f} bits/dim above the model's own ELBO ({chain}): above a bound, so not "
+                "the model's density"
+            )
+        else:
+            parts.append(
+                f"one-pass figure {-gap:.2f} bits/dim below the model's own ELBO ({chain}; the short chain is "
+                "itself loose)"
+            )
+    link, scale = c["link01_nats"], c.get("link01_expected_nats")
+    if scale is None:
+        parts.append(f"ℓ₀−ℓ₁ = {link:.2f} nats")
+    elif abs(link) < LINK01_NEAR_ZERO * abs(scale):
+        parts.append(
+            f"ℓ₀−ℓ₁ = {link:.2f} nats ≈ 0 against a scale of {scale:.1f}: this is the density at class 1 (the data "
+            "blurred by s₁), not of the data"
+        )
+    else:
+        parts.append(f"ℓ₀−ℓ₁ = {link:.2f} nats against a scale of {scale:.1f}")
+    return "consistency: " + "; ".join(parts)
 
 
 @dataclass
@@ -149,6 +205,8 @@ class SplitScores:
     seconds: float
     allow_tf32: bool = False
     methods: Methods = Methods()
+    link01_expected: Optional[float] = None  # ℓ₀ − ℓ₁'s scale for 8-bit data; None for continuous data
+    elbo_classes: int = 0  # classes of the consistency ELBO's chain
 
     @property
     def count(self) -> int:
@@ -218,13 +276,28 @@ class SplitScores:
         return out
 
     def consistency(self) -> dict[str, Any]:
-        """One-pass against the other methods per sample, on one footing (the ELBO moved to this convention)."""
-        if "one-pass" not in self.methods.names or len(self.methods.names) < 2:
+        """The one-pass figure against the model's other likelihoods, on one footing (the ELBO's discrete bits/dim
+        against the one-pass figure moved to the standard convention), and the 0 → 1 link (module docstring)."""
+        if "one-pass" not in self.methods.names:
             return {}
         one = self.column("bpd")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"link01_nats": float(self.column("link01").mean())}
+        if self.link01_expected is not None:
+            out["link01_expected_nats"] = self.link01_expected
+        if "bpd_elbo_subset" in self.table.column_names:
+            elbo = self.column("bpd_elbo_subset")
+            subset = ~np.isnan(elbo)
+            if subset.any():
+                one_pass, bound = float(one[subset].mean()), float(elbo[subset].mean())
+                out |= {
+                    "nll_bpd": one_pass,
+                    "nll_bpd_elbo": bound,
+                    "gap_bpd": float(one_pass_minus_elbo_bpd(one_pass, bound, self.offset)),
+                    "samples": int(subset.sum()),
+                    "elbo_classes": self.elbo_classes,
+                }
         if "elbo" in self.methods.names:
-            gap = self.column("bpd_elbo") + self.offset - LOG2_BIN_OFFSET - one
+            gap = -one_pass_minus_elbo_bpd(one, self.column("bpd_elbo"), self.offset)
             out["elbo_minus_one_pass_bpd"] = {
                 "mean": float(gap.mean()),
                 "min": float(gap.min()),
@@ -239,6 +312,7 @@ class SplitScores:
                 "min": float(gap.min()),
                 "max": float(gap.max()),
             }
+        out["reading"] = consistency_reading(out)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -338,6 +412,7 @@ class LikelihoodScorer(ModelWorker):
         self.conditional = conditional
         self.methods = methods
         self.schedule = self.trained.schedule.to(device=device, dtype=torch.float32)
+        self.consistency_classes = log_snr_classes(self.trained.schedule, methods.consistency_classes)
 
     def _eps_fns(self, y: torch.Tensor | None) -> tuple[Any, Any]:
         """The ε̂ of the ELBO (integer classes) and of the ODE (real τ) for this model, conditioned on y if given."""
@@ -345,6 +420,21 @@ class LikelihoodScorer(ModelWorker):
         if self.trained.kind == "cdm":
             return cdm_eps_fn(model, self.schedule, y), cdm_continuous_eps_fn(model, self.trained.schedule, y)
         return ddm_eps_fn(model, y), ddm_continuous_eps_fn(model, self.trained.schedule, y)
+
+    def _consistency_elbo(
+        self, x8: torch.Tensor, y: torch.Tensor | None, index: np.ndarray, elbo_eps: Any
+    ) -> np.ndarray:
+        """The ELBO on the log-SNR chain for the samples with index < consistency_samples, NaN for the others;
+        its x_t noise from the same per-sample streams as `--method elbo`'s."""
+        out = np.full(len(index), np.nan)
+        keep = index < self.methods.consistency_samples
+        if keep.any():
+            rows = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+            eps_fn = elbo_eps if y is None else self._eps_fns(y[rows])[0]
+            gens = sample_generators(index[keep], self.seed, ELBO_TAG, self.device)
+            elbo = elbo_bits_per_dim(eps_fn, x8[rows], self.schedule, classes=self.consistency_classes, generator=gens)
+            out[keep] = elbo.bpd.cpu().numpy()
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.next_call()
@@ -366,7 +456,10 @@ class LikelihoodScorer(ModelWorker):
                     # float64 from here on: the likelihood is a difference of large logits plus log N(x; 0, I).
                     log_px = log_likelihood_from_logits(logits.double(), x.double(), self.trained.prior)
                     bpd = nats_to_bits_per_dim(log_px, dims, self.offset)
-                out |= {"log_px": log_px.cpu().numpy(), "bpd": bpd.cpu().numpy()}
+                    link01 = logits[:, 0].double() - logits[:, 1].double()
+                out |= {"log_px": log_px.cpu().numpy(), "bpd": bpd.cpu().numpy(), "link01": link01.cpu().numpy()}
+                if self.methods.consistency_samples > 0:
+                    out["bpd_elbo_subset"] = self._consistency_elbo(x8, y, index, elbo_eps)
             elif method == "elbo":
                 gens = sample_generators(index, self.seed, ELBO_TAG, self.device)
                 elbo = elbo_bits_per_dim(elbo_eps, x8, self.schedule, stride=self.methods.elbo_stride, generator=gens)
@@ -494,7 +587,8 @@ def check_scoring(
     model = checkpoint if isinstance(checkpoint, LocatedModel) else locate_model(checkpoint, use_ema=options.use_ema)
     trained = model.trained
     if not isinstance(methods, Methods):
-        asked = methods or NllConfig(checkpoint=str(model.file), method="one-pass")  # `cdm ood`: one-pass only
+        # `cdm ood`: one-pass only, without the consistency ELBO
+        asked = methods or NllConfig(checkpoint=str(model.file), method="one-pass", consistency_samples=0)
         methods = resolve_methods(asked, trained.kind, ds.spec.kind)
     elif "one-pass" in methods.names and trained.kind != "cdm":
         resolve_methods(NllConfig(checkpoint=str(model.file), method="one-pass"), trained.kind, ds.spec.kind)
@@ -531,6 +625,7 @@ def score(inputs: ScoringInputs) -> SplitScores:
         label=f"nll ({', '.join(methods.names)})",
     )
     keys, index, arrays, seconds = rows.keys, rows.index, rows.columns, rows.seconds
+    dims = int(np.prod(trained.model.data_shape))
     check_complete(keys, inputs.expected, f"{ds.loc.uri} split {inputs.split}")
     # The density of the data as given: undo the normalization's Jacobian (log p_x = log p_z − Σ log σ).
     log_det = norm.log_det(tuple(trained.model.data_shape)) if norm is not None else 0.0
@@ -560,12 +655,25 @@ def score(inputs: ScoringInputs) -> SplitScores:
         seconds,
         options.allow_tf32,
         methods,
+        link01_expected_nats(trained.schedule, dims, trained.prior) if ds.spec.kind == "image" else None,
+        len(log_snr_classes(trained.schedule, methods.consistency_classes)),
     )
 
 
 def _column_order(name: str) -> tuple[int, str]:
     """log_px, bpd (one-pass) first, then the ELBO's and the ODE's columns, the seconds last."""
-    first = ("log_px", "bpd", "bpd_elbo", "nats_elbo", "nfe_elbo", "log_px_ode", "bpd_ode", "nfe_ode")
+    first = (
+        "log_px",
+        "bpd",
+        "link01",
+        "bpd_elbo_subset",
+        "bpd_elbo",
+        "nats_elbo",
+        "nfe_elbo",
+        "log_px_ode",
+        "bpd_ode",
+        "nfe_ode",
+    )
     return (first.index(name), name) if name in first else (len(first), name)
 
 
@@ -620,6 +728,20 @@ def method_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def consistency_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of summary.json's "consistency": eval/link01_nats, eval/consistency_gap_bpd, …"""
+    c = summary.get("consistency", {})
+    names = {
+        "link01_nats": "eval/link01_nats",
+        "link01_expected_nats": "eval/link01_expected_nats",
+        "nll_bpd": "eval/consistency_nll_bpd",
+        "nll_bpd_elbo": "eval/consistency_nll_bpd_elbo",
+        "gap_bpd": "eval/consistency_gap_bpd",
+        "samples": "eval/consistency_samples",
+    }
+    return {metric: float(c[key]) for key, metric in names.items() if key in c}
+
+
 def run(config: NllConfig) -> NllResult:
     if not config.checkpoint or not config.dataset:
         raise UserError("nll needs a checkpoint and a dataset")
@@ -655,6 +777,7 @@ def run(config: NllConfig) -> NllResult:
                 "eval/nll_seconds": summary["seconds"],
                 "eval/nll_images_per_s": summary["images_per_s"],
                 **method_metrics(summary),
+                **consistency_metrics(summary),
             }
         )
         if storage.resolve(out).is_local():
@@ -671,6 +794,11 @@ def method_params(summary: dict[str, Any]) -> dict[str, Any]:
         params |= {"bpd_convention": methods[density]["convention"], "bpd_offset": methods[density]["bpd_offset"]}
     if "elbo" in methods:
         params |= {"elbo_stride": methods["elbo"]["stride"], "elbo_convention": ELBO_CONVENTION}
+    if "samples" in summary.get("consistency", {}):
+        params |= {
+            "consistency_samples": summary["consistency"]["samples"],
+            "consistency_classes": summary["consistency"]["elbo_classes"],
+        }
     if "ode" in methods:
         ode = methods["ode"]
         params |= {"ode_rtol": ode["rtol"], "ode_atol": ode["atol"], "ode_trace": ode["trace"]}

@@ -333,6 +333,8 @@ def print_summary(result: WorkflowResult, plan: Plan, echo=console.echo) -> None
         others = {c: v for c, v in (nll.get("nll_bpd_by_convention") or {}).items() if c != nll["bpd_convention"]}
         if others:
             echo("  the same NLL in " + ", ".join(f"the {c} convention: {v:.3f}" for c, v in others.items()))
+        if (nll.get("consistency") or {}).get("reading"):
+            echo(f"  {nll['consistency']['reading']}")
     elif base:
         echo(f"  NLL of the untrained network: {base['nll_bpd']:.3f} bits/dim")
     fids = {"": s["fid"]} if s.get("fid") else {}

@@ -258,6 +258,7 @@ def run_nll(stage: Stage, ctx: Context) -> dict[str, Any]:
             "eval/nll_bpd": result.nll_bpd,
             "eval/nll_bpd_ci95": result.ci95,
             **{f"eval/nll_bpd_{c}": v for c, v in result.summary.get("nll_bpd_by_convention", {}).items()},
+            **nll.consistency_metrics(result.summary),
         },
         "mlflow_run_id": result.run_id,
         "summary": result.summary,
