@@ -116,8 +116,9 @@ def one_worker(ray_session, digits_dataset, store):
 
 @pytest.fixture(scope="module")
 def local_mode(ray_session, digits_dataset, store):
-    """`one_worker` again in Ray Train's local mode (scaling.num_workers=0): the loop in this process."""
-    config = tiny_config(digits_dataset, store, "local-mode", "scaling.num_workers=0")
+    """`one_worker` again in Ray Train's local mode (scaling.num_workers=0): the loop in this process, with
+    dequantized training (data.dequantize), which changes the numbers but nothing the comparison looks at."""
+    config = tiny_config(digits_dataset, store, "local-mode", "scaling.num_workers=0", "data.dequantize=true")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CDM_NAN_AT_STEP", "25")
         with pytest.raises(NonFiniteLossError) as failure:
@@ -218,6 +219,7 @@ def test_local_mode_writes_what_a_one_worker_run_writes(local_mode, one_worker, 
     assert runs["local"].info.status == runs["worker"].info.status == "FINISHED"
     params = {n: dict(r.data.params) for n, r in runs.items()}
     assert params["local"].pop("scaling.num_workers") == "0" and params["worker"].pop("scaling.num_workers") == "1"
+    assert params["local"].pop("data.dequantize") == "True" and params["worker"].pop("data.dequantize") == "False"
     assert params["local"] == {k: v.replace("one-worker", "local-mode") for k, v in params["worker"].items()}
     tags = {n: r.data.tags for n, r in runs.items()}
     assert tags["local"]["cdm.local_mode"] == "true" and tags["worker"]["cdm.local_mode"] == "false"
@@ -228,6 +230,21 @@ def test_local_mode_writes_what_a_one_worker_run_writes(local_mode, one_worker, 
     assert logged["local"] == logged["worker"] and "val/nll_bpd" in logged["local"]
     for key in ("train/loss", "val/nll_bpd"):
         assert steps_of(store, local.mlflow_run_id, key) == steps_of(store, worker.mlflow_run_id, key)
+    # The 0 → 1 link at every validation, the ELBO and the gap at the final one (step 40), on the first 17 of
+    # the 179 validation digits (64 cut to 10% of 4 validations × 179 images × 5 grid points / 20 classes).
+    for name, r in runs.items():
+        metrics = r.data.metrics
+        consistency = ("val/nll_bpd_elbo", "val/consistency_nll_bpd", "val/consistency_gap_bpd")
+        for key in ("val/link01_nats", "val/link01_expected_nats", *consistency):
+            assert math.isfinite(metrics[key]), (name, key, metrics.get(key))
+        assert steps_of(store, r.info.run_id, "val/link01_nats") == steps_of(store, r.info.run_id, "val/nll_bpd")
+        assert steps_of(store, r.info.run_id, "val/consistency_gap_bpd") == [STEPS]
+        assert metrics["val/consistency_samples"] == 17 and metrics["val/consistency_elbo_classes"] == 20
+        assert metrics["val/link01_expected_nats"] == pytest.approx(
+            64 * math.log(math.sqrt(2 * math.pi) * 0.01 * 127.5)
+        )
+        gap = metrics["val/consistency_nll_bpd"] - metrics["val/nll_bpd_elbo"]
+        assert metrics["val/consistency_gap_bpd"] == pytest.approx(gap)
     listed = {n: {a.path for a in client(store).list_artifacts(r.info.run_id)} for n, r in runs.items()}
     assert listed["local"] == listed["worker"]
 
