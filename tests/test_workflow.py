@@ -16,6 +16,7 @@ one work directory (module-scoped fixtures, in this order):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -153,6 +154,15 @@ def test_every_stage_runs_and_the_parent_run_holds_the_headline_figures(first_ru
     assert "eval/fid" not in metrics  # a classifier's feature space is never reported as FID
     # 30 steps already beat the untrained network.
     assert metrics["eval/nll_bpd"] < metrics["eval/nll_bpd_untrained"]
+    # The model's self-consistency: the NLL stage's gap and ℓ₀ − ℓ₁ (64 test digits), training's own at its
+    # final validation (4 of its 64 images: 10% of 3 validations × 64 images × 5 grid points / 20 classes),
+    # and the summary's one-line reading of them.
+    for key in ("eval/consistency_gap_bpd", "eval/link01_nats", "eval/link01_expected_nats"):
+        assert metrics[key] == pytest.approx(by_stage["nll"].data.metrics[key]) and math.isfinite(metrics[key])
+    assert metrics["eval/consistency_samples"] == 64 and metrics["val/consistency_samples"] == 4
+    assert math.isfinite(metrics["val/consistency_gap_bpd"])
+    reading = [line for line in lines if line.strip().startswith("consistency: one-pass figure")]
+    assert len(reading) == 1 and "ℓ₀−ℓ₁" in reading[0], lines
     artifacts = {a.path for a in c.list_artifacts(result.parent_run_id)}
     assert {"grid.png", "summary.json"} <= artifacts
     assert parent.data.params["train.train.steps"] == "30"
