@@ -397,6 +397,8 @@ def test_consistency_of_a_cdm_on_8bit_images(digits_tiny, unet_checkpoint, tmp_p
         assert got.data.metrics[f"eval/{metric}"] == pytest.approx(c[key])
     assert got.data.metrics["eval/link01_expected_nats"] == pytest.approx(c["link01_expected_nats"])
     assert got.data.params["consistency_classes"] == "10"
+    assert got.data.metrics["eval/consistency_seconds"] == pytest.approx(c["seconds"]) and c["seconds"] > 0
+    assert "seconds_consistency" in table.column_names  # timed apart from the one-pass figure's seconds
 
     official = run(
         nest(
