@@ -41,6 +41,7 @@ EVERY = [
         "inferred: official config.yaml batch_size 128 per process (accelerate) × the paper's 4 GPUs",
     ),
     ("data.flip", True, "App. C.2: horizontal flips; official main.py RandomHorizontalFlip"),
+    ("data.dequantize", False, "App. C.2 names no dequantization, and the official code trains without it"),
     ("model.kind", "cdm", "a CDM, not the DDM baseline"),
 ]
 
