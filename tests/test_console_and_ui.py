@@ -119,8 +119,9 @@ def test_cdm_train_prints_only_its_own_lines(two_runs):
         leaked = [line for line in console.splitlines() if any(s in line for s in INTERNALS)]
         assert not leaked, console
         assert "finished at step 10" in run["stdout"] and "cdm train: run " in run["stderr"]
-        # progress, the run, its 6 final metrics, the checkpoints, the UI
-        assert len(console.splitlines()) <= 13, console
+        # progress, the run, its 6 final metrics and the consistency reading, the checkpoints, the UI
+        assert len(console.splitlines()) <= 14, console
+        assert "consistency: one-pass figure" in run["stdout"] and "val/consistency_gap_bpd" not in run["stdout"]
     # What was kept off the console is in the run's folder, uncoloured.
     log = (first["folder"] / "cdm.log").read_text()
     assert "Creating initial MLflow database tables" in log  # the first run made the store

@@ -15,6 +15,9 @@ from pipelines.common import console
 from pipelines.common.errors import UserError
 from pipelines.train.config import TrainConfig
 
+# The final validation's consistency metrics (pipelines.train.validation): one reading on the console.
+CONSISTENCY_METRICS = ("val/link01", "val/consistency_", "val/nll_bpd_elbo")
+
 
 def train(
     config: Optional[Path] = typer.Argument(None, help="Training config, TOML or YAML (see configs/)."),
@@ -112,9 +115,28 @@ def train(
     typer.echo(f"run: {result.run_name}  folder: {result.run_dir}  mlflow run: {result.mlflow_run_id}")
     typer.echo(f"finished at step {result.step} in {result.seconds:.0f} s")
     for key, value in sorted(result.metrics.items()):
-        typer.echo(f"  {key} = {value:.4f}")
+        if not key.startswith(CONSISTENCY_METRICS):  # in MLflow; the console gets their one-line reading
+            typer.echo(f"  {key} = {value:.4f}")
+    if "val/link01_nats" in result.metrics:
+        typer.echo(f"  {_consistency_reading(result.metrics)}")
     typer.echo(f"latest checkpoint: {result.checkpoint}")
     if result.best_checkpoint:
         typer.echo(f"best checkpoint:   {result.best_checkpoint}")
     tracking = train_config.tracking if from_best is None and resume_run is None else cfg.TrackingSection()
     typer.echo(f"open the UI: cdm ui, then {ui_url(store_uri(tracking), tracking.experiment)}")
+
+
+def _consistency_reading(metrics: dict[str, float]) -> str:
+    """The final validation's consistency metrics read as `cdm nll` reads its own."""
+    from pipelines.evaluate.nll import consistency_reading  # deferred with the trainer: it imports torch
+
+    c: dict = {"link01_nats": metrics["val/link01_nats"]}
+    if "val/link01_expected_nats" in metrics:
+        c["link01_expected_nats"] = metrics["val/link01_expected_nats"]
+    if "val/consistency_gap_bpd" in metrics:
+        c |= {
+            "gap_bpd": metrics["val/consistency_gap_bpd"],
+            "samples": int(metrics["val/consistency_samples"]),
+            "elbo_classes": int(metrics["val/consistency_elbo_classes"]),
+        }
+    return consistency_reading(c)
