@@ -74,21 +74,20 @@ def test_ddm_and_conditional_steps_train(overrides):
 
 
 def test_dequantized_training_adds_one_bin_of_noise_from_the_step_s_generator():
-    """data.dequantize: the step's loss is the objective at x + u·2/255, u drawn from the step's generator after
-    its t and ε, replayed here by hand to the bit; without the option the same seed gives another loss."""
+    """data.dequantize: a training step's loss is the objective at x + u·2/255, u drawn from the step's generator
+    after its t and ε, replayed here by hand (to the bit in one batch; to rounding in 2 micro-batches, whose
+    mean loss is the batch's); without the option the same seed gives another loss."""
     x = torch.randint(0, 256, (8, 1, 8, 8)).float() / 127.5 - 1
-    step = make_step(tiny("data.dequantize=true"))
-    replay = make_step(tiny())
-    plain = make_step(tiny())
-    with torch.no_grad():
-        loss = step.loss(x, None)[0]
+    for k in (1, 2):
+        step, plain = make_step(tiny("data.dequantize=true", f"train.grad_accum={k}")), make_step(tiny())
+        replay = make_step(tiny())
+        loss = step.backward(x)[0]  # the path a training step takes
         y, t, noise = replay.draw(x, None)
         u = torch.rand(x.shape, generator=replay.generator)
-        by_hand = replay.objective(replay.model, x + u * (2 / 255), y, t, noise)[0]
-        without = plain.loss(x, None)[0]
-    assert torch.equal(loss, by_hand)
-    assert not torch.equal(loss, without)
-    assert step.generator.get_state().equal(replay.generator.get_state())  # the same draws, nothing more
+        by_hand = replay.objective(replay.model, x + u * (2 / 255), y, t, noise)[0].detach()
+        assert torch.equal(loss, by_hand) if k == 1 else torch.allclose(loss, by_hand, rtol=1e-6, atol=0)
+        assert not torch.allclose(loss, plain.backward(x)[0], rtol=1e-6, atol=0)
+        assert step.generator.get_state().equal(replay.generator.get_state())  # the same draws, nothing more
 
 
 def _batches(x, labels, batch, pad_every=None):

@@ -231,6 +231,7 @@ class TrainStep:
             objective = self.compiled if self.compiled is not None else self.objective
         k = self.config.train.grad_accum
         y, t, noise = self.draw(x, labels)
+        x = self.dequantized(x)
         size = x.shape[0] // k
         sums = torch.zeros(3, device=x.device)
         for i in range(k):
