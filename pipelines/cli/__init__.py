@@ -19,7 +19,7 @@ from importlib.metadata import version as dist_version
 import typer
 
 from pipelines.cli import classify, cluster, data, env, evaluate, train, tune, workflow
-from pipelines.common import console
+from pipelines.common import console, signals
 from pipelines.common.errors import UserError
 
 app = typer.Typer(
@@ -173,6 +173,7 @@ def _log_hint() -> str:
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
     warnings.showwarning = _warning_line
+    signals.install()  # SIGTERM (kill, Kubernetes, Slurm, `cdm jobs stop`) ends a command as Ctrl-C does
     captured = _capture_for(sys.argv)
     try:
         app()

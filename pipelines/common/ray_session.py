@@ -27,7 +27,7 @@ import sys
 
 import ray
 
-from pipelines.common import ray_compat
+from pipelines.common import ray_compat, signals
 from pipelines.common.console import log_folder, log_path
 
 
@@ -70,10 +70,12 @@ def ensure_ray(
             # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
             runtime_env = {"env_vars": {"RAY_ADDRESS": joined}}
         ray.init(address=joined, runtime_env=runtime_env)
+        signals.install()  # ray.init put its own SIGTERM handlers in place of cdm's
         route_ray_worker_output()
         return
     if num_cpus is None and min_cpus > 1:
         num_cpus = max(os.cpu_count() or 1, min_cpus)
     # num_cpus None: Ray counts the cores itself (within a container's CPU limit).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dashboard else False)
+    signals.install()  # ray.init put its own SIGTERM handlers in place of cdm's
     route_ray_worker_output()
