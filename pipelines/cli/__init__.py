@@ -176,7 +176,16 @@ def main() -> None:
     signals.install()  # SIGTERM (kill, Kubernetes, Slurm, `cdm jobs stop`) ends a command as Ctrl-C does
     captured = _capture_for(sys.argv)
     try:
-        app()
+        # A quiet command's stderr is the log, where typer would print a usage error: typer hands it back here
+        # instead (standalone_mode=False), and so it returns exit codes rather than exiting with them.
+        code = app(standalone_mode=not captured)
+        if captured and isinstance(code, int) and code:
+            sys.exit(code)
+    except typer.TyperException as err:  # a usage error (typer's click), only while captured
+        ctx = getattr(err, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _say(f"error: {err.format_message()}{where}", typer.colors.RED)
+        sys.exit(getattr(err, "exit_code", 2))
     except UserError as err:
         if env.is_on("CDM_DEBUG") and not captured:
             raise

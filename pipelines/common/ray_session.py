@@ -28,6 +28,7 @@ import sys
 import ray
 
 from pipelines.common import ray_compat, signals
+from pipelines.common.connect import check_cluster
 from pipelines.common.console import log_folder, log_path
 
 
@@ -64,6 +65,7 @@ def ensure_ray(
     quiet_ray_data_console()
     joined = cluster_address(address)
     if joined:
+        check_cluster(address, "the Ray address")  # ray.init would wait minutes, without a word, for no cluster
         runtime_env = None
         if "://" not in joined and joined not in ("auto", "local"):
             # Ray's state API inside workers (Ray Train's placement-group clean-up monitor asks it whether the

@@ -30,6 +30,7 @@ import ray
 
 from pipelines.common import config as cfg
 from pipelines.common import console, signals, storage
+from pipelines.common.connect import check_cluster
 from pipelines.common.errors import UserError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.common.tracking import default_tracking_uri, ui_url
@@ -142,6 +143,8 @@ def run_workflow(
     config = plan.config
     print_plan(plan, uri, echo)
     console.place_log(workflow_dir(plan.workdir, plan.name))
+    if any(stage.name not in NO_RAY and stage.record() is None for stage in plan.stages):
+        check_cluster(config.train.run.ray_address, "train.run.ray_address")  # before the parent run opens
     parent = ParentRun(
         plan.workdir, plan.name, plan.key, uri, config.tracking.experiment, config.tracking.parent_run_id
     )
