@@ -394,6 +394,16 @@ CASES = [
         "prepare digits --out o12 --tracking-uri http://127.0.0.1:{silent}",
         r"tracking URI http://127\.0\.0\.1:\d+: no MLflow server answers there \(no answer in 1 s\)",
     ),
+    (
+        "run-ray-address-refused",
+        f"RAY_ADDRESS=127.0.0.1:1 run {DEMO} --workdir wf1",
+        r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
+        "run-tracking-server-refused",
+        f"run {DEMO} --workdir wf2 --tracking-uri http://127.0.0.1:1",
+        r"tracking URI http://127\.0\.0\.1:1: no MLflow server answers there",
+    ),
     # the tracking store itself (issue 29, case 6)
     (
         "nll-unknown-store-scheme",
