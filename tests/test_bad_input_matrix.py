@@ -395,6 +395,11 @@ CASES = [
         r"tracking URI http://127\.0\.0\.1:\d+: no MLflow server answers there \(no answer in 1 s\)",
     ),
     (
+        "tune-ray-address-refused",
+        f"RAY_ADDRESS=127.0.0.1:1 tune {TINY} --space space_ok.toml --set data.uri=data",
+        r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
         "run-ray-address-refused",
         f"RAY_ADDRESS=127.0.0.1:1 run {DEMO} --workdir wf1",
         r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there",
