@@ -375,6 +375,11 @@ CASES = [
         r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there \(Connection refused\).*unset RAY_ADDRESS",
     ),
     (
+        "nll-ray-address-silent",
+        "RAY_ADDRESS=127.0.0.1:{full} nll cdm data",
+        r"RAY_ADDRESS=127\.0\.0\.1:\d+: no Ray cluster answers there \(no answer in 1 s\)",
+    ),
+    (
         "sample-address-refused",
         "sample cdm --out s7 --steps 5 --address 127.0.0.1:1 --no-track",
         r"--address=127\.0\.0\.1:1: no Ray cluster answers there",
@@ -455,27 +460,36 @@ def _split(argv: str) -> tuple[dict[str, str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def silent_server():
-    """A port whose listener takes connections and never answers (a hung server): the kernel completes the
-    handshake from the backlog, so only a client's own timeout ends the wait."""
+def silent_servers():
+    """Two ports where nothing answers, so that only a client's own timeout ends the wait: `silent`'s listener
+    takes connections and never answers (a hung server: the kernel completes the handshake from the backlog);
+    `full`'s backlog is full, so the kernel drops new connections unanswered (as a firewall that drops them)."""
     import socket
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    yield listener.getsockname()[1]
-    listener.close()
+    silent, full = socket.socket(), socket.socket()
+    for listener, backlog in ((silent, 8), (full, 0)):
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(backlog)
+    queued = []
+    for _ in range(4):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(full.getsockname())
+        queued.append(client)
+    yield {"silent": silent.getsockname()[1], "full": full.getsockname()[1]}
+    for sock in (silent, full, *queued):
+        sock.close()
 
 
 @pytest.fixture(scope="module")
-def outcomes(world, cdm_forks, silent_server) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
+def outcomes(world, cdm_forks, silent_servers) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
     """Each case's process and the files it changed (hashed after every case). The cases run in
     processes forked from one that has imported what `cdm` imports (tests/cdm_forks.py): a case is
     then 0.2–0.5 s instead of the 5–8 s a fresh interpreter spends importing torch, Ray and MLflow."""
     out = {}
     before = _hashes(world)
     for name, argv, _ in CASES:
-        argv = argv.replace("{silent}", str(silent_server))
+        argv = argv.format(**silent_servers) if "{" in argv else argv
         result = cdm_forks.run(_split(argv)[1], cwd=world, env=_env(world, argv))
         after = _hashes(world)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
