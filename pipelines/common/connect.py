@@ -63,7 +63,8 @@ def check_cluster(address: str | None, setting: str) -> None:
     endpoint = ray_endpoint(named)
     if endpoint is None:
         return
-    where = setting if address else "RAY_ADDRESS"
+    # An option fed by RAY_ADDRESS (typer's envvar=) holds the variable's value: name the variable the user set.
+    where = setting if address and address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
     timeout = connect_timeout()
     try:
         socket.create_connection(endpoint, timeout=timeout).close()
