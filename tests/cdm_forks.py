@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _SERVER = r"""
@@ -90,8 +91,14 @@ class CdmForks:
         return json.loads(line)
 
     def run(
-        self, argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+        self,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+        on_start: Callable[[int], None] | None = None,
     ) -> subprocess.CompletedProcess:
+        """`on_start(pid)`, if given, runs in a thread once the command's process exists (to signal it midway)."""
         env = dict(os.environ) if env is None else env
         with self._lock:
             out, err = Path(self._files, "stdout"), Path(self._files, "stderr")
@@ -101,6 +108,8 @@ class CdmForks:
             self._server.stdin.write(json.dumps(case) + "\n")
             self._server.stdin.flush()
             pid = self._reply(timeout=30)["pid"]
+            if on_start is not None:
+                threading.Thread(target=on_start, args=(pid,), daemon=True).start()
             try:
                 code = self._reply(timeout)["returncode"]
             except TimeoutError:

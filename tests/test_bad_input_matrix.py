@@ -129,6 +129,8 @@ def world(tmp_path_factory):
         '[train]\nextends = "' + TINY + '"\n[prepare]\nsource = "digits"\n[nll]\nspiltt = 1\n'
     )
     (w / "weights").mkdir()
+    (w / "corrupt").mkdir()  # an MLflow store whose file is not SQLite's (a damaged disk, a copy cut short)
+    (w / "corrupt" / "mlflow.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
     (w / "locked").mkdir()  # a folder no one may write into, not even root (as CI runs)
     subprocess.run(["chattr", "+i", str(w / "locked")], check=True)
     assert not os.access(w / "locked", os.W_OK) or _cannot_create(w / "locked"), "chattr +i did not lock the folder"
@@ -145,7 +147,7 @@ def _cannot_create(folder: Path) -> bool:
 
 
 def _hashes(w: Path) -> dict[str, str]:
-    kept = ("data", "toy", "mnist", "cdm", "ddm", "cond", "board", "notes", "afile", "imgs")
+    kept = ("data", "toy", "mnist", "cdm", "ddm", "cond", "board", "notes", "afile", "imgs", "corrupt")
     out = {}
     for name in kept:
         for path in sorted((w / name).rglob("*")) if (w / name).is_dir() else [w / name]:
@@ -371,6 +373,72 @@ CASES = [
     # clusters and the UI
     ("jobs-unreachable", "jobs list --address http://127.0.0.1:9", r"127\.0\.0\.1:9"),
     ("ui-missing-workdir", "ui --workdir nowhere/at/all", r"nowhere/at/all: no such directory"),
+    # an unreachable Ray or MLflow server: one line in seconds, not minutes of silence (issue 29, case 5); the
+    # tracked ones also leave no run behind (test_no_mistake_leaves_an_mlflow_run_behind)
+    (
+        "nll-ray-address-refused",
+        "RAY_ADDRESS=127.0.0.1:1 nll cdm data",
+        r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there \(Connection refused\).*unset RAY_ADDRESS",
+    ),
+    (
+        "nll-ray-address-silent",
+        "RAY_ADDRESS=127.0.0.1:{full} nll cdm data",
+        r"RAY_ADDRESS=127\.0\.0\.1:\d+: no Ray cluster answers there \(no answer in 1 s\)",
+    ),
+    (
+        "sample-address-refused",
+        "sample cdm --out s7 --steps 5 --address 127.0.0.1:1 --no-track",
+        r"--address=127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
+        "train-ray-address-refused",
+        f"train {TINY} --set data.uri=data --set run.ray_address=ray://127.0.0.1:1",
+        r"run\.ray_address=ray://127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
+        "nll-tracking-server-refused",
+        "nll cdm data --tracking-uri http://127.0.0.1:1",
+        r"tracking URI http://127\.0\.0\.1:1: no MLflow server answers there \(Connection refused\)",
+    ),
+    (
+        "prepare-tracking-server-silent",
+        "prepare digits --out o12 --tracking-uri http://127.0.0.1:{silent}",
+        r"tracking URI http://127\.0\.0\.1:\d+: no MLflow server answers there \(no answer in 1 s\)",
+    ),
+    (
+        "tune-ray-address-refused",
+        f"RAY_ADDRESS=127.0.0.1:1 tune {TINY} --space space_ok.toml --set data.uri=data",
+        r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
+        "run-ray-address-refused",
+        f"RAY_ADDRESS=127.0.0.1:1 run {DEMO} --workdir wf1",
+        r"RAY_ADDRESS=127\.0\.0\.1:1: no Ray cluster answers there",
+    ),
+    (
+        "run-tracking-server-refused",
+        f"run {DEMO} --workdir wf2 --tracking-uri http://127.0.0.1:1",
+        r"tracking URI http://127\.0\.0\.1:1: no MLflow server answers there",
+    ),
+    # the tracking store itself (issue 29, case 6)
+    (
+        "nll-unknown-store-scheme",
+        "nll cdm data --tracking-uri bogus://x",
+        r"tracking URI 'bogus://x': MLflow has no store of the kind 'bogus'",
+    ),
+    (
+        "nll-damaged-store",
+        "nll cdm data --tracking-uri sqlite:///corrupt/mlflow.db",
+        r"corrupt/mlflow\.db: the MLflow store is damaged \(file is not a database\); move that file aside",
+    ),
+    ("ui-damaged-store", "ui --workdir corrupt", r"corrupt/mlflow\.db: the MLflow store is damaged"),
+    (
+        "train-empty-experiment",
+        f"train {TINY} --set data.uri=data --set tracking.experiment=",
+        r"tracking\.experiment: empty; name the MLflow experiment",
+    ),
+    # a usage error of a command whose library output goes to the log reaches the console
+    ("train-unknown-option", f"train {TINY} --no-track", r"No such option: --no-track \(see `cdm train --help`\)"),
 ]
 
 
@@ -379,22 +447,56 @@ def _env(world: Path, argv: str) -> dict[str, str]:
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{world / 'mlflow.db'}",
         "CDM_WEIGHTS_DIR": str(world / "weights"),
+        "CDM_CONNECT_TIMEOUT_S": "1",  # a server that does not answer is given 1 s, not the 10 s a user gets
     }
     env.pop("RAY_ADDRESS", None)
     if argv.startswith("ui "):  # the UI serves the store the environment names, if it names one
         env.pop("MLFLOW_TRACKING_URI")
+    env.update(_split(argv)[0])
     return env
 
 
+def _split(argv: str) -> tuple[dict[str, str], list[str]]:
+    """A case's leading `NAME=value` words (its environment) and its arguments."""
+    words = argv.split()
+    lead = 0
+    while lead < len(words) and re.fullmatch(r"[A-Z_]+=\S*", words[lead]):
+        lead += 1
+    return dict(w.split("=", 1) for w in words[:lead]), words[lead:]
+
+
 @pytest.fixture(scope="module")
-def outcomes(world, cdm_forks) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
+def silent_servers():
+    """Two ports where nothing answers, so that only a client's own timeout ends the wait: `silent`'s listener
+    takes connections and never answers (a hung server: the kernel completes the handshake from the backlog);
+    `full`'s backlog is full, so the kernel drops new connections unanswered (as a firewall that drops them)."""
+    import socket
+
+    silent, full = socket.socket(), socket.socket()
+    for listener, backlog in ((silent, 8), (full, 0)):
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(backlog)
+    queued = []
+    for _ in range(4):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(full.getsockname())
+        queued.append(client)
+    yield {"silent": silent.getsockname()[1], "full": full.getsockname()[1]}
+    for sock in (silent, full, *queued):
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def outcomes(world, cdm_forks, silent_servers) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
     """Each case's process and the files it changed (hashed after every case). The cases run in
     processes forked from one that has imported what `cdm` imports (tests/cdm_forks.py): a case is
     then 0.2–0.5 s instead of the 5–8 s a fresh interpreter spends importing torch, Ray and MLflow."""
     out = {}
     before = _hashes(world)
     for name, argv, _ in CASES:
-        result = cdm_forks.run(argv.split(), cwd=world, env=_env(world, argv))
+        argv = argv.format(**silent_servers) if "{" in argv else argv
+        result = cdm_forks.run(_split(argv)[1], cwd=world, env=_env(world, argv))
         after = _hashes(world)
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         if (world / PWNED).exists():

@@ -371,6 +371,30 @@ def test_a_killed_prepare_leaves_the_old_dataset_and_a_second_prepare_meanwhile_
     assert sorted(os.listdir(tmp_path)) == ["old"]  # the killed run's lock file too: the next run took and removed it
 
 
+def test_sigterm_while_writing_is_ctrl_c_and_keeps_the_old_dataset(tmp_path, cdm_forks):
+    """SIGTERM (kill, Kubernetes, Slurm) mid-write ends `cdm prepare` as Ctrl-C does: one line, exit 130, the
+    old dataset untouched, nothing left beside it (issue 29: exit 143 without a word)."""
+    import signal
+    import time
+
+    old = tmp_path / "old"
+    _toy(old)
+    before = _files(old)
+
+    def stop_midway(pid: int) -> None:
+        partial, deadline = tmp_path / f".old.partial-{pid}", time.monotonic() + 60
+        while not any(partial.glob("train-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+
+    many = ["--name", "gmm8", "--num-train", "50000", "--num-test", "0", "--out", "old", "--force", "--no-track"]
+    result = cdm_forks.run(["prepare", "toy2d", *many], cwd=tmp_path, on_start=stop_midway)
+    assert result.returncode == 130, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: what was finished is kept"), result.stderr[-2000:]
+    assert _files(old) == before and sorted(os.listdir(tmp_path)) == ["old"]
+
+
 def test_refuses_foreign_output_dir(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

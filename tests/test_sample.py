@@ -198,3 +198,33 @@ def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path, cdm_forks):
         ["sample", str(unet), "--out", str(tmp_path / "c"), "--sampler", "heun", "--no-track"], tmp_path, env
     )
     assert r.returncode == 2 and "--sampler 'heun'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_stops_sampling_with_a_message_and_leaves_out_as_it_was(ray_session, unet, tmp_path, cdm_forks):
+    """The real `cdm sample` on the suite's Ray, stopped by SIGTERM once its workers write shards: exit 130,
+    cdm's line, the MLflow run KILLED, and no --out (issue 29: exit 134 from Ray's C++ handler and an empty
+    --out). The samples are written beside --out and renamed into place only when complete."""
+    import signal
+    import time
+
+    import mlflow
+
+    def stop_midway(pid: int) -> None:
+        partial, deadline = tmp_path / f".c.partial-{pid}", time.monotonic() + 180
+        while time.monotonic() < deadline and not any(partial.glob("*.tar")):
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
+    env["RAY_ADDRESS"] = ray_session
+    # Batches of a shard's size (1000 samples), so that the first shard is written as soon as the worker runs.
+    argv = ["--n", "200000", "--batch-size", "1000", "--steps", "2", "--workers", "1", "--tracking-uri", store]
+    result = cdm_forks.run(["sample", str(unet), "--out", "c", *argv], tmp_path, env, timeout=300, on_start=stop_midway)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "interrupted: what was finished is kept" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.*")), os.listdir(tmp_path)
+    client = mlflow.tracking.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("cdm").experiment_id])
+    assert run.info.status == "KILLED"

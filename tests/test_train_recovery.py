@@ -7,8 +7,8 @@ injected NaN): `optim.lr=1e6`, no warm-up, no clipping, a checkpoint every 2 ste
   (with a sane learning rate filled in) really finishes the run;
 * that run's newest checkpoint is then truncated and the run extended: `--resume` says
   which checkpoint it passes over and continues from the newest one that loads;
-* Ctrl-C on the real `cdm train`, on a worker and in local mode, ends with cdm's message, exit 130, and the
-  MLflow run KILLED.
+* Ctrl-C and SIGTERM on the real `cdm train`, on a worker and in local mode, end with cdm's message, exit 130,
+  and the MLflow run KILLED.
 """
 
 from __future__ import annotations
@@ -184,15 +184,29 @@ def test_resume_passes_over_damaged_checkpoints_along_the_run_s_own_line(diverge
     assert final["step"] == STEPS + 4
 
 
-@pytest.mark.parametrize("workers", [1, 0])
-def test_ctrl_c_ends_the_run_killed_with_a_message(ray_session, digits_dataset, store, workers):
-    """On a worker, Ray Train's own SIGINT handler aborts the run; in local mode the loop itself is interrupted."""
+@pytest.mark.parametrize(
+    "workers, stop", [(1, signal.SIGTERM), (0, signal.SIGINT)], ids=["worker-sigterm", "local-ctrl-c"]
+)
+def test_ctrl_c_and_sigterm_end_the_run_killed_with_a_message(ray_session, digits_dataset, store, workers, stop):
+    """On a worker, Ray Train's own SIGINT handler aborts the run; in local mode the loop itself is interrupted.
+
+    SIGTERM (kill, Kubernetes, Slurm) goes where Ctrl-C goes (pipelines.common.signals): it calls the SIGINT
+    handler of the moment, here Ray Train's, so one run with workers covers both signals' way through Ray's
+    abort; before the fix it ended in abseil's handler (exit 134, the run FAILED)."""
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     env.pop("CDM_DEBUG", None)
     name = f"interrupted-{workers}"
     settings = [*_settings(digits_dataset, store, name, 100000), f"scaling.num_workers={workers}"]
     argv = [CDM, "train", TINY, *(a for s in settings for a in ("--set", s))]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # SIGINT as a terminal's Ctrl-C finds it: a shell's background job (`pytest … &`) inherits it ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     client, deadline = _client(store), time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -203,7 +217,7 @@ def test_ctrl_c_ends_the_run_killed_with_a_message(ray_session, digits_dataset, 
             pass
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted: what was finished is kept" in err and "Traceback" not in err, err[-3000:]

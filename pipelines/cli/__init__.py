@@ -19,7 +19,7 @@ from importlib.metadata import version as dist_version
 import typer
 
 from pipelines.cli import classify, cluster, data, env, evaluate, train, tune, workflow
-from pipelines.common import console
+from pipelines.common import console, signals
 from pipelines.common.errors import UserError
 
 app = typer.Typer(
@@ -173,9 +173,19 @@ def _log_hint() -> str:
 def main() -> None:
     """Console entry point: user mistakes get a message and exit code, not a traceback."""
     warnings.showwarning = _warning_line
+    signals.install()  # SIGTERM (kill, Kubernetes, Slurm, `cdm jobs stop`) ends a command as Ctrl-C does
     captured = _capture_for(sys.argv)
     try:
-        app()
+        # A quiet command's stderr is the log, where typer would print a usage error: typer hands it back here
+        # instead (standalone_mode=False), and so it returns exit codes rather than exiting with them.
+        code = app(standalone_mode=not captured)
+        if captured and isinstance(code, int) and code:
+            sys.exit(code)
+    except typer.TyperException as err:  # a usage error (typer's click), only while captured
+        ctx = getattr(err, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _say(f"error: {err.format_message()}{where}", typer.colors.RED)
+        sys.exit(getattr(err, "exit_code", 2))
     except UserError as err:
         if env.is_on("CDM_DEBUG") and not captured:
             raise

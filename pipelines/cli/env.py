@@ -24,6 +24,7 @@ VARIABLES: tuple[tuple[str, str], ...] = (
     ("CDM_CACHE_DIR", "cdm's cache folder: FID reference statistics, verify records (default: ~/.cache/cdm)"),
     ("CDM_SYSTEM_METRICS", "0: training runs log no system metrics (CPU, memory, GPU)"),
     ("CDM_TUNE_VERBOSE", "Ray Tune's own progress output in cdm tune's log, 0–3 (default: 1)"),
+    ("CDM_CONNECT_TIMEOUT_S", "seconds to wait for a Ray cluster or an MLflow server to answer (default: 10)"),
     (
         "AWS_ENDPOINT_URL",
         "an S3-compatible store's endpoint for s3:// URIs (or AWS_ENDPOINT_URL_S3); credentials: "

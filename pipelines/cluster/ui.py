@@ -20,7 +20,7 @@ from pipelines.common import storage
 from pipelines.common.config import EXPERIMENT
 from pipelines.common.console import echo, warn
 from pipelines.common.errors import UserError
-from pipelines.common.tracking import artifact_location_for, default_tracking_uri, ui_url
+from pipelines.common.tracking import artifact_location_for, default_tracking_uri, open_store, ui_url
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -96,6 +96,7 @@ def serve(
         artifacts = artifacts_destination
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
         raise UserError(f"--workdir {workdir}: no such directory")
+    open_store(uri)  # a damaged store is one line now, not a URL that works and two tracebacks from the server
     _check_port_free(host, port)
     if host not in _LOOPBACK:
         warn(

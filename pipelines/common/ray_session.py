@@ -27,7 +27,8 @@ import sys
 
 import ray
 
-from pipelines.common import ray_compat
+from pipelines.common import ray_compat, signals
+from pipelines.common.connect import check_cluster
 from pipelines.common.console import log_folder, log_path
 
 
@@ -64,16 +65,19 @@ def ensure_ray(
     quiet_ray_data_console()
     joined = cluster_address(address)
     if joined:
+        check_cluster(address, "the Ray address")  # ray.init would wait minutes, without a word, for no cluster
         runtime_env = None
         if "://" not in joined and joined not in ("auto", "local"):
             # Ray's state API inside workers (Ray Train's placement-group clean-up monitor asks it whether the
             # training controller is alive) must ask this cluster, not whichever one `ray start` ran last here.
             runtime_env = {"env_vars": {"RAY_ADDRESS": joined}}
         ray.init(address=joined, runtime_env=runtime_env)
+        signals.install()  # ray.init put its own SIGTERM handlers in place of cdm's
         route_ray_worker_output()
         return
     if num_cpus is None and min_cpus > 1:
         num_cpus = max(os.cpu_count() or 1, min_cpus)
     # num_cpus None: Ray counts the cores itself (within a container's CPU limit).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=None if dashboard else False)
+    signals.install()  # ray.init put its own SIGTERM handlers in place of cdm's
     route_ray_worker_output()

@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow
 
+from pipelines.common.connect import check_cluster
 from pipelines.common.tracking import mlflow_run, store_uri
 
 
@@ -58,7 +59,14 @@ class Record:
 def tracked(
     config: Any, run_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None
 ) -> Iterator[Record]:
-    """The stage's MLflow run for the block, if `config.track`; open it only once the inputs are checked."""
+    """The stage's MLflow run for the block, if `config.track`; open it only once the inputs are checked.
+
+    A batch stage's Ray cluster is asked first whether it is there: an unreachable one is one line in seconds,
+    not a FAILED run after minutes.
+    """
+    pool = getattr(config, "pool", None)
+    if pool is not None and pool.workers != 0:
+        check_cluster(pool.address, "--address")
     if not config.track:
         yield Record()
         return

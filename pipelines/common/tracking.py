@@ -29,6 +29,7 @@ from mlflow.types import ColSpec, Schema
 
 from pipelines.common import storage
 from pipelines.common.config import TrackingSection
+from pipelines.common.connect import check_tracking_server
 from pipelines.common.errors import UserError
 
 # MLflow rejects longer parameter values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
@@ -75,6 +76,51 @@ class PatientClient:
                     delay = min(2 * delay, 10.0)
 
         return patient
+
+
+# Stores MLflow opens (a dialect such as postgresql+psycopg2 counts as its base); any other scheme is a typo.
+_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc"}
+_SETTING = "tracking.tracking_uri / --tracking-uri / MLFLOW_TRACKING_URI"
+
+
+def open_store(tracking_uri: str, experiment: str | None = None) -> MlflowClient:
+    """A client of the store at `tracking_uri`, once the store has answered; the one place a store is opened.
+
+    Every way it cannot be (an unknown scheme, a server that does not answer, a damaged SQLite file, an
+    empty experiment name) is one UserError naming the store and the fix, before any run is opened.
+    """
+    if experiment is not None and not experiment.strip():
+        raise UserError("tracking.experiment: empty; name the MLflow experiment (cdm's default is 'cdm')")
+    scheme = tracking_uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in tracking_uri else ""
+    if scheme not in _SCHEMES:
+        raise UserError(
+            f"tracking URI {tracking_uri!r}: MLflow has no store of the kind '{scheme}'; give sqlite:///PATH, "
+            f"http(s)://HOST:PORT (an MLflow server) or a database URI such as postgresql://… in {_SETTING}"
+        )
+    if scheme in ("http", "https"):
+        check_tracking_server(tracking_uri)
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        deadline = time.monotonic() + LOCKED_RETRY_S
+        while True:  # a store locked by another writer is busy, not broken
+            try:
+                client.search_experiments(max_results=1)
+                return client
+            except Exception as err:
+                if not _locked(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+    except Exception as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if scheme == "sqlite" and re.search(r"not a database|malformed|DatabaseError", f"{type(err).__name__} {err}"):
+            raise UserError(
+                f"{tracking_uri}: the MLflow store is damaged ({cause.removeprefix('(sqlite3.DatabaseError) ')}); "
+                f"move that file aside (cdm then starts a new store there) or name another store in {_SETTING}"
+            ) from None
+        raise UserError(
+            f"tracking URI {tracking_uri}: MLflow cannot open this store ({type(err).__name__}: {cause[:300]}); "
+            f"check {_SETTING}"
+        ) from None
 
 
 def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:
@@ -312,7 +358,7 @@ def ui_url(tracking_uri: str, experiment: str, base: str = "http://127.0.0.1:500
 
 def experiment_id(name: str, tracking_uri: str) -> str:
     """The id of MLflow experiment `name` in the store, created (artifacts as `artifact_location_for` says) if missing."""
-    return _ensure_experiment(MlflowClient(tracking_uri=tracking_uri), name, tracking_uri)
+    return _ensure_experiment(open_store(tracking_uri, name), name, tracking_uri)
 
 
 @contextlib.contextmanager
@@ -351,7 +397,7 @@ def mlflow_run(
     active in this process). It always ends: FAILED if an exception escapes the
     block, FINISHED otherwise — never left RUNNING.
     """
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_store(tracking_uri, experiment)
     with using_tracking_uri(tracking_uri):
         experiment_id = _ensure_experiment(client, experiment, tracking_uri)
         nested = parent_run_id is not None or mlflow.active_run() is not None
@@ -387,6 +433,7 @@ def mlflow_run(
 @contextlib.contextmanager
 def reopened_run(tracking_uri: str, run_id: str) -> Iterator[Any]:
     """Continue an existing MLflow run (a resumed stage); it ends FAILED if an exception escapes, FINISHED otherwise."""
+    open_store(tracking_uri)
     with using_tracking_uri(tracking_uri):
         run = mlflow.start_run(run_id=run_id)
         status = "FAILED"

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 import typing
@@ -25,10 +24,10 @@ from typing import Any, Optional
 
 from pipelines.common import config as cfg
 from pipelines.common import console, storage
-from pipelines.common.console import warn
 from pipelines.common.errors import UserError
 from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
+from pipelines.data.beside import recover_leftovers, sibling, written_beside
 from pipelines.data.config import SOURCES, PrepareConfig
 from pipelines.data.preview import save_preview
 from pipelines.data.sources import BadInputs, Source, build_source
@@ -167,82 +166,10 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
     return meta
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-# The longest name cdm gives a file beside --out, `.NAME.partial-PID`, must fit a file name's 255 bytes
-# (PIDs go up to 2**22, 7 digits); a longer NAME is cut and made unique again by a hash of it.
-_NAME_MAX = 255
-_LONGEST_SUFFIX = len(".partial-4194304")
-
-
-def _sibling(target: Path, kind: str, pid: int | str | None = None) -> Path:
-    """`.NAME.KIND-PID` (or `.NAME.KIND` without a pid) beside `target`, within 255 bytes whatever NAME's length."""
-    prefix = f".{target.name}"
-    room = _NAME_MAX - _LONGEST_SUFFIX
-    if len(prefix.encode()) > room:
-        digest = hashlib.sha256(target.name.encode()).hexdigest()[:16]
-        prefix = prefix.encode()[: room - len(digest) - 1].decode(errors="ignore") + "~" + digest
-    return target.with_name(f"{prefix}.{kind}" + (f"-{pid}" if pid is not None else ""))
-
-
-def _recover_leftovers(target: Path) -> None:
-    """What a killed `_write_beside` on this machine left beside `target`: put the old dataset back, drop the new.
-
-    Killed between its two renames, a run leaves the old dataset as `.<name>.old-<pid>` and no `<name>`;
-    killed while writing, a `.<name>.partial-<pid>`. Folders of a process still running are left alone.
-    """
-    if not target.parent.is_dir():
-        return
-    names = sorted(os.listdir(target.parent))
-    for kind in ("old", "partial"):
-        start = _sibling(target, kind, "").name  # `.NAME.KIND-`
-        for name in names:
-            pid = name[len(start) :]
-            if not name.startswith(start) or not pid.isdigit() or _alive(int(pid)):
-                continue
-            leftover = target.parent / name
-            if kind == "old" and not target.exists():
-                os.replace(leftover, target)
-                warn(f"warning: {target}: put back the dataset an interrupted `cdm prepare` had moved aside")
-            else:
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _write_beside(source: Source, config: PrepareConfig, loc: storage.Location, fingerprint: str) -> dict[str, Any]:
     """Write the dataset into `.<name>.partial-<pid>` beside `loc`, then swap it into place."""
-    target = Path(loc.root)
-    partial = _sibling(target, "partial", os.getpid())
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-        meta = _write(source, config, storage.resolve(partial), fingerprint)
-        # The paths inside dataset.json are names relative to the folder, so the folder may move.
-        if target.exists():
-            old = _sibling(target, "old", os.getpid())
-            os.replace(target, old)
-            os.replace(partial, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, target)
-    except (storage.NoSpace, OSError) as err:
-        if isinstance(err, OSError) and err.errno not in storage.FULL:
-            raise
-        reason = err.reason if isinstance(err, storage.NoSpace) else os.strerror(err.errno)
-        raise UserError(
-            f"{loc.uri}: {reason} while writing the new dataset beside it; free space on that disk (or raise the "
-            "quota or file-size limit) or choose another --out. Nothing at --out changed"
-        ) from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return meta
+    with written_beside(Path(loc.root), loc.uri, "dataset") as partial:
+        return _write(source, config, storage.resolve(partial), fingerprint)
 
 
 @contextlib.contextmanager
@@ -261,7 +188,7 @@ def _claim(loc: storage.Location) -> Iterator[None]:
     if not target.parent.is_dir():
         storage.check_writable(loc.uri)  # nothing created yet: the usual line for a folder that cannot be made
         target.parent.mkdir(parents=True, exist_ok=True)
-    lock = _sibling(target, "lock")
+    lock = sibling(target, "lock")
     fd = _lock(lock, loc.uri)
     try:
         yield
@@ -320,7 +247,7 @@ def _run_claimed(
 ) -> PrepareResult:
     """`run` once this process alone may write `loc`."""
     if loc.is_local():
-        _recover_leftovers(Path(loc.root))
+        recover_leftovers(Path(loc.root), "cdm prepare")
     kind = loc.root_kind()
     if kind == "file":
         raise UserError(f"{loc.uri}: is a file; --out must be a directory (it is created if missing)")

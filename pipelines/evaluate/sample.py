@@ -22,8 +22,10 @@ two dimensions, or for (C, H, W) arrays each sample stretched to its own range.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ from pipelines.common.console import Progress
 from pipelines.common.errors import UserError
 from pipelines.common.stage import tracked
 from pipelines.data import shards as sh
+from pipelines.data.beside import recover_leftovers, written_beside
 from pipelines.data.normalization import Normalization, of_model
 from pipelines.data.preview import save_preview
 from pipelines.data.readers import from_model_input, load_split
@@ -322,6 +325,8 @@ def run(config: SampleConfig) -> SampleResult:
         raise UserError(f"--steps {config.steps}: must be between 1 and the model's T={trained.schedule.T}")
     fingerprint = _fingerprint(config, model.sha256)
     loc = storage.resolve(config.out)
+    if loc.is_local():
+        recover_leftovers(Path(loc.root), "cdm sample")
     existing = None if config.force else _existing(config.out, fingerprint)
     if existing is None:
         _check_writable(config.out)
@@ -340,17 +345,21 @@ def run(config: SampleConfig) -> SampleResult:
     with tracked(config, f"sample-{config.sampler}-{config.steps}", params, tags) as record:
         start = time.perf_counter()
         if existing is None:
-            write_dataset(
-                config.out,
-                SPLIT,
-                spec,
-                _in_data_units(_generate_on_workers(config, str(model.file)), norm),
-                source="samples",
-                options=options,
-                fingerprint=fingerprint,
-                samples_per_shard=config.samples_per_shard,
-                extra={"normalization": norm.to_json()} if norm is not None else None,
-            )
+            # A local --out is written beside and renamed into place: stopped midway (Ctrl-C, SIGTERM), the
+            # command leaves --out as it was, not empty or half-written (in place where only --out is writable).
+            beside = loc.is_local() and os.access(Path(loc.root).parent, os.W_OK)
+            with written_beside(Path(loc.root), loc.uri, "samples") if beside else _in_place(loc) as folder:
+                write_dataset(
+                    str(folder),
+                    SPLIT,
+                    spec,
+                    _in_data_units(_generate_on_workers(config, str(model.file)), norm),
+                    source="samples",
+                    options=options,
+                    fingerprint=fingerprint,
+                    samples_per_shard=config.samples_per_shard,
+                    extra={"normalization": norm.to_json()} if norm is not None else None,
+                )
         if norm is not None and loc.is_local():
             np.save(Path(loc.root) / ARRAY, load_split(config.out, SPLIT, verify=False)[0], allow_pickle=False)
         seconds = time.perf_counter() - start
@@ -366,6 +375,12 @@ def run(config: SampleConfig) -> SampleResult:
         )
         record.artifact(grid)
     return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, record.run_id)
+
+
+@contextlib.contextmanager
+def _in_place(loc: storage.Location) -> Iterator[str]:
+    """An object store's --out is written where it is (no rename there); dataset.json, written last, marks it done."""
+    yield loc.uri
 
 
 def _in_data_units(

@@ -34,6 +34,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from pipelines.common import config as cfg
 from pipelines.common import storage
 from pipelines.common.checkpoints import CHECKPOINT_FILENAME, load_trained_model
+from pipelines.common.connect import check_cluster
 from pipelines.common.console import echo, place_log, warn
 from pipelines.common.errors import UserError
 from pipelines.common.ray_compat import InterruptibleTorchTrainer, is_train_v2
@@ -471,6 +472,7 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
     tracking_uri = store_uri(config.tracking)
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, name=run_name))
     params = cfg.to_dict(config)
+    check_cluster(config.run.ray_address, "run.ray_address")  # in seconds, before the run is opened
     with mlflow_run(
         config.tracking.experiment,
         _display_name(config, run_name),
@@ -529,6 +531,7 @@ def resume(
     mlflow_info = info["mlflow"]
     uri, run_id = tracking_uri or mlflow_info["tracking_uri"], mlflow_info["run_id"]
     storage_path, run_name = run_dir.rstrip("/").rsplit("/", 1)
+    check_cluster(config.run.ray_address, "run.ray_address")  # in seconds, before the run is reopened
     with reopened_run(uri, run_id):
         place_log(run_dir)
         if changed:

@@ -29,6 +29,7 @@ from pipelines.common.tracking import (
     PatientClient,
     experiment_id,
     log_params,
+    open_store,
     stage_description,
     version_tags,
 )
@@ -89,6 +90,7 @@ class ParentRun:
 
     def open(self, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Reopen this plan's parent run, or create it (with the workflow config as params)."""
+        open_store(self.tracking_uri, self.experiment)  # an unreachable or damaged store: one line, before any run
         if self.nest_under:
             self._check_nest_under()
         previous = self._previous()

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import ray
 
 from pipelines.common import config as cfg
-from pipelines.common import console, storage
+from pipelines.common import console, signals, storage
+from pipelines.common.connect import check_cluster
 from pipelines.common.errors import UserError
 from pipelines.common.ray_session import ensure_ray
 from pipelines.common.tracking import default_tracking_uri, ui_url
@@ -142,6 +143,8 @@ def run_workflow(
     config = plan.config
     print_plan(plan, uri, echo)
     console.place_log(workflow_dir(plan.workdir, plan.name))
+    if any(stage.name not in NO_RAY and stage.record() is None for stage in plan.stages):
+        check_cluster(config.train.run.ray_address, "train.run.ray_address")  # before the parent run opens
     parent = ParentRun(
         plan.workdir, plan.name, plan.key, uri, config.tracking.experiment, config.tracking.parent_run_id
     )
@@ -157,7 +160,7 @@ def run_workflow(
     ctx = Context(plan, uri, config.tracking.experiment, parent.run_id, echo=echo)
     ran: list[str] = []
     status = "FAILED"
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `cdm jobs stop`, kill: end the runs cleanly
+    previous_sigterm = signal.signal(signal.SIGTERM, signals.as_ctrl_c)  # `cdm jobs stop`, kill: end the runs cleanly
     data_checked = False
     try:
         for i, stage in enumerate(plan.stages, 1):
@@ -248,10 +251,6 @@ def _ensure_ray(config: WorkflowConfig) -> None:
     # Ray Data's progress lines every few seconds would drown the workflow's own progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _figures(record: dict[str, Any]) -> str:
