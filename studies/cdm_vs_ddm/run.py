@@ -1,8 +1,9 @@
 """Fig. 4 and Table 2 in miniature: a CDM against a DDM of the same backbone, data and training budget.
 
 The paper: the CDM's MMSE denoiser (the gradient of its logits, Theorem 3.1) beats the DDM's at high noise
-(Fig. 4), and it samples at least as well with the DDPM, DDIM and DPM-Solver samplers (Table 2; e.g.
-CelebA-64 DDPM-1000 FID 2.51 against the DDM's 4.13). Here: `studies/miniature.toml` on sklearn's 8×8
+(Fig. 4); in Table 2 it samples better on CelebA-64 (e.g. DDPM-1000 FID 2.51 against the DDM's 4.13) and
+conditional CIFAR-10, worse on unconditional CIFAR-10 with DDIM (7.56 against 7.19) and DPM-Solver (7.29
+against 6.91). Here: `studies/miniature.toml` on sklearn's 8×8
 digits, trained once as a CDM and once as a DDM (`model.kind = ddm`: the same U-Net predicting ε, the MSE
 loss only), the same 1,500 steps of 64 and seed. Fig. 4: each model's denoising MSE on the 179 test digits
 at 20 noise levels, the same noise for both (validation at the end of training). Table 2: FD of 500 samples
