@@ -243,6 +243,11 @@ CASES = [
     ),
     ("prepare-out-symlink-loop", "prepare digits --out loop --no-track", r"loop: cannot follow this path .*loop"),
     (
+        "prepare-path-symlink-loop",
+        "prepare imagefolder --path loop --out x --no-track",
+        r"loop: cannot follow this path",
+    ),
+    (
         "prepare-out-not-utf8",
         "prepare digits --out caf\udce9 --no-track",
         r"caf\\xe9: the path holds bytes that are not",

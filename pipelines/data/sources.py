@@ -31,7 +31,7 @@ from scipy.stats import multivariate_normal
 
 from cdm_core.mixture import toy_mixture
 from pipelines.common.errors import UserError
-from pipelines.common.storage import sha256_file
+from pipelines.common.storage import absolute, sha256_file
 from pipelines.data.config import SOURCES, TOY_NAMES, SourceOptions
 from pipelines.data.normalization import Normalization
 
@@ -338,7 +338,7 @@ def _cifar10(opts: SourceOptions) -> Source:
         raise UserError(
             "source cifar10 needs --path (cifar-10-python.tar.gz or the extracted cifar-10-batches-py folder)"
         )
-    path = Path(opts.path).expanduser().resolve()
+    path = Path(absolute(opts.path))
     files, inputs = _cifar_members(path)
     meta = _unpickle(files[_CIFAR_META], f"{path}:{_CIFAR_META}")
     names = meta.get("label_names")
@@ -453,7 +453,7 @@ def _imagefolder(opts: SourceOptions) -> Source:
     _reject(opts, "imagefolder", *_ARRAYS_ONLY, "name", "num_train", "num_test")
     if not opts.path:
         raise UserError("source imagefolder needs --path (a folder of images, optionally in class subfolders)")
-    root = Path(opts.path).expanduser().resolve()
+    root = Path(absolute(opts.path))
     if not root.exists():
         raise UserError(f"{root}: does not exist; --path must be a folder of images")
     if not root.is_dir():
@@ -890,7 +890,7 @@ def _array_labels(
         arr, _ = _load_npy_or_npz(data_path, given, "--labels")
         lwhere, digest = f"{data_path}[{given}]", None
     else:
-        lpath = Path(given).expanduser().resolve()
+        lpath = Path(absolute(given))
         if not lpath.exists() and npz_names:
             raise UserError(
                 f"--labels {given}: neither a file nor an array of {data_path.name} (it holds {', '.join(npz_names)})"
@@ -921,7 +921,7 @@ def _arrays(opts: SourceOptions) -> Source:
     _reject(opts, "arrays", "name", "size", "crop", "channels", "preset", "num_train", "num_test")
     if not opts.path:
         raise UserError("source arrays needs --path, a .npy or .npz file of float arrays (N, D) or (N, C, H, W)")
-    path = Path(opts.path).expanduser().resolve()
+    path = Path(absolute(opts.path))
     normalize = opts.normalize or "standardize"
     if normalize not in ("standardize", "none"):
         raise UserError(f"--normalize {normalize!r}: choose standardize or none")
