@@ -63,10 +63,10 @@ PARALLEL_LANE = {
 RAY_PROCESSES = {"raylet", "gcs_server"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.module.__name__ not in PARALLEL_LANE:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+def pytest_itemcollected(item):
+    # As each test is collected, before any pytest_collection_modifyitems: xdist's reads the group marks there.
+    if item.module.__name__ not in PARALLEL_LANE:
+        item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def _ray_started() -> set:

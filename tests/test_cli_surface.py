@@ -131,9 +131,10 @@ def test_completion_installs_and_completes_in_bash(tmp_path):
     home.mkdir()
     path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     extra = {"HOME": str(home), "PATH": path}
-    # The shell is detected from the parent process: install from bash, as a user would.
+    # The shell is detected from the parent process: install from bash, as a user would. (A lone command would be
+    # exec'd by bash in its place, and detection would find whatever ran the tests: make's sh under `make test`.)
     installed = subprocess.run(
-        ["bash", "-c", "cdm --install-completion"],
+        ["bash", "-c", "cdm --install-completion; exit $?"],
         capture_output=True, text=True, timeout=120, env=os.environ | extra,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stdout + installed.stderr

@@ -96,7 +96,9 @@ def test_print_config_applies_overrides(capsys, monkeypatch):
         ["train", TINY, "--set", "optim.lr=1e-4", "--set", "schedule.name=ot", "--print-config"], capsys, monkeypatch
     )
     assert code == 0
-    printed = json.loads(out)
+    config, batch = out.rsplit("\nbatch: ", 1)  # the config on stdout, then the batch it makes on stderr
+    assert batch.strip() == "32 images per optimizer step = 1 worker(s) × 1 micro-batch(es) of 32"
+    printed = json.loads(config)
     assert (
         printed["optim"]["lr"] == 1e-4 and printed["schedule"]["name"] == "ot" and printed["model"]["preset"] == "tiny"
     )

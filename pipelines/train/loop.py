@@ -309,7 +309,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy)
 
     train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
-    validator = Validator(config, schedule, prior, device)
+    validator = Validator(config, schedule, prior, device, data_shape)
     faults = _Faults(loop_config.get("faults", {}), rank)
     keeper = (
         LocalCheckpoints(loop_config["run_dir"], config.checkpoint.keep_best, config.score_metric) if local else None

@@ -113,8 +113,18 @@ def _sample_noise(indices: torch.Tensor, count: int, shape: tuple[int, ...], see
 class Validator:
     """Holds this worker's validation batches (read once, kept in memory) and computes the metrics."""
 
-    def __init__(self, config: TrainConfig, schedule: Schedule, prior: torch.Tensor | None, device: torch.device):
+    def __init__(
+        self,
+        config: TrainConfig,
+        schedule: Schedule,
+        prior: torch.Tensor | None,
+        device: torch.device,
+        data_shape: tuple[int, ...] | None = None,
+    ):
         self.config = config
+        # The data's dimension for val/link01_expected_nats: a worker may hold no validation batch (a small
+        # split over several workers), and every worker computes the same metrics.
+        self.dims = math.prod(data_shape) if data_shape else None
         self.schedule = schedule.to(device=device, dtype=torch.float32)
         self.prior = prior
         self.device = device
@@ -209,7 +219,7 @@ class Validator:
         k = len(self.grid)
         # sums: [count, nll_bpd, ce per t (k), mse per t (k), correct per t (k), ℓ₀ − ℓ₁]
         sums = torch.zeros(3 + 3 * k, dtype=torch.float64, device=self.device)
-        dims = None
+        dims = self.dims
         for b in self.batches:
             x0 = b["x"].to(self.device)
             y = b["label"].to(self.device) if cfg.model.conditional else None
@@ -245,7 +255,7 @@ class Validator:
             metrics["val/ce"] = float(sums[2 : 2 + k].sum()) / (count * k)
             metrics["val/accuracy"] = float(sums[2 + 2 * k : 2 + 3 * k].sum()) / (count * k)
             metrics["val/link01_nats"] = float(sums[-1]) / count
-            if self.normalization is None:
+            if self.normalization is None and dims is not None:
                 metrics["val/link01_expected_nats"] = link01_expected_nats(self.schedule, dims, self.prior)
         return {key: float(v) for key, v in metrics.items() if math.isfinite(v) or key == "val/samples"}
 
