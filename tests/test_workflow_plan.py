@@ -219,3 +219,173 @@ def test_a_workflow_parent_nests_under_a_study_run_of_its_store(tmp_path):
     for bad, says in (("0" * 32, "no run 0000"), (other, "run [0-9a-f]+ is in another experiment than 'cdm'")):
         with pytest.raises(UserError, match=f"tracking.parent_run_id: {says}"):
             ParentRun(tmp_path, "wf2", "key2", uri, "cdm", nest_under=bad).open({}, {})
+
+
+# --------------------------------------------------------------------------- the code a stage ran on
+
+
+def _sources_copy(root: Path) -> Path:
+    """A copy of the packages' Python sources, for the fingerprints to read in place of the installed ones."""
+    import shutil
+
+    for package in ("pipelines", "cdm_core"):
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
+def _edit_per_sample(root: Path, *, code: bool) -> None:
+    """Change `cdm_core.likelihood._per_sample`: its code (code=True), or only a comment, its docstring and layout."""
+    path = root / "cdm_core" / "likelihood.py"
+    text = path.read_text()
+    old = (
+        '    """(B,) values shaped (B, 1, …, 1) in like\'s dtype, to broadcast against it."""\n'
+        "    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))\n"
+    )
+    assert old in text
+    new = (
+        "    return values.to(like.dtype).reshape(-1, *([1] * like.dim()))[..., 0]\n"
+        if code
+        else '    """Reshaped to broadcast."""\n'
+        "    # a comment\n"
+        "    return values.to(like.dtype).reshape(\n        -1, *([1] * (like.dim() - 1))\n    )\n"
+    )
+    path.write_text(text.replace(old, new))
+
+
+def _all_done(plan) -> None:
+    """Every stage of the plan done, its record written as the runner writes it (with the code it ran on)."""
+    from pipelines.workflow.runner import write_record
+
+    for stage in plan.stages:
+        Path(stage.output).mkdir(parents=True, exist_ok=True)
+        write_record(stage, {"outputs": {}, "metrics": {}}, seconds=1.0)
+
+
+def _decisions(workdir: Path, *overrides: str, **kw) -> dict[str, tuple[str, str]]:
+    from pipelines.workflow.runner import decide
+
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", list(overrides), workdir=workdir)
+    return {name: (d.action, d.why) for name, d in decide(plan, **kw).items()}
+
+
+def _acting(decisions: dict[str, tuple[str, str]], action: str) -> set[str]:
+    return {name for name, (a, _) in decisions.items() if a == action}
+
+
+def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports_it(tmp_path, monkeypatch):
+    from pipelines.workflow import fingerprints
+
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    everything = {s.name for s in plan.stages}
+    assert _decisions(work) == {name: ("skip", "done") for name in everything}
+
+    # Only a comment, a docstring and the layout of a likelihood function: the same code, nothing stale.
+    cosmetic = _sources_copy(tmp_path / "cosmetic")
+    _edit_per_sample(cosmetic, code=False)
+    monkeypatch.setattr(fingerprints, "ROOT", cosmetic)
+    assert _decisions(work) == {name: ("skip", "done") for name in everything}
+
+    # The function's code: the two NLL stages compute with cdm_core.likelihood, and only they do.
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    decisions = _decisions(work)
+    assert _acting(decisions, "skip") == everything
+    stale = {name for name, (_, why) in decisions.items() if why != "done"}
+    assert stale == {"nll_untrained", "nll"}
+    assert decisions["nll"][1] == "stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run"
+
+    # --rerun-stale takes exactly them (nothing reads the NLL stages' outputs).
+    decisions = _decisions(work, rerun_stale=True)
+    assert _acting(decisions, "rerun") == {"nll_untrained", "nll"}
+    assert _acting(decisions, "skip") == everything - {"nll_untrained", "nll"}
+    assert decisions["nll"][1] == "stale: ran on other code, cdm_core.likelihood changed"
+
+
+def test_rerun_takes_a_stage_and_every_stage_that_reads_it(tmp_path):
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    decisions = _decisions(tmp_path, rerun=["train"])
+    assert _acting(decisions, "rerun") == {"train", "sample", "nll", "fid"}
+    assert decisions["train"][1] == "--rerun" and decisions["sample"][1] == "reads train, which re-runs"
+    assert _acting(decisions, "skip") == {"prepare", "nll_untrained", "features"}
+    assert _acting(_decisions(tmp_path, rerun=["features", "nll"]), "rerun") == {"features", "nll", "fid"}
+    assert _acting(_decisions(tmp_path, rerun_stale=True), "rerun") == set()  # nothing is stale
+
+    # A kind names every protocol's stage of it.
+    protocols = ["protocols.ddim10.steps=10", "protocols.ddim20.steps=20"]
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", protocols, workdir=tmp_path)
+    _all_done(plan)
+    assert _acting(_decisions(tmp_path, *protocols, rerun=["sample"]), "rerun") == {
+        "sample-ddim10",
+        "sample-ddim20",
+        "fid-ddim10",
+        "fid-ddim20",
+    }
+    assert _acting(_decisions(tmp_path, *protocols, rerun=["fid-ddim10"]), "rerun") == {"fid-ddim10"}
+    with pytest.raises(UserError, match=r"^--rerun sample-ddim50: workflow demo has no such stage; its stages: "):
+        _decisions(tmp_path, *protocols, rerun=["sample-ddim50"])
+
+
+def test_a_record_that_names_no_code_is_kept_and_not_called_stale(tmp_path):
+    import json
+
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    train = plan.stage("train")
+    record = json.loads(train.record_file.read_text())
+    del record["code"]  # as cdm 0.1.0 wrote it
+    train.record_file.write_text(json.dumps(record))
+    for decisions in (_decisions(tmp_path), _decisions(tmp_path, rerun_stale=True)):
+        assert _acting(decisions, "skip") == {s.name for s in plan.stages}
+        assert decisions["train"][1] == "done, by a cdm that did not record its code; --rerun train to re-run"
+
+
+def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stale_runs(
+    tmp_path, monkeypatch, cdm_forks
+):
+    """Records written by edited code; the real `cdm` (the installed code) finds exactly the NLL stages stale."""
+    from pipelines.workflow import fingerprints
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+
+    def dry_run(*args: str) -> dict[str, str]:
+        out = cdm_forks.run(["run", str(CONFIGS / "demo.toml"), "--dry-run", "--workdir", str(work), *args], tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines = [line.split(maxsplit=4) for line in out.stdout.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+        assert [line[1] for line in lines] == [s.name for s in plan.stages], out.stdout
+        return {line[1]: f"{line[3]} {line[4]}" for line in lines}, out.stdout
+
+    shown, stdout = dry_run()
+    for name, line in shown.items():
+        if name in ("nll_untrained", "nll"):
+            assert line.startswith("skip") and line.endswith(
+                "(stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run)"
+            ), line
+        else:
+            assert line.startswith("skip") and line.endswith("(done)"), line
+    assert "2 done stage(s) ran on other code and are kept" in stdout
+
+    shown, _ = dry_run("--rerun-stale")
+    assert {name for name, line in shown.items() if line.startswith("rerun")} == {"nll_untrained", "nll"}
+    assert {name for name, line in shown.items() if line.startswith("skip")} == {
+        "prepare",
+        "train",
+        "sample",
+        "features",
+        "fid",
+    }
+
+    out = cdm_forks.run(["run", str(CONFIGS / "demo.toml"), "--dry-run", "--rerun", "trian"], tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "error: --rerun trian: workflow demo has no such stage; its stages: prepare, nll_untrained, train, sample, "
+        "nll, features, fid"
+    ]
