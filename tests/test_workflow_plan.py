@@ -389,3 +389,65 @@ def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stal
         "error: --rerun trian: workflow demo has no such stage; its stages: prepare, nll_untrained, train, sample, "
         "nll, features, fid"
     ]
+
+
+def test_a_run_keeps_the_stale_stages_with_one_warning_each_and_runs_nothing(tmp_path, monkeypatch):
+    """The runner follows the plan's decisions: every stage done, two of them on other code, nothing runs."""
+    import ray
+
+    from pipelines.workflow import fingerprints
+    from pipelines.workflow.runner import run_workflow
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    monkeypatch.undo()
+
+    lines: list[str] = []
+    result = run_workflow(CONFIGS / "demo.toml", workdir=work, echo=lines.append)
+    assert result.ran == [] and not ray.is_initialized()
+    warnings = [line for line in lines if "warning" in line]
+    assert warnings == [
+        f"[{i}/7] {name} {plan.stage(name).key}: warning: ran on other code (cdm_core.likelihood changed), kept as "
+        f"it is; --rerun {name} or --rerun-stale re-runs it"
+        for i, name in ((2, "nll_untrained"), (5, "nll"))
+    ]
+
+
+def test_a_runner_s_own_code_counts_for_its_kind_only(tmp_path, monkeypatch):
+    from pipelines.workflow import fingerprints
+
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    edited = _sources_copy(tmp_path / "edited")
+    stages = edited / "pipelines" / "workflow" / "stages.py"
+    old = '        "outputs": {"samples": result.uri, "grid": result.grid},\n'
+    assert old in stages.read_text()
+    stages.write_text(stages.read_text().replace(old, '        "outputs": {"samples": result.uri},\n'))
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    decisions = _decisions(work)
+    assert {name for name, (_, why) in decisions.items() if why != "done"} == {"sample"}
+    assert "pipelines.workflow.stages:run_sample changed" in decisions["sample"][1]
+
+
+def test_a_replaced_stage_s_child_run_stays_under_its_parent_under_another_name(tmp_path):
+    from pipelines.common.tracking import PatientClient, experiment_id
+    from pipelines.workflow.parent_run import STAGE_TAG, ParentRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = ParentRun(tmp_path, "wf", "key1", uri, "cdm")
+    parent.open({}, {})
+    client = PatientClient(uri)
+    child = client.create_run(experiment_id("cdm", uri), run_name="x").info.run_id
+    client.set_tag(child, "mlflow.parentRunId", parent.run_id)
+    parent.tag_child(child, "train", "k")
+    assert parent.children_by_stage() == {"train": child}
+    parent.retire_child("train")
+    parent.retire_child("sample")  # a stage without a child run: nothing to do
+    assert parent.children_by_stage() == {"train (replaced)": child}
+    assert client.get_run(child).data.tags[STAGE_TAG] == "train (replaced)"
+    assert client.get_run(child).info.run_name == "train (replaced)"
