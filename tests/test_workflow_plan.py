@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -330,8 +331,6 @@ def test_rerun_takes_a_stage_and_every_stage_that_reads_it(tmp_path):
 
 
 def test_a_record_that_names_no_code_is_kept_and_not_called_stale(tmp_path):
-    import json
-
     plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
     _all_done(plan)
     train = plan.stage("train")
@@ -434,20 +433,36 @@ def test_a_runner_s_own_code_counts_for_its_kind_only(tmp_path, monkeypatch):
     assert "pipelines.workflow.stages:run_sample changed" in decisions["sample"][1]
 
 
-def test_a_replaced_stage_s_child_run_stays_under_its_parent_under_another_name(tmp_path):
+def test_a_re_run_moves_the_earlier_output_aside_and_keeps_a_record_written_meanwhile(tmp_path):
+    """What the runner does under a stage's lock before it runs it again (the stages themselves need Ray)."""
     from pipelines.common.tracking import PatientClient, experiment_id
     from pipelines.workflow.parent_run import STAGE_TAG, ParentRun
+    from pipelines.workflow.runner import decide, done_record, write_record
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = ParentRun(tmp_path, "wf", "key1", uri, "cdm")
+    plan, uri = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    nll, sample = plan.stage("nll"), plan.stage("sample")
+    (Path(nll.output) / "scores.parquet").write_bytes(b"the first scores")
+    parent = ParentRun(tmp_path, "demo", plan.key, uri, "cdm")
     parent.open({}, {})
     client = PatientClient(uri)
-    child = client.create_run(experiment_id("cdm", uri), run_name="x").info.run_id
-    client.set_tag(child, "mlflow.parentRunId", parent.run_id)
-    parent.tag_child(child, "train", "k")
-    assert parent.children_by_stage() == {"train": child}
-    parent.retire_child("train")
-    parent.retire_child("sample")  # a stage without a child run: nothing to do
-    assert parent.children_by_stage() == {"train (replaced)": child}
-    assert client.get_run(child).data.tags[STAGE_TAG] == "train (replaced)"
-    assert client.get_run(child).info.run_name == "train (replaced)"
+    child = client.create_run(experiment_id("cdm", uri), tags={"mlflow.parentRunId": parent.run_id}).info.run_id
+    parent.tag_child(child, "nll", nll.key)
+
+    decisions = decide(plan, ["nll", "sample"])
+    lines: list[str] = []
+    assert done_record(nll, decisions["nll"], parent, "[5/7] nll", lines.append) is None
+    [kept] = Path(nll.output).parent.glob(f"nll-{nll.key}.replaced-*[0-9]")
+    assert lines == [f"[5/7] nll: re-runs (--rerun); the earlier output is kept in {kept}"]
+    assert (kept / "scores.parquet").read_bytes() == b"the first scores"
+    assert json.loads(Path(f"{kept}.json").read_text())["key"] == nll.key
+    assert not Path(nll.output).exists() and not nll.record_file.exists() and nll.record() is None
+    assert parent.children_by_stage() == {"nll (replaced)": child}
+    assert client.get_run(child).data.tags[STAGE_TAG] == "nll (replaced)"
+    parent.retire_child("features")  # a stage without a child run: nothing to do
+
+    # Another `cdm run` re-ran the sample stage while this one waited for its lock: its record is kept.
+    newer = write_record(sample, {"outputs": {}, "metrics": {}}, seconds=2.0)
+    assert done_record(sample, decisions["sample"], parent, "[4/7] sample", lines.append) == newer
+    assert Path(sample.output).is_dir() and not list(Path(sample.output).parent.glob("sample-*.replaced-*"))
+    assert lines[-1] == "[4/7] sample: done earlier (2 s), skipped"

@@ -241,23 +241,8 @@ def run_workflow(
         for i, stage in enumerate(plan.stages, 1):
             head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
             with _stage_lock(stage, echo):
-                record = stage.record()
-                planned = decisions[stage.name]
-                # Only the record the plan saw is replaced: one a concurrent run wrote meanwhile is kept.
-                if record is not None and planned.action == "rerun" and record == planned.record:
-                    kept = _set_aside(stage)
-                    parent.retire_child(stage.name)
-                    echo(f"{head}: re-runs ({planned.why}); the earlier output is kept in {kept}")
-                    record = None
+                record = done_record(stage, decisions[stage.name], parent, head, echo)
                 if record is not None:
-                    stale = stage.stale(record)
-                    if stale:
-                        echo(
-                            f"{head}: warning: ran on other code ({stale} changed), kept as it is; "
-                            f"--rerun {stage.name} or --rerun-stale re-runs it"
-                        )
-                    else:
-                        echo(f"{head}: done earlier ({duration(record.get('seconds', 0))}), skipped")
                     ctx.records[stage.name] = record
                     continue
                 if stage.name != "prepare" and not data_checked:
@@ -285,6 +270,30 @@ def run_workflow(
     )
     print_summary(result, plan, echo)
     return result
+
+
+def done_record(stage: Stage, planned: Decision, parent: ParentRun, head: str, echo) -> Optional[dict[str, Any]]:
+    """The record of a stage to skip, as things stand now (under its lock); None when it is to run.
+
+    A stage the plan re-runs has its output and record moved aside first, and its MLflow child renamed;
+    only the record the plan saw is replaced: one that a concurrent run wrote meanwhile is kept.
+    """
+    record = stage.record()
+    if record is not None and planned.action == "rerun" and record == planned.record:
+        kept = _set_aside(stage)
+        parent.retire_child(stage.name)
+        echo(f"{head}: re-runs ({planned.why}); the earlier output is kept in {kept}")
+        return None
+    if record is not None:
+        stale = stage.stale(record)
+        if stale:
+            echo(
+                f"{head}: warning: ran on other code ({stale} changed), kept as it is; "
+                f"--rerun {stage.name} or --rerun-stale re-runs it"
+            )
+        else:
+            echo(f"{head}: done earlier ({duration(record.get('seconds', 0))}), skipped")
+    return record
 
 
 def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
