@@ -273,6 +273,10 @@ def _acting(decisions: dict[str, tuple[str, str]], action: str) -> set[str]:
     return {name for name, (a, _) in decisions.items() if a == action}
 
 
+def _stale(decisions: dict[str, tuple[str, str]]) -> set[str]:
+    return {name for name, (_, why) in decisions.items() if why.startswith("stale")}
+
+
 def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports_it(tmp_path, monkeypatch):
     from pipelines.workflow import fingerprints
 
@@ -288,21 +292,39 @@ def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports
     monkeypatch.setattr(fingerprints, "ROOT", cosmetic)
     assert _decisions(work) == {name: ("skip", "done") for name in everything}
 
-    # The function's code: the two NLL stages compute with cdm_core.likelihood, and only they do.
+    # A Fréchet-distance function: only the fid stage computes with cdm_core.frechet; --rerun-stale takes it alone.
+    frechet = _sources_copy(tmp_path / "frechet")
+    path = frechet / "cdm_core" / "frechet.py"
+    old = "    x = np.asarray(x, dtype=np.float64)\n"
+    assert path.read_text().count(old) == 1
+    path.write_text(path.read_text().replace(old, "    x = np.asarray(x, dtype=np.float32).astype(np.float64)\n"))
+    monkeypatch.setattr(fingerprints, "ROOT", frechet)
+    decisions = _decisions(work)
+    assert _acting(decisions, "skip") == everything and _stale(decisions) == {"fid"}
+    assert decisions["fid"][1] == "stale: ran on other code, cdm_core.frechet changed; --rerun-stale to re-run"
+    decisions = _decisions(work, rerun_stale=True)
+    assert _acting(decisions, "rerun") == {"fid"} and _acting(decisions, "skip") == everything - {"fid"}
+    assert decisions["fid"][1] == "stale: ran on other code, cdm_core.frechet changed"
+
+    # A likelihood function: the NLL stages and training (its validation reports the ELBO) compute with it.
     edited = _sources_copy(tmp_path / "edited")
     _edit_per_sample(edited, code=True)
     monkeypatch.setattr(fingerprints, "ROOT", edited)
     decisions = _decisions(work)
     assert _acting(decisions, "skip") == everything
-    stale = {name for name, (_, why) in decisions.items() if why != "done"}
-    assert stale == {"nll_untrained", "nll"}
+    assert _stale(decisions) == {"nll_untrained", "train", "nll"}
     assert decisions["nll"][1] == "stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run"
-
-    # --rerun-stale takes exactly them (nothing reads the NLL stages' outputs).
+    # --rerun-stale takes exactly them, and the stages that read the new training (their input changes).
     decisions = _decisions(work, rerun_stale=True)
-    assert _acting(decisions, "rerun") == {"nll_untrained", "nll"}
-    assert _acting(decisions, "skip") == everything - {"nll_untrained", "nll"}
-    assert decisions["nll"][1] == "stale: ran on other code, cdm_core.likelihood changed"
+    assert _acting(decisions, "rerun") == {"nll_untrained", "train", "nll", "sample", "fid"}
+    assert {name: why for name, (action, why) in decisions.items() if action == "rerun"} == {
+        "nll_untrained": "stale: ran on other code, cdm_core.likelihood changed",
+        "train": "stale: ran on other code, cdm_core.likelihood changed",
+        "nll": "stale: ran on other code, cdm_core.likelihood changed",
+        "sample": "reads train, which re-runs",
+        "fid": "reads sample, which re-runs",
+    }
+    assert _acting(decisions, "skip") == {"prepare", "features"}
 
 
 def test_rerun_takes_a_stage_and_every_stage_that_reads_it(tmp_path):
@@ -345,7 +367,7 @@ def test_a_record_that_names_no_code_is_kept_and_not_called_stale(tmp_path):
 def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stale_runs(
     tmp_path, monkeypatch, cdm_forks
 ):
-    """Records written by edited code; the real `cdm` (the installed code) finds exactly the NLL stages stale."""
+    """Records written by edited code; the real `cdm` (the installed code) finds exactly the stages using it stale."""
     from pipelines.workflow import fingerprints
 
     edited = _sources_copy(tmp_path / "edited")
@@ -364,23 +386,23 @@ def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stal
 
     shown, stdout = dry_run()
     for name, line in shown.items():
-        if name in ("nll_untrained", "nll"):
+        if name in ("nll_untrained", "train", "nll"):
             assert line.startswith("skip") and line.endswith(
                 "(stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run)"
             ), line
         else:
             assert line.startswith("skip") and line.endswith("(done)"), line
-    assert "2 done stage(s) ran on other code and are kept" in stdout
+    assert "3 done stage(s) ran on other code and are kept" in stdout
 
     shown, _ = dry_run("--rerun-stale")
-    assert {name for name, line in shown.items() if line.startswith("rerun")} == {"nll_untrained", "nll"}
-    assert {name for name, line in shown.items() if line.startswith("skip")} == {
-        "prepare",
+    assert {name for name, line in shown.items() if line.startswith("rerun")} == {
+        "nll_untrained",
         "train",
         "sample",
-        "features",
+        "nll",
         "fid",
     }
+    assert {name for name, line in shown.items() if line.startswith("skip")} == {"prepare", "features"}
 
     out = cdm_forks.run(["run", str(CONFIGS / "demo.toml"), "--dry-run", "--rerun", "trian"], tmp_path)
     assert out.returncode == 2 and out.stdout == ""
@@ -391,7 +413,7 @@ def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stal
 
 
 def test_a_run_keeps_the_stale_stages_with_one_warning_each_and_runs_nothing(tmp_path, monkeypatch):
-    """The runner follows the plan's decisions: every stage done, two of them on other code, nothing runs."""
+    """The runner follows the plan's decisions: every stage done, three of them on other code, nothing runs."""
     import ray
 
     from pipelines.workflow import fingerprints
@@ -412,7 +434,7 @@ def test_a_run_keeps_the_stale_stages_with_one_warning_each_and_runs_nothing(tmp
     assert warnings == [
         f"[{i}/7] {name} {plan.stage(name).key}: warning: ran on other code (cdm_core.likelihood changed), kept as "
         f"it is; --rerun {name} or --rerun-stale re-runs it"
-        for i, name in ((2, "nll_untrained"), (5, "nll"))
+        for i, name in ((2, "nll_untrained"), (3, "train"), (5, "nll"))
     ]
 
 
