@@ -455,15 +455,15 @@ def test_a_runner_s_own_code_counts_for_its_kind_only(tmp_path, monkeypatch):
     assert "pipelines.workflow.stages:run_sample changed" in decisions["sample"][1]
 
 
-def test_a_re_run_moves_the_earlier_output_aside_and_keeps_a_record_written_meanwhile(tmp_path):
-    """What the runner does under a stage's lock before it runs it again (the stages themselves need Ray)."""
+def test_a_re_run_moves_the_earlier_outputs_aside_first_and_keeps_a_record_written_meanwhile(tmp_path):
+    """What the runner does before the first stage runs (the stages themselves need Ray)."""
     from pipelines.common.tracking import PatientClient, experiment_id
     from pipelines.workflow.parent_run import STAGE_TAG, ParentRun
-    from pipelines.workflow.runner import decide, done_record, write_record
+    from pipelines.workflow.runner import decide, done_record, set_aside_reruns, write_record
 
     plan, uri = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
     _all_done(plan)
-    nll, sample = plan.stage("nll"), plan.stage("sample")
+    nll, sample, fid = plan.stage("nll"), plan.stage("sample"), plan.stage("fid")
     (Path(nll.output) / "scores.parquet").write_bytes(b"the first scores")
     parent = ParentRun(tmp_path, "demo", plan.key, uri, "cdm")
     parent.open({}, {})
@@ -472,19 +472,25 @@ def test_a_re_run_moves_the_earlier_output_aside_and_keeps_a_record_written_mean
     parent.tag_child(child, "nll", nll.key)
 
     decisions = decide(plan, ["nll", "sample"])
+    assert _acting({n: (d.action, d.why) for n, d in decisions.items()}, "rerun") == {"nll", "sample", "fid"}
+    # Another `cdm run` re-ran the sample stage after this one planned: its record is kept.
+    newer = write_record(sample, {"outputs": {}, "metrics": {}}, seconds=2.0)
     lines: list[str] = []
-    assert done_record(nll, decisions["nll"], parent, "[5/7] nll", lines.append) is None
-    [kept] = Path(nll.output).parent.glob(f"nll-{nll.key}.replaced-*[0-9]")
-    assert lines == [f"[5/7] nll: re-runs (--rerun); the earlier output is kept in {kept}"]
-    assert (kept / "scores.parquet").read_bytes() == b"the first scores"
-    assert json.loads(Path(f"{kept}.json").read_text())["key"] == nll.key
-    assert not Path(nll.output).exists() and not nll.record_file.exists() and nll.record() is None
+    set_aside_reruns(plan, decisions, parent, lines.append)
+
+    [kept_nll] = Path(nll.output).parent.glob(f"nll-{nll.key}.replaced-*[0-9]")
+    [kept_fid] = Path(fid.output).parent.glob(f"fid-{fid.key}.replaced-*[0-9]")
+    assert lines == [  # the last stage first
+        f"[7/7] fid {fid.key}: re-runs (reads sample, which re-runs); the earlier output is kept in {kept_fid}",
+        f"[5/7] nll {nll.key}: re-runs (--rerun); the earlier output is kept in {kept_nll}",
+    ]
+    assert (kept_nll / "scores.parquet").read_bytes() == b"the first scores"
+    assert json.loads(Path(f"{kept_nll}.json").read_text())["key"] == nll.key
+    for stage in (nll, fid):
+        assert not Path(stage.output).exists() and not stage.record_file.exists() and stage.record() is None
+    assert sample.record() == newer and not list(Path(sample.output).parent.glob("sample-*.replaced-*"))
+    assert done_record(sample, "[4/7] sample", lines.append) == newer
+    assert lines[-1] == "[4/7] sample: done earlier (2 s), skipped"
     assert parent.children_by_stage() == {"nll (replaced)": child}
     assert client.get_run(child).data.tags[STAGE_TAG] == "nll (replaced)"
-    parent.retire_child("features")  # a stage without a child run: nothing to do
-
-    # Another `cdm run` re-ran the sample stage while this one waited for its lock: its record is kept.
-    newer = write_record(sample, {"outputs": {}, "metrics": {}}, seconds=2.0)
-    assert done_record(sample, decisions["sample"], parent, "[4/7] sample", lines.append) == newer
-    assert Path(sample.output).is_dir() and not list(Path(sample.output).parent.glob("sample-*.replaced-*"))
-    assert lines[-1] == "[4/7] sample: done earlier (2 s), skipped"
+    assert client.get_run(child).info.run_name == "nll (replaced)"

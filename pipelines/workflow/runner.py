@@ -238,10 +238,11 @@ def run_workflow(
     previous_sigterm = signal.signal(signal.SIGTERM, signals.as_ctrl_c)  # `cdm jobs stop`, kill: end the runs cleanly
     data_checked = False
     try:
+        set_aside_reruns(plan, decisions, parent, echo)
         for i, stage in enumerate(plan.stages, 1):
             head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
             with _stage_lock(stage, echo):
-                record = done_record(stage, decisions[stage.name], parent, head, echo)
+                record = done_record(stage, head, echo)
                 if record is not None:
                     ctx.records[stage.name] = record
                     continue
@@ -272,18 +273,31 @@ def run_workflow(
     return result
 
 
-def done_record(stage: Stage, planned: Decision, parent: ParentRun, head: str, echo) -> Optional[dict[str, Any]]:
-    """The record of a stage to skip, as things stand now (under its lock); None when it is to run.
+def set_aside_reruns(plan: Plan, decisions: dict[str, Decision], parent: ParentRun, echo) -> None:
+    """Before any stage runs, move aside the output and record of each stage the plan re-runs, and rename its
+    MLflow child: a run killed half-way then leaves those stages to run, not old outputs beside new inputs.
 
-    A stage the plan re-runs has its output and record moved aside first, and its MLflow child renamed;
-    only the record the plan saw is replaced: one that a concurrent run wrote meanwhile is kept.
+    Last stage first, so a kill in between never leaves a stage done on top of one that is not. Only the
+    record the plan saw is moved: one that a concurrent run wrote meanwhile is kept.
     """
+    for i, stage in reversed(list(enumerate(plan.stages, 1))):
+        planned = decisions[stage.name]
+        if planned.action != "rerun":
+            continue
+        with _stage_lock(stage, echo):
+            record = stage.record()
+            if record is not None and record == planned.record:
+                kept = _set_aside(stage)
+                parent.retire_child(stage.name)
+                echo(
+                    f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}: re-runs ({planned.why}); the earlier output is kept in {kept}"
+                )
+
+
+def done_record(stage: Stage, head: str, echo) -> Optional[dict[str, Any]]:
+    """The record of a stage to skip, as things stand now (under its lock), with a warning if it ran on other
+    code; None when it is to run."""
     record = stage.record()
-    if record is not None and planned.action == "rerun" and record == planned.record:
-        kept = _set_aside(stage)
-        parent.retire_child(stage.name)
-        echo(f"{head}: re-runs ({planned.why}); the earlier output is kept in {kept}")
-        return None
     if record is not None:
         stale = stage.stale(record)
         if stale:
