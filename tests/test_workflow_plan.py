@@ -494,3 +494,38 @@ def test_a_re_run_moves_the_earlier_outputs_aside_first_and_keeps_a_record_writt
     assert parent.children_by_stage() == {"nll (replaced)": child}
     assert client.get_run(child).data.tags[STAGE_TAG] == "nll (replaced)"
     assert client.get_run(child).info.run_name == "nll (replaced)"
+
+
+def test_a_training_resumed_on_other_code_says_so_and_is_stale_once_done(tmp_path, monkeypatch):
+    from pipelines.train.run_dir import RUN_FILE
+    from pipelines.workflow import fingerprints
+    from pipelines.workflow.runner import _note_start, write_record
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    for stage in plan.stages[:2]:  # prepare, nll_untrained
+        Path(stage.output).mkdir(parents=True)
+        write_record(stage, {"outputs": {}}, seconds=1.0)
+    train = plan.stage("train")
+    _note_start(train)  # as the runner does before a stage runs, here on the edited code; then the run is killed
+    (Path(train.output) / "checkpoint_000003").mkdir(parents=True)
+    (Path(train.output) / RUN_FILE).write_text("{}")
+    monkeypatch.undo()
+
+    decisions = _decisions(tmp_path)
+    assert decisions["train"] == (
+        "resume",
+        "interrupted; continues from checkpoint_000003; it started on other code (cdm_core.likelihood changed), "
+        "so it will show as stale",
+    )
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    train = plan.stage("train")
+    _note_start(train)  # resumed on the installed code: the first start's code stays
+    write_record(train, {"outputs": {}}, seconds=1.0)
+    assert not train.started_file.exists()
+    assert _decisions(tmp_path)["train"] == (
+        "skip",
+        "stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run",
+    )

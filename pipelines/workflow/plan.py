@@ -88,6 +88,17 @@ class Stage:
     def record_file(self) -> Path:
         return Path(f"{self.output}.json")
 
+    @property
+    def started_file(self) -> Path:
+        """The code the stage started on, while it is not done (a resumed training keeps its first start's)."""
+        return Path(f"{self.output}.started.json")
+
+    def started_code(self) -> Optional[dict[str, Any]]:
+        try:
+            return json.loads(self.started_file.read_text()).get("code")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def record(self) -> Optional[dict[str, Any]]:
         """The finished stage's record, if it is there, matches this key and its output still exists."""
         try:

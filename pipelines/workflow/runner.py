@@ -153,12 +153,15 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     folder = Path(stage.output)
     if stage.name == "train" and (folder / RUN_FILE).is_file():
         checkpoints = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
-        return (
-            "resume",
+        why = (
             f"interrupted; continues from {checkpoints[-1]}"
             if checkpoints
-            else "interrupted before its first checkpoint",
+            else "interrupted before its first checkpoint"
         )
+        started = stage.stale({"code": stage.started_code()})
+        if started:
+            why += f"; it started on other code ({started} changed), so it will show as stale"
+        return "resume", why
     return "run", ""
 
 
@@ -252,6 +255,7 @@ def run_workflow(
                 if stage.name not in NO_RAY:
                     _ensure_ray(config)
                 echo(f"{head}: {stage.about}")
+                _note_start(stage)
                 record = _run_stage(stage, ctx, echo)
             parent.tag_child(record.get("mlflow_run_id"), stage.name, stage.key)
             ctx.records[stage.name] = record
@@ -323,8 +327,17 @@ def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
     return write_record(stage, record, time.perf_counter() - t0)
 
 
+def _note_start(stage: Stage) -> None:
+    """Write the code a stage starts on, unless it resumes (then the first start's stays)."""
+    if stage_status(stage)[0] == "resume" and stage.started_code() is not None:
+        return
+    storage.write_json(str(stage.started_file), {"code": stage.code.as_record() if stage.code else None})
+
+
 def write_record(stage: Stage, result: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The finished stage's record, with the code that computed it, written atomically beside its output."""
+    """The finished stage's record, written atomically beside its output, with the code that computed it: the code
+    it started on, if a resumed training started on other code (so that it shows as stale)."""
+    code = stage.started_code() or (stage.code.as_record() if stage.code else None)
     record = {
         "stage": stage.name,
         "key": stage.key,
@@ -333,10 +346,11 @@ def write_record(stage: Stage, result: dict[str, Any], seconds: float) -> dict[s
         "inputs": stage.inputs,
         "seconds": seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "code": stage.code.as_record() if stage.code else None,
+        "code": code,
         **result,
     }
     storage.write_json(str(stage.record_file), record)
+    stage.started_file.unlink(missing_ok=True)
     return record
 
 
