@@ -221,7 +221,7 @@ def run_workflow(
     decisions = decide(plan, list(rerun), rerun_stale)
     print_plan(plan, uri, decisions, echo)
     console.place_log(workflow_dir(plan.workdir, plan.name))
-    if any(stage.name not in NO_RAY and stage.record() is None for stage in plan.stages):
+    if any(stage.name not in NO_RAY and decisions[stage.name].action != "skip" for stage in plan.stages):
         check_cluster(config.train.run.ray_address, "train.run.ray_address")  # before the parent run opens
     parent = ParentRun(
         plan.workdir, plan.name, plan.key, uri, config.tracking.experiment, config.tracking.parent_run_id
@@ -293,9 +293,8 @@ def set_aside_reruns(plan: Plan, decisions: dict[str, Decision], parent: ParentR
             if record is not None and record == planned.record:
                 kept = _set_aside(stage)
                 parent.retire_child(stage.name)
-                echo(
-                    f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}: re-runs ({planned.why}); the earlier output is kept in {kept}"
-                )
+                head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
+                echo(f"{head}: re-runs ({planned.why}); the earlier output is kept in {kept}")
 
 
 def done_record(stage: Stage, head: str, echo) -> Optional[dict[str, Any]]:
