@@ -9,6 +9,8 @@ docstring or a reformatting changes nothing, and a changed function in `cdm_core
 changes the fingerprints of exactly the kinds whose code imports that module.
 
 Not seen: code loaded by name at run time (`importlib`), other packages (torch, Ray), data files.
+The cdm version goes into a record for reading only: a release that leaves a kind's code alone
+leaves its stages fresh.
 """
 
 from __future__ import annotations
