@@ -375,6 +375,7 @@ CASES = [
         f"run {DEMO} --dry-run --set name=../../../x",
         r"name: '\.\./\.\./\.\./x': a workflow's",
     ),
+    ("run-rerun-no-such-stage", f"run {DEMO} --rerun trian", r"--rerun trian: workflow demo has no such stage; its"),
     # clusters and the UI
     ("jobs-unreachable", "jobs list --address http://127.0.0.1:9", r"127\.0\.0\.1:9"),
     ("ui-missing-workdir", "ui --workdir nowhere/at/all", r"nowhere/at/all: no such directory"),

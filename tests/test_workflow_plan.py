@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,312 @@ def test_a_workflow_parent_nests_under_a_study_run_of_its_store(tmp_path):
     for bad, says in (("0" * 32, "no run 0000"), (other, "run [0-9a-f]+ is in another experiment than 'cdm'")):
         with pytest.raises(UserError, match=f"tracking.parent_run_id: {says}"):
             ParentRun(tmp_path, "wf2", "key2", uri, "cdm", nest_under=bad).open({}, {})
+
+
+# --------------------------------------------------------------------------- the code a stage ran on
+
+
+def _sources_copy(root: Path) -> Path:
+    """A copy of the packages' Python sources, for the fingerprints to read in place of the installed ones."""
+    import shutil
+
+    for package in ("pipelines", "cdm_core"):
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
+def _edit_per_sample(root: Path, *, code: bool) -> None:
+    """Change `cdm_core.likelihood._per_sample`: its code (code=True), or only a comment, its docstring and layout."""
+    path = root / "cdm_core" / "likelihood.py"
+    text = path.read_text()
+    old = (
+        '    """(B,) values shaped (B, 1, …, 1) in like\'s dtype, to broadcast against it."""\n'
+        "    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))\n"
+    )
+    assert old in text
+    new = (
+        "    return values.to(like.dtype).reshape(-1, *([1] * like.dim()))[..., 0]\n"
+        if code
+        else '    """Reshaped to broadcast."""\n'
+        "    # a comment\n"
+        "    return values.to(like.dtype).reshape(\n        -1, *([1] * (like.dim() - 1))\n    )\n"
+    )
+    path.write_text(text.replace(old, new))
+
+
+def _all_done(plan) -> None:
+    """Every stage of the plan done, its record written as the runner writes it (with the code it ran on)."""
+    from pipelines.workflow.runner import write_record
+
+    for stage in plan.stages:
+        Path(stage.output).mkdir(parents=True, exist_ok=True)
+        write_record(stage, {"outputs": {}, "metrics": {}}, seconds=1.0)
+
+
+def _decisions(workdir: Path, *overrides: str, **kw) -> dict[str, tuple[str, str]]:
+    from pipelines.workflow.runner import decide
+
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", list(overrides), workdir=workdir)
+    return {name: (d.action, d.why) for name, d in decide(plan, **kw).items()}
+
+
+def _acting(decisions: dict[str, tuple[str, str]], action: str) -> set[str]:
+    return {name for name, (a, _) in decisions.items() if a == action}
+
+
+def _stale(decisions: dict[str, tuple[str, str]]) -> set[str]:
+    return {name for name, (_, why) in decisions.items() if why.startswith("stale")}
+
+
+def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports_it(tmp_path, monkeypatch):
+    from pipelines.workflow import fingerprints
+
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    everything = {s.name for s in plan.stages}
+    assert _decisions(work) == {name: ("skip", "done") for name in everything}
+
+    # Only a comment, a docstring and the layout of a likelihood function: the same code, nothing stale.
+    cosmetic = _sources_copy(tmp_path / "cosmetic")
+    _edit_per_sample(cosmetic, code=False)
+    monkeypatch.setattr(fingerprints, "ROOT", cosmetic)
+    assert _decisions(work) == {name: ("skip", "done") for name in everything}
+
+    # A Fréchet-distance function: only the fid stage computes with cdm_core.frechet; --rerun-stale takes it alone.
+    frechet = _sources_copy(tmp_path / "frechet")
+    path = frechet / "cdm_core" / "frechet.py"
+    old = "    x = np.asarray(x, dtype=np.float64)\n"
+    assert path.read_text().count(old) == 1
+    path.write_text(path.read_text().replace(old, "    x = np.asarray(x, dtype=np.float32).astype(np.float64)\n"))
+    monkeypatch.setattr(fingerprints, "ROOT", frechet)
+    decisions = _decisions(work)
+    assert _acting(decisions, "skip") == everything and _stale(decisions) == {"fid"}
+    assert decisions["fid"][1] == "stale: ran on other code, cdm_core.frechet changed; --rerun-stale to re-run"
+    decisions = _decisions(work, rerun_stale=True)
+    assert _acting(decisions, "rerun") == {"fid"} and _acting(decisions, "skip") == everything - {"fid"}
+    assert decisions["fid"][1] == "stale: ran on other code, cdm_core.frechet changed"
+
+    # A likelihood function: the NLL stages and training (its validation reports the ELBO) compute with it.
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    decisions = _decisions(work)
+    assert _acting(decisions, "skip") == everything
+    assert _stale(decisions) == {"nll_untrained", "train", "nll"}
+    assert decisions["nll"][1] == "stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run"
+    # --rerun-stale takes exactly them, and the stages that read the new training (their input changes).
+    decisions = _decisions(work, rerun_stale=True)
+    assert _acting(decisions, "rerun") == {"nll_untrained", "train", "nll", "sample", "fid"}
+    assert {name: why for name, (action, why) in decisions.items() if action == "rerun"} == {
+        "nll_untrained": "stale: ran on other code, cdm_core.likelihood changed",
+        "train": "stale: ran on other code, cdm_core.likelihood changed",
+        "nll": "stale: ran on other code, cdm_core.likelihood changed",
+        "sample": "reads train, which re-runs",
+        "fid": "reads sample, which re-runs",
+    }
+    assert _acting(decisions, "skip") == {"prepare", "features"}
+
+
+def test_rerun_takes_a_stage_and_every_stage_that_reads_it(tmp_path):
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    decisions = _decisions(tmp_path, rerun=["train"])
+    assert _acting(decisions, "rerun") == {"train", "sample", "nll", "fid"}
+    assert decisions["train"][1] == "--rerun" and decisions["sample"][1] == "reads train, which re-runs"
+    assert _acting(decisions, "skip") == {"prepare", "nll_untrained", "features"}
+    assert _acting(_decisions(tmp_path, rerun=["features", "nll"]), "rerun") == {"features", "nll", "fid"}
+    assert _acting(_decisions(tmp_path, rerun_stale=True), "rerun") == set()  # nothing is stale
+
+    # A kind names every protocol's stage of it.
+    protocols = ["protocols.ddim10.steps=10", "protocols.ddim20.steps=20"]
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", protocols, workdir=tmp_path)
+    _all_done(plan)
+    assert _acting(_decisions(tmp_path, *protocols, rerun=["sample"]), "rerun") == {
+        "sample-ddim10",
+        "sample-ddim20",
+        "fid-ddim10",
+        "fid-ddim20",
+    }
+    assert _acting(_decisions(tmp_path, *protocols, rerun=["fid-ddim10"]), "rerun") == {"fid-ddim10"}
+    with pytest.raises(UserError, match=r"^--rerun sample-ddim50: workflow demo has no such stage; its stages: "):
+        _decisions(tmp_path, *protocols, rerun=["sample-ddim50"])
+
+
+def test_a_record_that_names_no_code_is_kept_and_not_called_stale(tmp_path):
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    train = plan.stage("train")
+    record = json.loads(train.record_file.read_text())
+    del record["code"]  # as cdm 0.1.0 wrote it
+    train.record_file.write_text(json.dumps(record))
+    for decisions in (_decisions(tmp_path), _decisions(tmp_path, rerun_stale=True)):
+        assert _acting(decisions, "skip") == {s.name for s in plan.stages}
+        assert decisions["train"][1] == "done, by a cdm that did not record its code; --rerun train to re-run"
+
+
+def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stale_runs(
+    tmp_path, monkeypatch, cdm_forks
+):
+    """Records written by edited code; the real `cdm` (the installed code) finds exactly the stages using it stale."""
+    from pipelines.workflow import fingerprints
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+
+    def dry_run(*args: str) -> dict[str, str]:
+        out = cdm_forks.run(["run", str(CONFIGS / "demo.toml"), "--dry-run", "--workdir", str(work), *args], tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines = [line.split(maxsplit=4) for line in out.stdout.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+        assert [line[1] for line in lines] == [s.name for s in plan.stages], out.stdout
+        return {line[1]: f"{line[3]} {line[4]}" for line in lines}, out.stdout
+
+    shown, stdout = dry_run()
+    for name, line in shown.items():
+        if name in ("nll_untrained", "train", "nll"):
+            assert line.startswith("skip") and line.endswith(
+                "(stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run)"
+            ), line
+        else:
+            assert line.startswith("skip") and line.endswith("(done)"), line
+    assert "3 done stage(s) ran on other code and are kept" in stdout
+
+    shown, _ = dry_run("--rerun-stale")
+    assert {name for name, line in shown.items() if line.startswith("rerun")} == {
+        "nll_untrained",
+        "train",
+        "sample",
+        "nll",
+        "fid",
+    }
+    assert {name for name, line in shown.items() if line.startswith("skip")} == {"prepare", "features"}
+
+    out = cdm_forks.run(["run", str(CONFIGS / "demo.toml"), "--dry-run", "--rerun", "trian"], tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "error: --rerun trian: workflow demo has no such stage; its stages: prepare, nll_untrained, train, sample, "
+        "nll, features, fid"
+    ]
+
+
+def test_a_run_keeps_the_stale_stages_with_one_warning_each_and_runs_nothing(tmp_path, monkeypatch):
+    """The runner follows the plan's decisions: every stage done, three of them on other code, nothing runs."""
+    import ray
+
+    from pipelines.workflow import fingerprints
+    from pipelines.workflow.runner import run_workflow
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    monkeypatch.undo()
+
+    lines: list[str] = []
+    result = run_workflow(CONFIGS / "demo.toml", workdir=work, echo=lines.append)
+    assert result.ran == [] and not ray.is_initialized()
+    warnings = [line for line in lines if "warning" in line]
+    assert warnings == [
+        f"[{i}/7] {name} {plan.stage(name).key}: warning: ran on other code (cdm_core.likelihood changed), kept as "
+        f"it is; --rerun {name} or --rerun-stale re-runs it"
+        for i, name in ((2, "nll_untrained"), (3, "train"), (5, "nll"))
+    ]
+
+
+def test_a_runner_s_own_code_counts_for_its_kind_only(tmp_path, monkeypatch):
+    from pipelines.workflow import fingerprints
+
+    work = tmp_path / "work"
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
+    _all_done(plan)
+    edited = _sources_copy(tmp_path / "edited")
+    stages = edited / "pipelines" / "workflow" / "stages.py"
+    old = '        "outputs": {"samples": result.uri, "grid": result.grid},\n'
+    assert old in stages.read_text()
+    stages.write_text(stages.read_text().replace(old, '        "outputs": {"samples": result.uri},\n'))
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    decisions = _decisions(work)
+    assert {name for name, (_, why) in decisions.items() if why != "done"} == {"sample"}
+    assert "pipelines.workflow.stages:run_sample changed" in decisions["sample"][1]
+
+
+def test_a_re_run_moves_the_earlier_outputs_aside_first_and_keeps_a_record_written_meanwhile(tmp_path):
+    """What the runner does before the first stage runs (the stages themselves need Ray)."""
+    from pipelines.common.tracking import PatientClient, experiment_id
+    from pipelines.workflow.parent_run import STAGE_TAG, ParentRun
+    from pipelines.workflow.runner import decide, done_record, set_aside_reruns, write_record
+
+    plan, uri = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    _all_done(plan)
+    nll, sample, fid = plan.stage("nll"), plan.stage("sample"), plan.stage("fid")
+    (Path(nll.output) / "scores.parquet").write_bytes(b"the first scores")
+    parent = ParentRun(tmp_path, "demo", plan.key, uri, "cdm")
+    parent.open({}, {})
+    client = PatientClient(uri)
+    child = client.create_run(experiment_id("cdm", uri), tags={"mlflow.parentRunId": parent.run_id}).info.run_id
+    parent.tag_child(child, "nll", nll.key)
+
+    decisions = decide(plan, ["nll", "sample"])
+    assert _acting({n: (d.action, d.why) for n, d in decisions.items()}, "rerun") == {"nll", "sample", "fid"}
+    # Another `cdm run` re-ran the sample stage after this one planned: its record is kept.
+    newer = write_record(sample, {"outputs": {}, "metrics": {}}, seconds=2.0)
+    lines: list[str] = []
+    set_aside_reruns(plan, decisions, parent, lines.append)
+
+    [kept_nll] = Path(nll.output).parent.glob(f"nll-{nll.key}.replaced-*[0-9]")
+    [kept_fid] = Path(fid.output).parent.glob(f"fid-{fid.key}.replaced-*[0-9]")
+    assert lines == [  # the last stage first
+        f"[7/7] fid {fid.key}: re-runs (reads sample, which re-runs); the earlier output is kept in {kept_fid}",
+        f"[5/7] nll {nll.key}: re-runs (--rerun); the earlier output is kept in {kept_nll}",
+    ]
+    assert (kept_nll / "scores.parquet").read_bytes() == b"the first scores"
+    assert json.loads(Path(f"{kept_nll}.json").read_text())["key"] == nll.key
+    for stage in (nll, fid):
+        assert not Path(stage.output).exists() and not stage.record_file.exists() and stage.record() is None
+    assert sample.record() == newer and not list(Path(sample.output).parent.glob("sample-*.replaced-*"))
+    assert done_record(sample, "[4/7] sample", lines.append) == newer
+    assert lines[-1] == "[4/7] sample: done earlier (2 s), skipped"
+    assert parent.children_by_stage() == {"nll (replaced)": child}
+    assert client.get_run(child).data.tags[STAGE_TAG] == "nll (replaced)"
+    assert client.get_run(child).info.run_name == "nll (replaced)"
+
+
+def test_a_training_resumed_on_other_code_says_so_and_is_stale_once_done(tmp_path, monkeypatch):
+    from pipelines.train.run_dir import RUN_FILE
+    from pipelines.workflow import fingerprints
+    from pipelines.workflow.runner import _note_start, write_record
+
+    edited = _sources_copy(tmp_path / "edited")
+    _edit_per_sample(edited, code=True)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    for stage in plan.stages[:2]:  # prepare, nll_untrained
+        Path(stage.output).mkdir(parents=True)
+        write_record(stage, {"outputs": {}}, seconds=1.0)
+    train = plan.stage("train")
+    _note_start(train)  # as the runner does before a stage runs, here on the edited code; then the run is killed
+    (Path(train.output) / "checkpoint_000003").mkdir(parents=True)
+    (Path(train.output) / RUN_FILE).write_text("{}")
+    monkeypatch.undo()
+
+    decisions = _decisions(tmp_path)
+    assert decisions["train"] == (
+        "resume",
+        "interrupted; continues from checkpoint_000003; it started on other code (cdm_core.likelihood changed), "
+        "so it will show as stale",
+    )
+    plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
+    train = plan.stage("train")
+    _note_start(train)  # resumed on the installed code: the first start's code stays
+    write_record(train, {"outputs": {}}, seconds=1.0)
+    assert not train.started_file.exists()
+    assert _decisions(tmp_path)["train"] == (
+        "skip",
+        "stale: ran on other code, cdm_core.likelihood changed; --rerun-stale to re-run",
+    )

@@ -37,6 +37,19 @@ def run(
         # No envvar=: the config's [tracking] tracking_uri beats $MLFLOW_TRACKING_URI, the flag beats both.
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db).",
     ),
+    rerun: list[str] = typer.Option(
+        [],
+        "--rerun",
+        metavar="STAGE",
+        help="Run this done stage again, and every stage that reads it (its output is moved aside, not deleted): "
+        "a stage of the plan (train, sample-ddim50) or a kind (sample: every protocol's). Repeatable.",
+    ),
+    rerun_stale: bool = typer.Option(
+        False,
+        "--rerun-stale",
+        help="Run again the done stages that ran on other code (the plan marks them stale), and every stage "
+        "that reads them. Without it they are kept, with a warning.",
+    ),
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the workflow config with overrides, as JSON, and exit."
     ),
@@ -46,11 +59,14 @@ def run(
 
     Every stage's output is addressed by a hash of its settings and inputs, so running the same
     command again skips finished stages and continues an interrupted one (training from its
-    latest checkpoint).
+    latest checkpoint). A finished stage whose code has changed since is stale: kept, with a
+    warning, until --rerun-stale or --rerun STAGE asks for it again.
 
     Examples:
       cdm run configs/demo.toml
       cdm run configs/demo.toml --dry-run
+      cdm run configs/demo.toml --rerun-stale --dry-run
+      cdm run configs/demo.toml --rerun nll
       cdm run configs/run/cifar10.toml --set prepare.path=~/cifar-10-python.tar.gz --workdir /shared/cdm
       cdm run configs/run/mnist.toml --set train.train.steps=5000 --set sample.n=1000
     """
@@ -69,6 +85,6 @@ def run(
 
     if dry_run:
         plan, uri = runner.prepare_plan(config, set_, workdir=workdir, tracking_uri=tracking_uri, strict=False)
-        runner.print_plan(plan, uri)
+        runner.print_plan(plan, uri, runner.decide(plan, rerun, rerun_stale))
         return
-    runner.run_workflow(config, set_, workdir=workdir, tracking_uri=tracking_uri)
+    runner.run_workflow(config, set_, workdir=workdir, tracking_uri=tracking_uri, rerun=rerun, rerun_stale=rerun_stale)

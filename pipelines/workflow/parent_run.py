@@ -147,6 +147,13 @@ class ParentRun:
             self.client.set_tag(run_id, STAGE_TAG, stage)
             self.client.set_tag(run_id, "cdm.stage_key", key)
 
+    def retire_child(self, stage: str) -> None:
+        """The stage's child run stays, renamed `<stage> (replaced)`, so that the run that replaces it is the stage's."""
+        child = self.children_by_stage().get(stage)
+        if child:
+            self.client.set_tag(child, STAGE_TAG, f"{stage} (replaced)")
+            self.client.set_tag(child, MLFLOW_RUN_NAME, f"{stage} (replaced)")
+
     def children_by_stage(self) -> dict[str, str]:
         runs = self.client.search_runs(
             [self.client.get_run(self.run_id).info.experiment_id],

@@ -7,7 +7,9 @@ output: the same key means the same settings applied to the same inputs,
 and a change anywhere upstream changes every key below it. Outputs live in
 `<workdir>/outputs/stages/<stage>-<key>/`, finished stages leave a record
 `<stage>-<key>.json` beside their folder, and a stage whose record is there
-is done.
+is done. The record names the code that computed the output (its
+fingerprint, `pipelines.workflow.fingerprints`): a done stage whose code has
+changed since is *stale*; the plan says so, and only the user re-runs it.
 
 Settings that cannot change a stage's result (worker counts, batch sizes of
 deterministic stages, logging cadence, where MLflow is) are left out of its
@@ -27,10 +29,12 @@ from pipelines.common import config as cfg
 from pipelines.common.errors import UserError
 from pipelines.data import shards as sh
 from pipelines.evaluate.features import resolve_extractor
+from pipelines.workflow import fingerprints
 from pipelines.workflow.config import WorkflowConfig
 
-# Bump when a stage's outputs change meaning for the same settings (invalidates every key).
-PLAN_VERSION = 2
+# Hashed into every key since before stages recorded their code; never changed now (a code change shows as a
+# stale stage, not as a new key), so that work folders made before keep their keys.
+KEY_VERSION = 2
 
 # Training settings that only say how a run is watched, placed or named, never what it learns.
 TRAIN_NOT_IN_KEY = (
@@ -73,6 +77,7 @@ class Stage:
     inputs: dict[str, str]  # upstream stage (or external input) -> its key / identity
     about: str = ""  # one line for the plan
     protocol: str = ""  # the sampling protocol of a sample-P / fid-P stage ("" for the one [sample] protocol)
+    code: Optional[fingerprints.Code] = None  # the code that computes it now
 
     @property
     def kind(self) -> str:
@@ -83,6 +88,17 @@ class Stage:
     def record_file(self) -> Path:
         return Path(f"{self.output}.json")
 
+    @property
+    def started_file(self) -> Path:
+        """The code the stage started on, while it is not done (a resumed training keeps its first start's)."""
+        return Path(f"{self.output}.started.json")
+
+    def started_code(self) -> Optional[dict[str, Any]]:
+        try:
+            return json.loads(self.started_file.read_text()).get("code")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def record(self) -> Optional[dict[str, Any]]:
         """The finished stage's record, if it is there, matches this key and its output still exists."""
         try:
@@ -92,6 +108,13 @@ class Stage:
         if record.get("key") != self.key or not Path(self.output).exists():
             return None
         return record
+
+    def stale(self, record: dict[str, Any]) -> str:
+        """What changed in the code since the stage's record was written ("" if nothing, or if it did not say)."""
+        recorded = record.get("code")
+        if not recorded or self.code is None or recorded.get("fingerprint") == self.code.fingerprint:
+            return ""
+        return fingerprints.changed_parts(recorded, self.code) or "other code"
 
 
 @dataclass
@@ -202,8 +225,10 @@ def _stage(
     about: str,
     protocol: str = "",
 ) -> Stage:
-    key = digest({"version": PLAN_VERSION, "stage": name, "settings": settings, "inputs": inputs})
-    return Stage(name, key, str(stages_dir(workdir) / f"{name}-{key}"), needs, settings, inputs, about, protocol)
+    key = digest({"version": KEY_VERSION, "stage": name, "settings": settings, "inputs": inputs})
+    output = str(stages_dir(workdir) / f"{name}-{key}")
+    code = fingerprints.current(name.removesuffix(f"-{protocol}") if protocol else name)
+    return Stage(name, key, output, needs, settings, inputs, about, protocol, code)
 
 
 def protocol_stage(kind: str, protocol: str) -> str:

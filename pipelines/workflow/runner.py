@@ -7,6 +7,11 @@ command again after a failure or a kill continues at the stage that did not
 finish (an interrupted training run continues from its latest checkpoint),
 and running it after a success does nothing but print the summary.
 
+A done stage whose code has changed since (stale) is skipped too, with a
+warning: a training stage can cost days, so only the user re-runs it
+(`--rerun STAGE`, `--rerun-stale`), and with it every stage that reads its
+output. The output it replaces is moved aside, never deleted.
+
 MLflow: one parent run per plan with a child run per stage (each stage logs
 its own run, nested through `parent_run_id`), and the headline figures on
 the parent: `eval/nll_bpd`, `eval/nll_bpd_untrained`, `eval/fd_<dataset>`
@@ -84,19 +89,79 @@ def prepare_plan(
     return make_plan(config, name, root, strict=strict), uri
 
 
+@dataclass
+class Decision:
+    """What `cdm run` does with a stage: run, resume (an interrupted training), skip (done) or rerun (done, replaced)."""
+
+    action: str
+    why: str = ""
+    record: Optional[dict[str, Any]] = None  # the record a skip keeps or a rerun replaces
+    stale: str = ""  # for a done stage that ran on other code: what changed
+
+
+def decide(plan: Plan, rerun: list[str] = (), rerun_stale: bool = False) -> dict[str, Decision]:
+    """Each stage's decision, by name: the one rule the plan prints and the run follows.
+
+    Done stages are skipped, also when they ran on other code (stale), unless the user asks: `rerun` names
+    stages (or kinds: `sample` is every protocol's), `rerun_stale` takes the stale ones; a stage re-runs
+    with every stage that reads it, since its input changes.
+    """
+    asked = _asked(plan, rerun)
+    decisions: dict[str, Decision] = {}
+    for stage in plan.stages:
+        record = stage.record()
+        if record is None:
+            decisions[stage.name] = Decision(*stage_status(stage))
+            continue
+        stale = stage.stale(record)
+        upstream = [n for n in stage.needs if n in decisions and decisions[n].action == "rerun"]
+        if stage.name in asked:
+            decision = Decision("rerun", "--rerun", record, stale)
+        elif stale and rerun_stale:
+            decision = Decision("rerun", f"stale: ran on other code, {stale} changed", record, stale)
+        elif upstream:
+            decision = Decision("rerun", f"reads {upstream[0]}, which re-runs", record, stale)
+        elif stale:
+            decision = Decision(
+                "skip", f"stale: ran on other code, {stale} changed; --rerun-stale to re-run", record, stale
+            )
+        elif not record.get("code"):
+            why = f"done, by a cdm that did not record its code; --rerun {stage.name} to re-run"
+            decision = Decision("skip", why, record)
+        else:
+            decision = Decision("skip", "done", record)
+        decisions[stage.name] = decision
+    return decisions
+
+
+def _asked(plan: Plan, rerun: list[str]) -> set[str]:
+    """The stages `--rerun` names: a stage's name, or a kind (every stage of it)."""
+    asked: set[str] = set()
+    for name in rerun:
+        matched = {s.name for s in plan.stages if name in (s.name, s.kind)}
+        if not matched:
+            raise UserError(
+                f"--rerun {name}: workflow {plan.name} has no such stage; "
+                f"its stages: {', '.join(s.name for s in plan.stages)}"
+            )
+        asked |= matched
+    return asked
+
+
 def stage_status(stage: Stage) -> tuple[str, str]:
-    """(run | skip | resume, why) of a stage as things stand on disk."""
-    if stage.record() is not None:
-        return "skip", "done"
+    """(run | resume, why) of a stage that is not done, as things stand on disk."""
     folder = Path(stage.output)
     if stage.name == "train" and (folder / RUN_FILE).is_file():
         checkpoints = sorted(p.name for p in folder.glob("checkpoint_*") if p.is_dir())
-        return (
-            "resume",
+        why = (
             f"interrupted; continues from {checkpoints[-1]}"
             if checkpoints
-            else "interrupted before its first checkpoint",
+            else "interrupted before its first checkpoint"
         )
+        started = stage.stale({"code": stage.started_code()})
+        if started:
+            why += f"; it started on other code ({started} changed), so it will show as stale"
+        return "resume", why
     return "run", ""
 
 
@@ -112,16 +177,25 @@ def resolved_params(plan: Plan) -> dict[str, Any]:
     return params
 
 
-def print_plan(plan: Plan, tracking_uri: str, echo=console.echo) -> None:
+def print_plan(
+    plan: Plan, tracking_uri: str, decisions: Optional[dict[str, Decision]] = None, echo=console.echo
+) -> None:
     echo(f"cdm run {plan.name}: plan {plan.key}")
     echo(f"  workdir  {plan.workdir}")
     echo(f"  MLflow   {tracking_uri} (experiment {plan.config.tracking.experiment!r})")
     echo(f"  data     {plan.dataset_uri}")
+    decisions = decide(plan) if decisions is None else decisions
     width = max(len(s.name) for s in plan.stages)
     for i, stage in enumerate(plan.stages, 1):
-        status, why = stage_status(stage)
+        status, why = decisions[stage.name].action, decisions[stage.name].why
         echo(f"  {i}. {stage.name:<{width}}  {stage.key}  {status:<6}  {stage.about}{f' ({why})' if why else ''}")
         echo(f"     {'':<{width}}  → {stage.output}")
+    stale = [n for n, d in decisions.items() if d.stale and d.action == "skip"]
+    if stale:
+        echo(
+            f"  {len(stale)} done stage(s) ran on other code and are kept: --rerun-stale runs them again, "
+            "--rerun STAGE one of them (each with the stages that read it)"
+        )
     for problem in plan.problems:
         echo(f"  cannot run as it is: {problem}")
 
@@ -135,15 +209,19 @@ def run_workflow(
     *,
     workdir: str | Path | None = None,
     tracking_uri: Optional[str] = None,
+    rerun: list[str] = (),
+    rerun_stale: bool = False,
     echo=console.echo,
 ) -> WorkflowResult:
-    """Run every stage of the workflow that is not done yet; returns the records and the summary."""
+    """Run every stage of the workflow that is not done yet, and those `rerun`/`rerun_stale` ask for again
+    (see `decide`); returns the records and the summary."""
     started = time.perf_counter()
     plan, uri = prepare_plan(config_path, list(overrides), workdir=workdir, tracking_uri=tracking_uri)
     config = plan.config
-    print_plan(plan, uri, echo)
+    decisions = decide(plan, list(rerun), rerun_stale)
+    print_plan(plan, uri, decisions, echo)
     console.place_log(workflow_dir(plan.workdir, plan.name))
-    if any(stage.name not in NO_RAY and stage.record() is None for stage in plan.stages):
+    if any(stage.name not in NO_RAY and decisions[stage.name].action != "skip" for stage in plan.stages):
         check_cluster(config.train.run.ray_address, "train.run.ray_address")  # before the parent run opens
     parent = ParentRun(
         plan.workdir, plan.name, plan.key, uri, config.tracking.experiment, config.tracking.parent_run_id
@@ -163,12 +241,12 @@ def run_workflow(
     previous_sigterm = signal.signal(signal.SIGTERM, signals.as_ctrl_c)  # `cdm jobs stop`, kill: end the runs cleanly
     data_checked = False
     try:
+        set_aside_reruns(plan, decisions, parent, echo)
         for i, stage in enumerate(plan.stages, 1):
             head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
             with _stage_lock(stage, echo):
-                record = stage.record()
+                record = done_record(stage, head, echo)
                 if record is not None:
-                    echo(f"{head}: done earlier ({duration(record.get('seconds', 0))}), skipped")
                     ctx.records[stage.name] = record
                     continue
                 if stage.name != "prepare" and not data_checked:
@@ -177,6 +255,7 @@ def run_workflow(
                 if stage.name not in NO_RAY:
                     _ensure_ray(config)
                 echo(f"{head}: {stage.about}")
+                _note_start(stage)
                 record = _run_stage(stage, ctx, echo)
             parent.tag_child(record.get("mlflow_run_id"), stage.name, stage.key)
             ctx.records[stage.name] = record
@@ -198,6 +277,42 @@ def run_workflow(
     return result
 
 
+def set_aside_reruns(plan: Plan, decisions: dict[str, Decision], parent: ParentRun, echo) -> None:
+    """Before any stage runs, move aside the output and record of each stage the plan re-runs, and rename its
+    MLflow child: a run killed half-way then leaves those stages to run, not old outputs beside new inputs.
+
+    Last stage first, so a kill in between never leaves a stage done on top of one that is not. Only the
+    record the plan saw is moved: one that a concurrent run wrote meanwhile is kept.
+    """
+    for i, stage in reversed(list(enumerate(plan.stages, 1))):
+        planned = decisions[stage.name]
+        if planned.action != "rerun":
+            continue
+        with _stage_lock(stage, echo):
+            record = stage.record()
+            if record is not None and record == planned.record:
+                kept = _set_aside(stage)
+                parent.retire_child(stage.name)
+                head = f"[{i}/{len(plan.stages)}] {stage.name} {stage.key}"
+                echo(f"{head}: re-runs ({planned.why}); the earlier output is kept in {kept}")
+
+
+def done_record(stage: Stage, head: str, echo) -> Optional[dict[str, Any]]:
+    """The record of a stage to skip, as things stand now (under its lock), with a warning if it ran on other
+    code; None when it is to run."""
+    record = stage.record()
+    if record is not None:
+        stale = stage.stale(record)
+        if stale:
+            echo(
+                f"{head}: warning: ran on other code ({stale} changed), kept as it is; "
+                f"--rerun {stage.name} or --rerun-stale re-runs it"
+            )
+        else:
+            echo(f"{head}: done earlier ({duration(record.get('seconds', 0))}), skipped")
+    return record
+
+
 def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
     """Run one stage and write its record (the mark that it is done) atomically beside its output."""
     t0 = time.perf_counter()
@@ -208,18 +323,45 @@ def _run_stage(stage: Stage, ctx: Context, echo) -> dict[str, Any]:
             echo(f"stage {stage.name} failed after {duration(time.perf_counter() - t0)}: {type(err).__name__}: {err}")
             echo("run the same command again to continue at this stage (finished stages are kept)")
         raise
+    return write_record(stage, record, time.perf_counter() - t0)
+
+
+def _note_start(stage: Stage) -> None:
+    """Write the code a stage starts on, unless it resumes (then the first start's stays)."""
+    if stage_status(stage)[0] == "resume" and stage.started_code() is not None:
+        return
+    storage.write_json(str(stage.started_file), {"code": stage.code.as_record() if stage.code else None})
+
+
+def write_record(stage: Stage, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The finished stage's record, written atomically beside its output, with the code that computed it: the code
+    it started on, if a resumed training started on other code (so that it shows as stale)."""
+    code = stage.started_code() or (stage.code.as_record() if stage.code else None)
     record = {
         "stage": stage.name,
         "key": stage.key,
         "output": stage.output,
         "settings": stage.settings,
         "inputs": stage.inputs,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        **record,
+        "code": code,
+        **result,
     }
     storage.write_json(str(stage.record_file), record)
+    stage.started_file.unlink(missing_ok=True)
     return record
+
+
+def _set_aside(stage: Stage) -> Path:
+    """Move a done stage's output and record to `<stage>-<key>.replaced-<time>[.json]` before it re-runs.
+
+    The output first: a kill in between leaves a record without its output, which counts as not done.
+    """
+    kept = Path(f"{stage.output}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    Path(stage.output).rename(kept)
+    stage.record_file.rename(f"{kept}.json")
+    return kept
 
 
 @contextlib.contextmanager
