@@ -253,6 +253,15 @@ def _edit_per_sample(root: Path, *, code: bool) -> None:
     path.write_text(text.replace(old, new))
 
 
+def _fingerprints_read_an_edited_likelihood(tmp_path: Path, monkeypatch, *, code: bool) -> None:
+    """From now on the fingerprints read a copy of the sources with `_per_sample` edited (see `_edit_per_sample`)."""
+    from pipelines.workflow import fingerprints
+
+    edited = _sources_copy(tmp_path / ("edited" if code else "cosmetic"))
+    _edit_per_sample(edited, code=code)
+    monkeypatch.setattr(fingerprints, "ROOT", edited)
+
+
 def _all_done(plan) -> None:
     """Every stage of the plan done, its record written as the runner writes it (with the code it ran on)."""
     from pipelines.workflow.runner import write_record
@@ -287,9 +296,7 @@ def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports
     assert _decisions(work) == {name: ("skip", "done") for name in everything}
 
     # Only a comment, a docstring and the layout of a likelihood function: the same code, nothing stale.
-    cosmetic = _sources_copy(tmp_path / "cosmetic")
-    _edit_per_sample(cosmetic, code=False)
-    monkeypatch.setattr(fingerprints, "ROOT", cosmetic)
+    _fingerprints_read_an_edited_likelihood(tmp_path, monkeypatch, code=False)
     assert _decisions(work) == {name: ("skip", "done") for name in everything}
 
     # A Fréchet-distance function: only the fid stage computes with cdm_core.frechet; --rerun-stale takes it alone.
@@ -307,9 +314,7 @@ def test_a_changed_cdm_core_function_marks_exactly_the_stages_whose_code_imports
     assert decisions["fid"][1] == "stale: ran on other code, cdm_core.frechet changed"
 
     # A likelihood function: the NLL stages and training (its validation reports the ELBO) compute with it.
-    edited = _sources_copy(tmp_path / "edited")
-    _edit_per_sample(edited, code=True)
-    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    _fingerprints_read_an_edited_likelihood(tmp_path, monkeypatch, code=True)
     decisions = _decisions(work)
     assert _acting(decisions, "skip") == everything
     assert _stale(decisions) == {"nll_untrained", "train", "nll"}
@@ -368,11 +373,8 @@ def test_the_dry_run_shows_the_stages_that_ran_on_other_code_and_what_rerun_stal
     tmp_path, monkeypatch, cdm_forks
 ):
     """Records written by edited code; the real `cdm` (the installed code) finds exactly the stages using it stale."""
-    from pipelines.workflow import fingerprints
 
-    edited = _sources_copy(tmp_path / "edited")
-    _edit_per_sample(edited, code=True)
-    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    _fingerprints_read_an_edited_likelihood(tmp_path, monkeypatch, code=True)
     work = tmp_path / "work"
     plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
     _all_done(plan)
@@ -416,12 +418,9 @@ def test_a_run_keeps_the_stale_stages_with_one_warning_each_and_runs_nothing(tmp
     """The runner follows the plan's decisions: every stage done, three of them on other code, nothing runs."""
     import ray
 
-    from pipelines.workflow import fingerprints
     from pipelines.workflow.runner import run_workflow
 
-    edited = _sources_copy(tmp_path / "edited")
-    _edit_per_sample(edited, code=True)
-    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    _fingerprints_read_an_edited_likelihood(tmp_path, monkeypatch, code=True)
     work = tmp_path / "work"
     plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=work)
     _all_done(plan)
@@ -498,12 +497,9 @@ def test_a_re_run_moves_the_earlier_outputs_aside_first_and_keeps_a_record_writt
 
 def test_a_training_resumed_on_other_code_says_so_and_is_stale_once_done(tmp_path, monkeypatch):
     from pipelines.train.run_dir import RUN_FILE
-    from pipelines.workflow import fingerprints
     from pipelines.workflow.runner import _note_start, write_record
 
-    edited = _sources_copy(tmp_path / "edited")
-    _edit_per_sample(edited, code=True)
-    monkeypatch.setattr(fingerprints, "ROOT", edited)
+    _fingerprints_read_an_edited_likelihood(tmp_path, monkeypatch, code=True)
     plan, _ = prepare_plan(CONFIGS / "demo.toml", workdir=tmp_path)
     for stage in plan.stages[:2]:  # prepare, nll_untrained
         Path(stage.output).mkdir(parents=True)
