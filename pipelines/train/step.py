@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -105,11 +106,10 @@ class TrainStep:
     With `train.compile` the objective runs through `torch.compile`, a CDM's input gradient
     through `torch.func.grad` (`cdm_loss(input_grad="func")`): `torch.autograd.grad(create_graph=True)`,
     the eager form, is a double backward that compilation refuses. The random draws (label dropout,
-    t, ε, and the dequantization noise with `data.dequantize`) stay outside the compiled function, from the
-    same generator in the same order, so a
-    compiled step sees the eager step's t and ε; dropout inside the network draws from torch's
-    default generator in both (the compiled kernels draw it differently, so with dropout > 0 the
-    masks, not their distribution, differ from eager). DDP cannot wrap a network called inside
+    t, ε, and the dequantization noise with `data.dequantize`) stay outside the compiled function, from
+    the same generator in the same order, so a compiled step sees the eager step's t and ε; dropout
+    inside the network draws from torch's default generator in both (the compiled kernels draw it
+    differently, so with dropout > 0 the masks, not their distribution, differ from eager). DDP cannot wrap a network called inside
     `torch.func.grad` (its forward hooks do not run there), so a compiled step is given the bare
     network and averages the gradients over the workers itself (`collectives.average_gradients`),
     after starting from rank 0's weights as DDP would. `compile_backend` is torch.compile's backend
@@ -208,12 +208,15 @@ class TrainStep:
         trained, compiled if `train.compile`; any other, e.g. a probe, runs eagerly)."""
         y, t, noise = self.draw(x, labels)
         x = self.dequantized(x)
-        objective = self.objective
-        if model is None:
-            model = self.model
-            objective = self.compiled if self.compiled is not None else self.objective
+        model, objective = self._model_and_objective(model)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return objective(model, x, y, t, noise)
+
+    def _model_and_objective(self, model: nn.Module | None) -> tuple[nn.Module, Callable]:
+        """The model trained and its (compiled, with `train.compile`) objective; any other model runs eagerly."""
+        if model is None:
+            return self.model, self.compiled if self.compiled is not None else self.objective
+        return model, self.objective
 
     def accumulate(
         self, x: torch.Tensor, labels: torch.Tensor | None, model: nn.Module | None = None
@@ -225,10 +228,7 @@ class TrainStep:
         micro-batch's mean loss is weighted 1/k: the gradient is the one batch's, to float32 rounding. Under
         DDP only the last micro-batch's backward all-reduces (`no_sync` before it). `model` as in `loss`.
         """
-        objective = self.objective
-        if model is None:
-            model = self.model
-            objective = self.compiled if self.compiled is not None else self.objective
+        model, objective = self._model_and_objective(model)
         k = self.config.train.grad_accum
         y, t, noise = self.draw(x, labels)
         x = self.dequantized(x)
