@@ -113,18 +113,14 @@ def resolve(config: TrainConfig) -> tuple[TrainConfig, tuple[int, ...]]:
         raise UserError(
             f"data.uri: {ds.loc.uri} holds samples of shape {list(data_shape)}; cdm trains (D,) or (C, H, W)"
         )
-    if config.data.flip and spec.kind != "image":
-        raise UserError(f"data.flip: true flips images, and {ds.loc.uri} holds continuous data; set data.flip=false")
-    if config.data.dequantize and spec.kind != "image":
-        raise UserError(
-            f"data.dequantize: true dequantizes 8-bit images, and {ds.loc.uri} holds continuous data; "
-            "set data.dequantize=false"
-        )
-    if config.validation.dequantize and spec.kind != "image":
-        raise UserError(
-            f"validation.dequantize: true dequantizes 8-bit images, and {ds.loc.uri} holds continuous data; "
-            "set validation.dequantize=false"
-        )
+    image_only = (
+        ("data.flip", config.data.flip, "flips images"),
+        ("data.dequantize", config.data.dequantize, "dequantizes 8-bit images"),
+        ("validation.dequantize", config.validation.dequantize, "dequantizes 8-bit images"),
+    )
+    for setting, on, what in image_only:
+        if on and spec.kind != "image":
+            raise UserError(f"{setting}: true {what}, and {ds.loc.uri} holds continuous data; set {setting}=false")
     norm = of_dataset(ds.meta, ds.loc.where("dataset.json"))
     recorded = norm.to_json() if norm is not None else None
     if config.data.normalization is not None and config.data.normalization != recorded:
