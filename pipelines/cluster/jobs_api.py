@@ -231,8 +231,6 @@ def stream_logs(
     job_id: str,
     write: Callable[[str], None],
     reconnect_s: float = RECONNECT_S,
-    *,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Write the job's logs as they come until it ends.
 
@@ -298,7 +296,7 @@ def stream_logs(
                 f"keeps running: follow it again with `cdm jobs logs --follow {job_id}` (--reconnect-s sets "
                 "how long to wait)"
             )
-        sleep(min(pause, max(0.0, lost_since + reconnect_s - now)))
+        time.sleep(min(pause, max(0.0, lost_since + reconnect_s - now)))
         pause = min(2 * pause, _LAST_PAUSE_S)
 
 
