@@ -346,9 +346,11 @@ def run(config: SampleConfig) -> SampleResult:
         start = time.perf_counter()
         if existing is None:
             # A local --out is written beside and renamed into place: stopped midway (Ctrl-C, SIGTERM), the
-            # command leaves --out as it was, not empty or half-written (in place where only --out is writable).
+            # command leaves --out as it was, not empty or half-written (in place where only --out is writable,
+            # and in an object store, which has no rename: there dataset.json, written last, marks it done).
             beside = loc.is_local() and os.access(Path(loc.root).parent, os.W_OK)
-            with written_beside(Path(loc.root), loc.uri, "samples") if beside else _in_place(loc) as folder:
+            in_place = contextlib.nullcontext(loc.uri)
+            with written_beside(Path(loc.root), loc.uri, "samples") if beside else in_place as folder:
                 write_dataset(
                     str(folder),
                     SPLIT,
@@ -375,12 +377,6 @@ def run(config: SampleConfig) -> SampleResult:
         )
         record.artifact(grid)
     return SampleResult(loc.uri, config.n, seconds, rate, grid, existing is not None, record.run_id)
-
-
-@contextlib.contextmanager
-def _in_place(loc: storage.Location) -> Iterator[str]:
-    """An object store's --out is written where it is (no rename there); dataset.json, written last, marks it done."""
-    yield loc.uri
 
 
 def _in_data_units(
