@@ -28,9 +28,9 @@ The 0 → 1 link and the model's self-consistency (CDM only):
 
 N is validation.consistency_samples, cut so that the ELBO's ε̂ calls (N × classes) stay within
 CONSISTENCY_BUDGET of the run's validation ε̂ calls (validations × images × t_points); a count of work,
-so that N does not depend on timing. Measured in one process: at configs/demo.toml's settings
-(18 images × 20 classes) +7.4–9.5% of the run's validation time; on configs/train_tiny.toml's 8×8
-network (17 × 20), where a call's fixed cost outweighs its images, +31%. With several workers the
+so that N does not depend on timing. Measured in one process (benchmarks/consistency_cost.py): at
+configs/demo.toml's settings (18 images × 20 classes) +8.4% of the run's validation time; on
+configs/train_tiny.toml's 8×8 network (17 × 20), where a call's fixed cost outweighs its images, +31%. With several workers the
 first N images fall where the reader put them, so one worker may hold more of them. The ELBO's x_t
 noise of sample i comes from (validation.seed, i), as the rest.
 
