@@ -72,7 +72,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torchdiffeq import odeint
 
 from cdm_core.objective import LOG2_BIN_OFFSET, log_prior, nats_to_bits_per_dim
 from cdm_core.samplers import EpsFn, Generators, randn_like
@@ -232,6 +231,9 @@ def ode_log_likelihood(
     shared by the batch) counts `eps_fn` calls; an exact trace adds d backward
     passes to each, a Hutchinson trace one.
     """
+    # Deferred: torchdiffeq imports scipy, ~1 s that every training and batch worker would pay without an ODE.
+    from torchdiffeq import odeint  # noqa: PLC0415
+
     if trace not in TRACES:
         raise ValueError(f"unknown trace {trace!r}; choose one of {', '.join(TRACES)}")
     if not 0 < end_gap < 1:

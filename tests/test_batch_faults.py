@@ -3,6 +3,9 @@ sample exactly once, with the figures of a run where nothing died.
 
 The worker dies by the test hook CDM_KILL_WORKER_AFTER (read on the driver, passed to the workers):
 one worker exits, hard, on its next call after that many. Ray starts it again and retries the call.
+The run where nothing died is the stage's one worker in the test's process (`workers=0`: the same worker class
+and calls, and the same figures as a pool's, which test_nll, test_sample and test_fid check); only the run that
+loses a worker needs a pool.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _killing(monkeypatch, tmp_path, after: int = 2):
 def test_nll_scores_every_sample_exactly_once_after_a_worker_died(setup, tmp_path, monkeypatch):
     data, checkpoint = setup
     common = dict(checkpoint=str(checkpoint), dataset=str(data), track=False, workers=2, batch_size=20)
-    calm = run_nll(nest(NllConfig, **common, out=str(tmp_path / "calm")))
+    calm = run_nll(nest(NllConfig, **common | {"workers": 0}, out=str(tmp_path / "calm")))
     marker = _killing(monkeypatch, tmp_path)
     hit = run_nll(nest(NllConfig, **common, out=str(tmp_path / "hit")))
     assert marker.is_file(), "the hook did not kill a worker"
@@ -54,7 +57,7 @@ def test_nll_scores_every_sample_exactly_once_after_a_worker_died(setup, tmp_pat
 def test_sampling_draws_the_same_samples_after_a_worker_died(setup, tmp_path, monkeypatch):
     _, checkpoint = setup
     common = dict(checkpoint=str(checkpoint), n=60, batch_size=10, steps=5, track=False, workers=2)
-    run_sample(nest(SampleConfig, **common, out=str(tmp_path / "calm")))
+    run_sample(nest(SampleConfig, **common | {"workers": 0}, out=str(tmp_path / "calm")))
     marker = _killing(monkeypatch, tmp_path)
     run_sample(nest(SampleConfig, **common, out=str(tmp_path / "hit")))
     assert marker.is_file(), "the hook did not kill a worker"
@@ -74,7 +77,7 @@ def test_fid_statistics_are_exact_after_a_worker_died(setup, tmp_path, monkeypat
         track=False,
         workers=2,
     )
-    calm = run_fid(nest(FidConfig, **common))
+    calm = run_fid(nest(FidConfig, **common | {"workers": 0}))
     marker = _killing(monkeypatch, tmp_path, after=1)
     hit = run_fid(nest(FidConfig, **common))
     assert marker.is_file(), "the hook did not kill a worker"

@@ -54,10 +54,15 @@ def _free_port_base(span: int) -> int:
     raise RuntimeError("no free block of ports for the test cluster")
 
 
-def _cdm(*args: str, env: dict[str, str], cwd: Path, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cdm = BIN / "cdm"
-    argv = [str(cdm)] if cdm.exists() else [sys.executable, "-m", "pipelines.cli"]
-    return subprocess.run(argv + list(args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def cdm(cdm_forks):
+    """`cdm ARGS` as a client runs it: the real command, forked from a process that has imported it (the clients'
+    ~15 runs would spend 3–6 s each importing)."""
+
+    def run(*args: str, env: dict[str, str], cwd: Path, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+        return cdm_forks.run(list(args), cwd, env, timeout=timeout)
+
+    return run
 
 
 def _without_ray_settings(env: dict[str, str]) -> dict[str, str]:
@@ -133,8 +138,8 @@ JOB_SCRIPT = (
 
 
 @pytest.fixture(scope="module")
-def finished_job(cluster):
-    result = _cdm(
+def finished_job(cluster, cdm):
+    result = cdm(
         "submit", "--address", cluster["address"], "--working-dir", ".", "--env", "GREETING=hi-there",
         "--", f'cdm version && python -c "{JOB_SCRIPT}"',
         env=cluster["env"], cwd=cluster["workdir"],
@@ -154,26 +159,26 @@ def test_submit_runs_a_job_to_completion(cluster, finished_job):
     assert cluster["token"] not in result.stdout + result.stderr
 
 
-def test_jobs_logs_status_and_list_show_the_job(cluster, finished_job):
+def test_jobs_logs_status_and_list_show_the_job(cluster, cdm, finished_job):
     job_id = finished_job.stdout.splitlines()[0]
-    logs = _cdm("jobs", "logs", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
+    logs = cdm("jobs", "logs", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
     assert logs.returncode == 0, logs.stderr
     assert "hello from cdm job payload-from-working-dir" in logs.stdout
-    followed = _cdm(
+    followed = cdm(
         "jobs", "logs", "--follow", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"]
     )
     assert followed.returncode == 0 and "hello from cdm job" in followed.stdout
     # RAY_ADDRESS is how most users point at a cluster.
     env = cluster["env"] | {"RAY_ADDRESS": cluster["address"]}
-    status = _cdm("jobs", "status", job_id, env=env, cwd=cluster["workdir"])
+    status = cdm("jobs", "status", job_id, env=env, cwd=cluster["workdir"])
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     assert "GREETING" in status.stdout and "hi-there" not in status.stdout  # names only, never values
-    listing = _cdm("jobs", "list", env=env, cwd=cluster["workdir"])
+    listing = cdm("jobs", "list", env=env, cwd=cluster["workdir"])
     assert listing.returncode == 0 and job_id in listing.stdout
 
 
-def test_a_failing_job_fails_the_command(cluster):
-    result = _cdm(
+def test_a_failing_job_fails_the_command(cluster, cdm):
+    result = cdm(
         "submit", "--address", cluster["address"], "--working-dir", "",
         "--", "python", "-c", "import sys; print('about to fail'); sys.exit(3)",
         env=cluster["env"], cwd=cluster["workdir"],
@@ -184,8 +189,8 @@ def test_a_failing_job_fails_the_command(cluster):
     assert "Traceback" not in result.stderr
 
 
-def test_no_wait_returns_the_id_and_stop_ends_the_job(cluster):
-    submitted = _cdm(
+def test_no_wait_returns_the_id_and_stop_ends_the_job(cluster, cdm):
+    submitted = cdm(
         "submit", "--address", cluster["address"], "--working-dir", "", "--no-wait",
         "--", "python", "-c", "import time; print('long job started', flush=True); time.sleep(600)",
         env=cluster["env"], cwd=cluster["workdir"],
@@ -193,17 +198,17 @@ def test_no_wait_returns_the_id_and_stop_ends_the_job(cluster):
     assert submitted.returncode == 0, submitted.stderr
     assert submitted.stdout.strip().startswith("raysubmit_") and len(submitted.stdout.splitlines()) == 1
     job_id = submitted.stdout.strip()
-    stopped = _cdm("jobs", "stop", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
+    stopped = cdm("jobs", "stop", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"])
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
     # Following a stopped job ends at once, with the job's outcome as the exit code.
-    followed = _cdm(
+    followed = cdm(
         "jobs", "logs", "-f", job_id, "--address", cluster["address"], env=cluster["env"], cwd=cluster["workdir"]
     )
     assert followed.returncode == 1 and "STOPPED" in followed.stderr
 
 
-def test_wrong_or_missing_token_is_a_clear_error(cluster):
-    wrong = _cdm(
+def test_wrong_or_missing_token_is_a_clear_error(cluster, cdm):
+    wrong = cdm(
         "jobs",
         "list",
         "--address",
@@ -217,7 +222,7 @@ def test_wrong_or_missing_token_is_a_clear_error(cluster):
     )
     empty_home = cluster["workdir"] / "empty-home"
     empty_home.mkdir(exist_ok=True)
-    missing = _cdm(
+    missing = cdm(
         "submit",
         "--address",
         cluster["address"],
@@ -232,8 +237,8 @@ def test_wrong_or_missing_token_is_a_clear_error(cluster):
         assert "Traceback" not in result.stderr and cluster["token"] not in result.stderr + result.stdout
 
 
-def test_unknown_job_is_a_clear_error(cluster):
-    result = _cdm(
+def test_unknown_job_is_a_clear_error(cluster, cdm):
+    result = cdm(
         "jobs",
         "logs",
         "raysubmit_doesnotexist",
@@ -249,13 +254,13 @@ def test_unknown_job_is_a_clear_error(cluster):
     )
 
 
-def test_unreachable_cluster_is_a_clear_error(tmp_path):
+def test_unreachable_cluster_is_a_clear_error(cdm, tmp_path):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = _without_ray_settings(os.environ) | {"RAY_ADDRESS": f"http://127.0.0.1:{port}"}
     for args in (["submit", "--", "cdm", "version"], ["jobs", "list"]):
-        result = _cdm(*args, env=env, cwd=tmp_path, timeout=120)
+        result = cdm(*args, env=env, cwd=tmp_path, timeout=120)
         assert result.returncode == 2, result.stderr
         assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in result.stderr
         assert "local_cluster.sh start" in result.stderr and "Traceback" not in result.stderr
@@ -299,12 +304,12 @@ def _answers(address: str) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_following_rides_out_a_dashboard_restart(cluster, tmp_path):
+def test_following_rides_out_a_dashboard_restart(cluster, cdm, tmp_path):
     """The real dashboard is stopped mid-job and started again: a follower with the default window prints every
     line once and ends with the job; one whose window (3 s) passes first exits 2 with one line. This module's
     cluster serves (the only one with a dashboard to restart); it runs last, as the dashboard it leaves is the
     one it started, ended here."""
-    submitted = _cdm(
+    submitted = cdm(
         "submit", "--address", cluster["address"], "--working-dir", "", "--no-wait", "--", "python", "-c", TICKER,
         env=cluster["env"], cwd=cluster["workdir"],
     )  # fmt: skip

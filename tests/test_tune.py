@@ -1,4 +1,4 @@
-"""`cdm tune` on a real local Ray (a fresh one for the module) and a real MLflow SQLite store.
+"""`cdm tune` on a real local Ray (the suite's) and a real MLflow SQLite store.
 
 Two sweeps of the tiny CDM on sklearn's 8×8 digits, 2 trials at a time:
 
@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import leave_suite_ray
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -32,10 +31,12 @@ STEPS = 20
 PBT_STEPS = 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fresh_ray():
-    # The last test checks that no placement group is left anywhere in the cluster: a Ray no earlier module used.
-    leave_suite_ray()
+@pytest.fixture(scope="module")
+def groups_before(ray_session) -> set[str]:
+    """The cluster's placement groups before the first sweep (earlier modules' runs made them)."""
+    from ray.util.placement_group import placement_group_table
+
+    return set(placement_group_table())
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def sweep(dataset, store, name: str, space: dict, settings: dict, *overrides: st
 
 
 @pytest.fixture(scope="module")
-def schedules(ray_session, digits_dataset, store):
+def schedules(ray_session, groups_before, digits_dataset, store):
     return sweep(
         digits_dataset,
         store,
@@ -90,7 +91,7 @@ def schedules(ray_session, digits_dataset, store):
 
 
 @pytest.fixture(scope="module")
-def mixed(ray_session, digits_dataset, store):
+def mixed(ray_session, groups_before, digits_dataset, store):
     return sweep(
         digits_dataset,
         store,
@@ -109,7 +110,7 @@ def mixed(ray_session, digits_dataset, store):
 
 
 @pytest.fixture(scope="module")
-def pbt(ray_session, digits_dataset, store):
+def pbt(ray_session, groups_before, digits_dataset, store):
     return sweep(
         digits_dataset,
         store,
@@ -256,8 +257,10 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(pbt, stor
     assert pbt.best is not None and pbt.best.value == min(r.value for r in pbt.rows if r.status != "failed")
 
 
-def test_stopped_and_failed_trials_gave_back_their_placement_groups(mixed, pbt):
+def test_stopped_and_failed_trials_gave_back_their_placement_groups(groups_before, schedules, mixed, pbt):
     from ray.util.placement_group import placement_group_table
 
-    held = {k: v for k, v in placement_group_table().items() if v["state"] != "REMOVED"}
+    made = {k: v for k, v in placement_group_table().items() if k not in groups_before}
+    assert made, "the sweeps made no placement group: the check below would pass whatever happened"
+    held = {k: v for k, v in made.items() if v["state"] != "REMOVED"}
     assert held == {}

@@ -3,7 +3,7 @@
 The sweep runs as the real CLI in a subprocess (its own local Ray): two trials,
 one at a time. As soon as Ray has recorded the second trial's first checkpoint,
 that whole local Ray gets SIGKILL (driver, GCS, raylet, every actor). `cdm tune --resume`
-then continues in a second subprocess: the first trial is not trained again,
+then continues in a second `cdm` process (forked: `cdm_forks`): the first trial is not trained again,
 the second continues from its checkpoint, and MLflow keeps one parent with two
 children.
 """
@@ -41,7 +41,7 @@ def recorded_checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(digits_dataset, tmp_path_factory):
+def killed_and_resumed(digits_dataset, tmp_path_factory, cdm_forks):
     root = tmp_path_factory.mktemp("tune-resume")
     (root / "space.toml").write_text('[space]\n"loss.w_ce" = { grid = [1e-3, 1e-2] }\n\n[tune]\nmax_concurrent = 1\n')
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -100,7 +100,8 @@ def killed_and_resumed(digits_dataset, tmp_path_factory):
         "second_checkpoints": sorted(p.name for p in second.glob("checkpoint_0*")),
     }
 
-    resumed = subprocess.run(args + ["--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    # The resumed sweep: the real `cdm tune`, forked from a process that has imported it (its own local Ray too).
+    resumed = cdm_forks.run([*args[1:], "--resume"], root, env, timeout=600)
     return root, uri, first_run, second, before, resumed, args
 
 
@@ -138,10 +139,8 @@ def test_resume_finishes_the_sweep_without_redoing_the_finished_trial(killed_and
     assert (second / "checkpoint_00000030" / "checkpoint.pt").is_file()
 
 
-def test_resume_refuses_a_changed_sweep(killed_and_resumed):
+def test_resume_refuses_a_changed_sweep(killed_and_resumed, cdm_forks):
     root, *_, args = killed_and_resumed
-    out = subprocess.run(
-        args + ["--resume", "--set", "train.steps=99"], cwd=root, capture_output=True, text=True, timeout=120
-    )
+    out = cdm_forks.run([*args[1:], "--resume", "--set", "train.steps=99"], root)
     assert out.returncode == 2
     assert "--resume: the sweep was started with different settings" in out.stderr and "train.steps" in out.stderr

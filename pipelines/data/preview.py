@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.data import shards as sh
@@ -73,6 +72,9 @@ def save_preview(ds: sh.Dataset, path: Path, n: int = 64) -> None:
         save_png(image_grid([array_picture(x) for _, _, x, _ in _take(ds, split, n)]), path)
         return
     if ds.spec.kind == "vector":
+        # Deferred: matplotlib is ~1 s of import that a training worker (save_png only) never needs.
+        from matplotlib.figure import Figure  # noqa: PLC0415
+
         pts = np.stack([x for _, _, x, _ in _take(ds, split, 5000)])
         fig = Figure(figsize=(4, 4), dpi=100)
         ax = fig.subplots()

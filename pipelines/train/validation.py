@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 
 from cdm_core.likelihood import elbo_bits_per_dim, link01_expected_nats, log_snr_classes, one_pass_minus_elbo_bpd
 from cdm_core.objective import (
@@ -262,6 +261,9 @@ class Validator:
 
 def plot_curve(grid: torch.Tensor, curve: list[float], path: str, title: str) -> None:
     """The per-t validation MSE as a PNG."""
+    # Deferred: only rank 0 draws it, and every worker process would pay matplotlib's ~1 s of import.
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
     fig = Figure(figsize=(5, 3.5), dpi=100)
     ax = fig.subplots()
     ax.plot(grid.tolist(), curve, marker="o")
