@@ -131,7 +131,15 @@ def settings_page() -> str:
         parts.append(f"## {stage}\n\nSet by {how}. {len(rows)} settings.\n\n")
         body = []
         for key, kind, default, doc in rows:
-            body.append([code(key), cell(kind), code(default if default != "" else '""'), cell(_bounds(_field(cls, key))), cell(doc)])
+            body.append(
+                [
+                    code(key),
+                    cell(kind),
+                    code(default if default != "" else '""'),
+                    cell(_bounds(_field(cls, key))),
+                    cell(doc),
+                ]
+            )
         parts.append(table(["setting", "type", "default", "bounds", "meaning"], body) + "\n")
     return "".join(parts)
 
@@ -302,8 +310,10 @@ def _provenance_line(path: Path, data: Any) -> str:
 
 
 def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool)) or (
-        isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return (
+        value is None
+        or isinstance(value, (str, int, float, bool))
+        or (isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
     )
 
 
@@ -324,8 +334,11 @@ def _render(data: Any, depth: int, skip: set[str]) -> str:
         if key in skip or _scalar(value):
             continue
         heading = "#" * min(depth, 6)
-        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()) and all(
-            all(_scalar(x) for x in v.values()) for v in value.values()
+        if (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(v, dict) for v in value.values())
+            and all(all(_scalar(x) for x in v.values()) for v in value.values())
         ):
             columns = list(dict.fromkeys(k for v in value.values() for k in v))
             rows = [[code(name), *[number(v.get(c)) for c in columns]] for name, v in value.items()]
@@ -405,11 +418,13 @@ def _env_region() -> str:
     return table(["variable", "what it does"], [[code(n), cell(w)] for n, w in VARIABLES])
 
 
-def _demo_region() -> str:
+def _demo_region(only: str = "") -> str:
     path = "benchmarks/results/demo.json"
     data = _json(path)
     rows = []
     for name, run in data["runs"].items():
+        if only and name != only:
+            continue
         m = run["summary"]["metrics"]
         rows.append(
             [
@@ -433,6 +448,9 @@ def _demo_region() -> str:
         "training, min",
         "stages, min",
     ]
+    if only:  # one run (the README's): its figures without the run's story, which the CHANGELOG tells
+        header, rows = header[2:], [r[2:] for r in rows]
+        return table(header, rows) + f"\n<small>From `{path}`, run `{only}`.</small>\n"
     return table(header, rows) + f"\n<small>From `{path}`: {cell(data['what'])}.</small>\n"
 
 
@@ -440,8 +458,17 @@ def _likelihood_region() -> str:
     path = "benchmarks/results/eval.json"
     d = _json(path)
     rows = [
-        [label, number(d[f"likelihood_{key}_nfe_per_sample"]), number(d[f"likelihood_{key}_images_per_s_1thread"]), number(d[f"likelihood_{key}_bpd"])]
-        for key, label in (("one_pass", "one-pass (Theorem 3.2)"), ("elbo", "ELBO (DDPM bound)"), ("ode", "probability-flow ODE"))
+        [
+            label,
+            number(d[f"likelihood_{key}_nfe_per_sample"]),
+            number(d[f"likelihood_{key}_images_per_s_1thread"]),
+            number(d[f"likelihood_{key}_bpd"]),
+        ]
+        for key, label in (
+            ("one_pass", "one-pass (Theorem 3.2)"),
+            ("elbo", "ELBO (DDPM bound)"),
+            ("ode", "probability-flow ODE"),
+        )
     ]
     note = (
         f"<small>From `{path}` (`benchmarks/eval.py --only likelihood`): {d['likelihood_images']} test images, "
@@ -459,7 +486,9 @@ def _core_region() -> str:
     rows = []
     for op in ops:
         images = d.get(f"{op}_images_per_s") or d["batch"] / d[f"{op}_seconds"]
-        rows.append([code(op), f"{d[f'{op}_seconds'] * 1000:.0f}", f"{images:.1f}", f"{d.get(f'{op}_peak_rss_mib', 0):.0f}"])
+        rows.append(
+            [code(op), f"{d[f'{op}_seconds'] * 1000:.0f}", f"{images:.1f}", f"{d.get(f'{op}_peak_rss_mib', 0):.0f}"]
+        )
     note = (
         f"<small>From `{path}`: preset `{d['preset']}`, batch {d['batch']}, {d['image_shape']}, T = {d['T']}, "
         f"{d['device']}, {d['threads']} thread, {d['reps']} interleaved repetitions; machine: {d['machine']}. "
@@ -499,11 +528,24 @@ def _tracking_region() -> str:
     for r in d["rows"]:
         by.setdefault(r["writers"], {})[r["retry"]] = r
     rows = [
-        [n, number(v[True]["sent"]), number(v[True]["arrived"]), number(v[True]["lost"] + v[False]["lost"]),
-         number(v[True]["metrics_per_s"]), number(v[False]["metrics_per_s"])]
+        [
+            n,
+            number(v[True]["sent"]),
+            number(v[True]["arrived"]),
+            number(v[True]["lost"] + v[False]["lost"]),
+            number(v[True]["metrics_per_s"]),
+            number(v[False]["metrics_per_s"]),
+        ]
         for n, v in sorted(by.items())
     ]
-    header = ["writers", "metrics sent", "arrived", "lost (both clients)", "metrics/s (retrying client)", "metrics/s (plain client)"]
+    header = [
+        "writers",
+        "metrics sent",
+        "arrived",
+        "lost (both clients)",
+        "metrics/s (retrying client)",
+        "metrics/s (plain client)",
+    ]
     return table(header, rows) + f"\n<small>From `{path}`: {d['cpus']} CPUs.</small>\n"
 
 
@@ -542,6 +584,8 @@ def _errors_region() -> str:
 def region(name: str) -> str:
     if name.startswith("study:"):
         return _study_region(name.split(":", 1)[1])
+    if name.startswith("demo:"):
+        return _demo_region(name.split(":", 1)[1])
     return {
         "env": _env_region,
         "demo": _demo_region,

@@ -116,7 +116,6 @@ app.add_typer(cluster.jobs_app, name="jobs")
 app.command("ui")(cluster.ui)
 
 
-
 def reference() -> list[dict]:
     """Every command, its help and its parameters as `--help` shows them: docs/generate.py writes the
     command-line reference from this (typer stays in this package)."""
