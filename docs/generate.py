@@ -285,18 +285,25 @@ def mlflow_page() -> str:
 # --------------------------------------------------------------------------- results
 
 PROVENANCE_KEYS = {
-    "machine": ("machine", "cpu_cores", "device", "gpu"),
+    "machine": ("machine", "cpu_cores", "cpus", "device", "gpu"),
     "commit": ("commit", "git_commit"),
     "date": ("date", "when"),
 }
 
 
 def _provenance(data: dict[str, Any]) -> dict[str, str]:
-    """Machine, commit and date as the file records them (its `provenance` table or top-level keys)."""
+    """Machine, commit and date as the file records them: its `provenance` table or top-level keys; else the
+    `committed_in` note (the commit that last changed the figures, from git); else each entry's own."""
     source = {**data, **(data.get("provenance") or {})} if isinstance(data, dict) else {}
+    noted = source.get("committed_in") if isinstance(source.get("committed_in"), dict) else {}
+    entries = [e for v in source.values() if isinstance(v, list) for e in v if isinstance(e, dict)]
     out = {}
     for what, keys in PROVENANCE_KEYS.items():
         found = [f"{k}: {source[k]}" if k != what else str(source[k]) for k in keys if k in source]
+        if not found and any(what in e for e in entries):
+            found = [f"per entry, in its `{what}` field"]
+        if not found and what in noted:
+            found = [f"{noted[what]} (git)"]
         out[what] = "; ".join(found) if found else "not recorded in the file"
     return out
 
@@ -354,8 +361,10 @@ def benchmarks_page() -> str:
         "# Benchmarks\n\n",
         "Every figure below is read from a file in `benchmarks/results/`, written by the script of the same "
         "name in `benchmarks/` (`python benchmarks/NAME.py`). Ratios are measured in one run, interleaved, "
-        "because the machine is shared and noisy. Machine, commit and date are what the file records; a file "
-        "that records none says so. Floats are shown to 4 significant digits.\n\n",
+        "because the machine is shared and noisy. Machine, commit and date are what the file records; where the "
+        "run recorded no commit, `(git)` marks the last commit that changed the file's figures (its "
+        "`committed_in` note, from git log), and a file that records nothing says so. Floats are shown to 4 "
+        "significant digits.\n\n",
     ]
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         data = json.loads(path.read_text())
@@ -366,7 +375,7 @@ def benchmarks_page() -> str:
         if script.exists():
             parts.append(f"Written by `benchmarks/{script.name}`.\n\n")
         parts.append(_provenance_line(path, data))
-        parts.append(_render(data, 3, {"what", "provenance"}))
+        parts.append(_render(data, 3, {"what", "provenance", "committed_in"}))
     return "".join(parts)
 
 
