@@ -355,6 +355,15 @@ def _render(data: Any, depth: int, skip: set[str]) -> str:
     return "".join(out)
 
 
+# The tables the hand-written pages show, also at the head of their file's section.
+CURATED = {
+    "core": ("core", "core-compiled"),
+    "eval": ("likelihood-cost",),
+    "demo": ("demo",),
+    "tracking_load": ("tracking-load",),
+}
+
+
 def benchmarks_page() -> str:
     parts = [
         HEADER.format(source="benchmarks/results/*.json"),
@@ -375,7 +384,11 @@ def benchmarks_page() -> str:
         if script.exists():
             parts.append(f"Written by `benchmarks/{script.name}`.\n\n")
         parts.append(_provenance_line(path, data))
-        parts.append(_render(data, 3, {"what", "provenance", "committed_in"}))
+        for name in CURATED.get(path.stem, ()):
+            parts.append(region(name).rstrip("\n") + "\n\n")
+        if CURATED.get(path.stem):
+            parts.append("Every figure of the file:\n\n")
+        parts.append(_render(data, 3, {"what", "provenance", "committed_in", "machine", "date", "commit"}))
     return "".join(parts)
 
 
