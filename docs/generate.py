@@ -418,6 +418,13 @@ def studies_page(figures_out: Path) -> tuple[str, dict[Path, bytes]]:
             parts.append(f"**Conventions:** {cell(data['conventions'])}\n\n")
         elif isinstance(data, dict) and isinstance(data.get("conventions"), dict):
             parts.append("**Conventions:**\n\n" + _render(data["conventions"], 4, set()))
+        for other in sorted(p for p in folder.glob("*.json") if p.name != "results.json"):
+            extra = json.loads(other.read_text())
+            parts.append(f"### {other.name}\n\n")
+            if isinstance(extra, dict) and isinstance(extra.get("what"), str):
+                parts.append(f"{cell(extra['what'])}.\n\n")
+            parts.append(_provenance_line(other, extra))
+            parts.append(_render(extra, 4, {"what", "provenance", "commit", "date", "machine"}))
         for png in sorted(folder.glob("*.png")):
             name = f"{folder.name}-{png.name}"
             files[figures_out / name] = png.read_bytes()
