@@ -90,3 +90,21 @@ def test_every_shown_command_parses(page, command, cdm_forks, tmp_path):
     assert result.returncode == 0, (
         f"{page}: `{command}` no longer parses (ran `cdm {shlex.join(argv)}`):\n{result.stdout}{result.stderr}"
     )
+
+
+def test_the_readme_links_to_files_that_exist():
+    """mkdocs checks the site's links (`make docs` is strict); the README, outside the site, is checked here."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links into docs/"
+    assert [link for link in local if not (ROOT / link).exists()] == []
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_every_listed_setting_is_in_the_reference(command, cdm_forks):
+    listed = cdm_forks.run([command, "--list-settings"], cwd=ROOT, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    keys = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    section = page.split(f"\n## {command}\n", 1)[1].split("\n## ", 1)[0]
+    assert len(keys) > 50 and [k for k in keys if f"| `{k}` |" not in section] == []
