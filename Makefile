@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install browser lint format test demo bench docs clean
+.PHONY: install browser lint format test demo bench docs api clean
 
 # torch-fidelity's Inception-v3 FID extractor (the package's `fid` extra): --no-deps
 # because the package declares torchvision (for extractors we don't use), and PyPI's
@@ -51,13 +51,23 @@ test: lint browser
 demo: install
 	$(VENV)/bin/cdm run configs/demo.toml
 
-# The API reference of cdm_core and pipelines, from their docstrings, in docs/api/.
-docs: install
+# The documentation site: the generated pages rewritten from the code and the results files
+# (docs/generate.py), then `mkdocs build --strict` into site/ (a broken link or a missing page fails).
+# The docs extra is installed once, like the test extra, and recorded beside .installed.
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The API reference of cdm_core and pipelines, from their docstrings (pdoc), in docs/api/ (not part of the site).
+api: $(VENV)/.docs-installed
 	$(PY) -m pdoc --output-directory docs/api cdm_core pipelines
 
 bench: install
 	$(PY) benchmarks/core.py
 
 clean:
-	rm -rf $(VENV) outputs mlflow.db .pytest_cache
+	rm -rf $(VENV) outputs mlflow.db .pytest_cache site

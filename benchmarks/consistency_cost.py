@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import prepare_quick  # noqa: E402
+from provenance import stamp  # noqa: E402 -- benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 from pipelines.common import config as cfg  # noqa: E402
 from pipelines.data.readers import load_split, to_model_input  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
     out = {
         "what": "the consistency ELBO's time against a run's validation time (one process, one torch thread)",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "date": time.strftime("%Y-%m-%d"),
+        **stamp(),
         "results": results,
     }
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")

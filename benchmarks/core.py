@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 from cdm_core.ddm import ddm_loss
 from cdm_core.networks import UNetClassifier, UNetDenoiser, count_parameters, unet_preset
@@ -236,6 +237,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        **stamp(),
         "load_average_1min_at_start": load_at_start,
         **{f"{op}_seconds": v for op, v in secs.items()},
         **{f"{op}_peak_rss_mib": v for op, v in memory.items()},

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 TARGET_RATIO = 5.0
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     cores = os.cpu_count() or 1
     results: dict = {
         "machine": platform.machine(),
+        **stamp(),
         "cpu_cores": cores,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

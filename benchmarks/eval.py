@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 RESULTS = Path(__file__).parent / "results" / "eval.json"
 T = 1000
@@ -191,6 +192,7 @@ def main() -> None:
     x = torch.from_numpy(reader.inputs(np.arange(args.batch)))
     result: dict = {
         "machine": platform.processor() or platform.machine(),
+        **stamp(),
         "cpu_cores": os.cpu_count(),
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
+
 RESULTS = Path(__file__).parent / "results" / "fit_overhead.json"
 WAYS = {
     "workers-2s": ({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}, 1),
@@ -97,7 +99,7 @@ def main() -> None:
             {
                 "what": "seconds of one no-op TorchTrainer.fit() on a local Ray (4 logical CPUs)",
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "date": time.strftime("%Y-%m-%d"),
+                **stamp(),
                 "rounds": args.rounds,
                 "fits_per_ray": args.fits,
                 "ways": rows,

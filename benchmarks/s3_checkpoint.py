@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 from cdm_core.checkpoint import save_checkpoint
 from cdm_core.ema import EMA
@@ -132,6 +133,7 @@ def main() -> None:
         "all": {k: [round(x, 3) for x in v] for k, v in rows.items()},
         "server": "moto (python -m moto.server) on 127.0.0.1",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        **stamp(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

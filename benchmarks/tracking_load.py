@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METRICS = (
@@ -113,6 +115,7 @@ def main() -> None:
                 "batches_per_writer": args.batches,
                 "metrics_per_batch": len(METRICS),
                 "cpus": os.cpu_count(),
+                **stamp(),
                 "load_average": [round(v, 2) for v in load],
                 "rows": rows,
             },

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     overhead = 1 - peak["ray1"] / peak["plain"]
     results = {
         "machine": platform.machine(),
+        **stamp(),
         "cpu_cores": cores,
         "threads_per_worker": threads,
         "python": platform.python_version(),

@@ -37,6 +37,7 @@ PARALLEL_LANE = {
     "test_compiled_step",
     "test_config",
     "test_devices",
+    "test_docs",
     "test_ema_checkpoint",
     "test_features",
     "test_frechet",

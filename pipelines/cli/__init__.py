@@ -116,6 +116,40 @@ app.add_typer(cluster.jobs_app, name="jobs")
 app.command("ui")(cluster.ui)
 
 
+def reference() -> list[dict]:
+    """Every command, its help and its parameters as `--help` shows them: docs/generate.py writes the
+    command-line reference from this (typer stays in this package)."""
+    out = []
+
+    def walk(command, ctx) -> None:
+        params = []
+        for param in command.params:
+            if param.hidden or param.name == "help":
+                continue
+            names, help_text = param.get_help_record(ctx) or (param.name, param.help or "")
+            envvar = param.envvar if isinstance(param.envvar, (str, type(None))) else ", ".join(param.envvar)
+            default = None if callable(param.default) or param.default in ((), []) else param.default
+            params.append(
+                {
+                    "name": names,
+                    "kind": param.param_type_name,
+                    "type": param.display_type(ctx).strip("<>"),
+                    "required": bool(param.required),
+                    "default": default,
+                    "envvar": envvar,
+                    "help": param.help or "",
+                }
+            )
+        out.append({"path": ctx.command_path, "help": command.help or "", "params": params})
+        for name, sub in getattr(command, "commands", {}).items():
+            if not sub.hidden:
+                walk(sub, typer.Context(sub, info_name=name, parent=ctx))
+
+    root = typer.main.get_command(app)
+    walk(root, typer.Context(root, info_name="cdm"))
+    return out
+
+
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _show_warning = warnings.showwarning
 
