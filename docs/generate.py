@@ -588,6 +588,22 @@ def _study_region(name: str) -> str:
     )
 
 
+def _suite_region() -> str:
+    """The last whole run of the suite from a fresh clone (the latest run in suite.json with its installation time)."""
+    path = "benchmarks/results/suite.json"
+    run = [r for r in _json(path)["runs"] if "wall_seconds_with_installation" in r][-1]
+    wall, totals = run["wall_seconds_with_installation"], run["totals"]
+    slowest = list(run["per_module_seconds"].items())[:8]
+    rows = [[code(module.removeprefix("tests/")), f"{seconds:.0f}"] for module, seconds in slowest]
+    return (
+        f"The last run from a fresh clone took **{wall // 60:.0f} min {wall % 60:.0f} s**, installation included: "
+        f"pytest {totals['pytest_seconds']:.0f} s, {totals['passed']} passed, {totals['failed']} failed "
+        f"(commit {code(run['commit'])}). Its slowest modules, seconds (setup, calls and teardown):\n\n"
+        + table(["module", "s"], rows)
+        + f"\n<small>From `{path}`, run “{cell(run['run'])}”.</small>\n"
+    )
+
+
 def _errors_region() -> str:
     """Every exception class cdm defines, with its docstring: what it means and what to do."""
     classes = {}
@@ -623,6 +639,7 @@ def region(name: str) -> str:
         "core-compiled": _compiled_region,
         "tracking-load": _tracking_region,
         "errors": _errors_region,
+        "suite": _suite_region,
     }[name]()
 
 
