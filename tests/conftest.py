@@ -181,6 +181,29 @@ def leave_suite_ray() -> None:
         ray.shutdown()
 
 
+_EMPTY_STORE: list[Path] = []  # this process's MLflow store as MLflow creates it, made on first use
+
+
+def new_store(path: Path) -> str:
+    """A new MLflow SQLite store at `path` (a file name); returns its URI. A copy of one MLflow created in this
+    process: creating a store runs MLflow's schema migrations, 3–7 s on 2 cores, and the Ray tests make ~20."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="cdm-empty-store-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    if Path(path).exists():
+        raise FileExistsError(f"{path} exists: new_store would replace its runs")
+    shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(scope="session")
 def cdm_forks():
     """The real `cdm` command for checks that end before any work (bad input): each run is forked from a

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cli_in_process, prepare_quick
+from conftest import ROOT, cli_in_process, new_store, prepare_quick
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -174,7 +174,7 @@ def test_nll_of_standardized_data_is_the_density_of_the_data_as_given(
 
 def _train(data: Path, tmp_path: Path, capsys, monkeypatch, *sets: str) -> Path:
     argv = ["train", TINY, "--set", f"data.uri={data}", "--set", f"run.storage_path={tmp_path / 'runs'}"]
-    argv += ["--set", "run.name=r", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    argv += ["--set", "run.name=r", "--set", f"tracking.tracking_uri={new_store(tmp_path / 'mlflow.db')}"]
     # Local mode (the loop in this process): what is checked is the data's path through training, not the workers.
     for s in (
         "train.steps=3",

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import cli_in_process, prepare_quick
+from conftest import cli_in_process, new_store, prepare_quick
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.metrics import accuracy_score, confusion_matrix, log_loss
@@ -94,7 +94,7 @@ def ece_by_loops(probs: np.ndarray, labels: np.ndarray) -> float:
 def test_the_posterior_is_the_analytic_bayes_posterior_and_the_figures_recompute(ray_session, gmm, exact, tmp_path):
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     result = run(
         nest(
             ClassifyConfig,

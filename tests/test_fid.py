@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import prepare_quick
+from conftest import new_store, prepare_quick
 
 ray = pytest.importorskip("ray")
 
@@ -150,7 +150,7 @@ def test_classifier_features_give_fd_of_the_dataset_not_fid(ray_session, tmp_pat
     assert clf.test_accuracy > 0.85 and clf.dataset_name == "digits"
     test_images, _ = load_split(digits, "test")
     brighter = write_images(tmp_path / "brighter", np.clip(test_images.astype(int) + 100, 0, 255).astype(np.uint8), "b")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     common = dict(
         reference=str(digits), features=f"classifier:{clf.path}", cache_dir=str(tmp_path / "cache"), workers=2
     )
@@ -183,7 +183,7 @@ def test_inception_path_end_to_end_with_random_weights(ray_session, tmp_path):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, size=(6, 12, 12, 3), dtype=np.uint8)
     b = rng.integers(0, 128, size=(6, 12, 12, 3), dtype=np.uint8)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     result = run(
         nest(
             FidConfig,

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import cli_in_process, prepare_quick
+from conftest import cli_in_process, new_store, prepare_quick
 
 ray = pytest.importorskip("ray")
 
@@ -84,7 +84,9 @@ def unet_checkpoint(tmp_path_factory):
 
 
 def _store(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """The test's MLflow store: made on the first call, the same URI after."""
+    path = tmp_path / "mlflow.db"
+    return f"sqlite:///{path}" if path.exists() else new_store(path)
 
 
 def test_exact_logits_reproduce_the_analytic_log_density_with_0_1_and_2_workers(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import new_store
 
 ray = pytest.importorskip("ray")
 
@@ -178,7 +179,7 @@ def test_ddm_checkpoints_sample_through_the_same_stage(ray_session, tmp_path):
 def test_mlflow_run_rerun_and_cli(ray_session, unet, tmp_path, cdm_forks):
     import mlflow
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     out = tmp_path / "tracked"
     first = _sample(unet, out, n=4, batch_size=4, steps=2, track=True, tracking_uri=store)
     client = mlflow.tracking.MlflowClient(store)
@@ -215,7 +216,7 @@ def test_sigterm_stops_sampling_with_a_message_and_leaves_out_as_it_was(ray_sess
             time.sleep(0.2)
         os.kill(pid, signal.SIGTERM)
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = new_store(tmp_path / "mlflow.db")
     env = {k: v for k, v in os.environ.items() if k not in ("CDM_DEBUG", "MLFLOW_TRACKING_URI")}
     env["RAY_ADDRESS"] = ray_session
     # Batches of a shard's size (1000 samples), so that the first shard is written as soon as the worker runs.

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_LEVEL
+from conftest import ONE_LEVEL, new_store
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -36,7 +36,7 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
+    return root, new_store(root / "mlflow.db")
 
 
 def tiny_config(dataset, store, name: str, *overrides: str) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import two_ray_nodes
+from conftest import new_store, two_ray_nodes
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
@@ -26,7 +26,7 @@ def test_two_workers_on_two_nodes(two_nodes, digits_dataset, tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     config = cfg.load(
         TrainConfig,
         ROOT / "configs" / "train_tiny.toml",

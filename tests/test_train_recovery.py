@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_in_process
+from conftest import cli_in_process, new_store
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -63,7 +63,7 @@ LOCAL = "scaling.num_workers=0"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
+    return root, new_store(root / "mlflow.db")
 
 
 def _settings(dataset, store, name: str, steps: int = STEPS) -> list[str]:

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -42,7 +43,7 @@ def groups_before(ray_session) -> set[str]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    return root, f"sqlite:///{root / 'mlflow.db'}"
+    return root, new_store(root / "mlflow.db")
 
 
 def client(store):

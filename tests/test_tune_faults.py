@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import leave_suite_ray
+from conftest import leave_suite_ray, new_store
 
 ray = pytest.importorskip("ray")
 
@@ -43,7 +43,7 @@ def test_a_sweep_survives_a_dead_worker_retrying_or_recording_the_trial(dying_wo
         [
             f"data.uri={digits_dataset}",
             f"run.storage_path={tmp_path / 'sweeps'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.tracking_uri={new_store(tmp_path / 'mlflow.db')}",
             "train.steps=6",
             "validation.every=2",
             "checkpoint.every=2",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import new_store
 
 pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -44,7 +45,7 @@ def recorded_checkpoints(run_dir: Path) -> list[str]:
 def killed_and_resumed(digits_dataset, tmp_path_factory, cdm_forks):
     root = tmp_path_factory.mktemp("tune-resume")
     (root / "space.toml").write_text('[space]\n"loss.w_ce" = { grid = [1e-3, 1e-2] }\n\n[tune]\nmax_concurrent = 1\n')
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     args = [
         str(CDM),
         "tune",

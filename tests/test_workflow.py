@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import new_store
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -97,6 +98,7 @@ workers = 1
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflow")
     (root / "tiny.toml").write_text(TINY)
+    new_store(root / "mlflow.db")  # the store `cdm run` opens by default in its work folder
     return root
 
 
