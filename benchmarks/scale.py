@@ -495,12 +495,26 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cdm-scale"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="print the README table from the results and stop")
+    parser.add_argument(
+        "--wait-for-data",
+        action="store_true",
+        help="wait until another run of this script has prepared and verified each N (it runs prepare, verify)",
+    )
+    parser.add_argument("--merge", type=Path, help="add the figures of another results file to --results and stop")
     parser.add_argument("--nll-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nll_child:
         nll_child(*args.nll_child)
         return
     data = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if args.merge:
+        for label, entry in json.loads(args.merge.read_text())["trees"].items():
+            mine = data.setdefault("trees", {}).setdefault(label, {"by_size": {}, "commit": entry["commit"]})
+            for n, figures in entry["by_size"].items():
+                mine["by_size"].setdefault(n, {}).update(figures)
+            mine["done_when"] = done_when(mine["by_size"])
+        args.results.write_text(json.dumps(data, indent=2) + "\n")
+        return
     if args.table:
         print(table(data))
         return
@@ -537,6 +551,10 @@ def main() -> None:
     with s3_server(args.cache / "moto") if "train-s3" in only else contextlib.nullcontext() as s3:
         for n in sizes:
             src = fake_cifar(args.cache / "src" / f"cifar-{n}", n)
+            makers = [t for t in trees if f"{t.label}:{n}:prepare" not in skip] or trees
+            logs = [t.work / "logs" / f"verify-{n}.log" for t in makers]
+            while args.wait_for_data and not all(log.exists() and "ok: " in log.read_text() for log in logs):
+                time.sleep(5)  # the stages measure data as a user has it: prepared, then checked once
             for what in only:
                 for tree in trees:
                     if f"{tree.label}:{n}:{what}" in skip:
