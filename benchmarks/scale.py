@@ -157,9 +157,11 @@ class Tree:
         self.label, self.path = label, path.resolve()
         self.python = self.path / ".venv" / "bin" / "python"
         self.cdm = str(self.path / ".venv" / "bin" / "cdm")
-        self.commit = subprocess.run(
-            ["git", "-C", str(self.path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        git = ["git", "-C", str(self.path), "log", "-1", "--format=%h", "HEAD"]
+        self.commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+        # The code measured: the last commit outside benchmarks/ (this script's own commits change no stage).
+        git += ["--", ".", ":(exclude)benchmarks"]
+        self.code_commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
         self.work = cache / label
         self.shared: dict[int, Path] = {}  # N → another tree's prepared data, where this one skips prepare
         # Its own cache folder: one tree's verify records are not the other's.
@@ -513,6 +515,8 @@ def main() -> None:
             for n, figures in entry["by_size"].items():
                 mine["by_size"].setdefault(n, {}).update(figures)
             mine["done_when"] = done_when(mine["by_size"])
+        for tree in (Tree(lb, Path(p), args.cache) for lb, p in (t.split("=", 1) for t in args.tree)):
+            data["trees"][tree.label].update(commit=tree.commit, code_commit=tree.code_commit)
         args.results.write_text(json.dumps(data, indent=2) + "\n")
         return
     if args.table:
@@ -533,7 +537,13 @@ def main() -> None:
     data.setdefault("trees", {})
     for tree in trees:
         entry = data["trees"].setdefault(tree.label, {"by_size": {}})
-        entry.update({"commit": tree.commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        entry.update(
+            {
+                "commit": tree.commit,
+                "code_commit": tree.code_commit,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
+        )
         entry["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
 
     def save() -> None:
