@@ -460,7 +460,7 @@ ROWS = [  # (label, key, format)
 
 def table(data: dict) -> str:
     """Markdown: each figure from the smallest to the largest N, before → after."""
-    labels = list(data["trees"])
+    labels = [lb for lb in data["trees"] if data["trees"][lb]["by_size"]]
     sizes = sorted({s for lb in labels for s in data["trees"][lb]["by_size"]}, key=int)
     lines = [
         f"| N = {' → '.join(f'{int(s) // 1000}k' for s in sizes)} | "
@@ -574,7 +574,9 @@ def main() -> None:
                         got = MEASUREMENTS[what](tree, n, src, s3)
                     except Exception as err:  # noqa: BLE001 -- recorded; the other measurements go on
                         got = {f"{what}_error": str(err)[-1500:]}
-                    data["trees"][tree.label]["by_size"].setdefault(str(n), {}).update(got)
+                    figures = data["trees"][tree.label]["by_size"].setdefault(str(n), {})
+                    figures.pop(f"{what}_error", None)  # a measurement that failed before and has now run
+                    figures.update(got)
                     print(f"[{tree.label} N={n}] {what} ({time.perf_counter() - started:.0f} s): {got}", flush=True)
                     save()  # after each: a run stopped part-way keeps what it measured
     save()
