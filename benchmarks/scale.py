@@ -460,12 +460,16 @@ ROWS = [  # (label, key, format)
 
 def table(data: dict) -> str:
     """Markdown: each figure from the smallest to the largest N, before → after."""
+
+    def heading(label: str) -> str:
+        tree = data["trees"][label]
+        code = tree.get("code_commit", tree["commit"])
+        return f"{label} ({tree['commit']})" if code == tree["commit"] else f"{label} ({tree['commit']}, code {code})"
+
     labels = [lb for lb in data["trees"] if data["trees"][lb]["by_size"]]
     sizes = sorted({s for lb in labels for s in data["trees"][lb]["by_size"]}, key=int)
     lines = [
-        f"| N = {' → '.join(f'{int(s) // 1000}k' for s in sizes)} | "
-        + " | ".join(f"{lb} ({data['trees'][lb]['commit']})" for lb in labels)
-        + " |",
+        f"| N = {' → '.join(f'{int(s) // 1000}k' for s in sizes)} | " + " | ".join(map(heading, labels)) + " |",
         "|---|" + "---|" * len(labels),
     ]
 
