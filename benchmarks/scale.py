@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
+
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 RAY_LOCK = "/tmp/cdm-ray.lock"
 TEST_IMAGES = 10_000
@@ -521,6 +523,7 @@ def main() -> None:
             mine["done_when"] = done_when(mine["by_size"])
         for tree in (Tree(lb, Path(p), args.cache) for lb, p in (t.split("=", 1) for t in args.tree)):
             data["trees"][tree.label].update(commit=tree.commit, code_commit=tree.code_commit)
+        data.update(stamp())
         args.results.write_text(json.dumps(data, indent=2) + "\n")
         return
     if args.table:
@@ -534,7 +537,7 @@ def main() -> None:
         {
             "what": __doc__.split("\n\n")[0],
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "date": time.strftime("%Y-%m-%d"),
+            **stamp(),
             "test_images": TEST_IMAGES,
         }
     )

@@ -361,6 +361,7 @@ CURATED = {
     "eval": ("likelihood-cost",),
     "demo": ("demo",),
     "tracking_load": ("tracking-load",),
+    "scale": ("scale",),
 }
 
 
@@ -527,6 +528,14 @@ def _core_region() -> str:
     return table(["operation", "ms/call", "images/s", "peak MiB"], rows) + "\n" + note
 
 
+def _scale_region() -> str:
+    # scale.py's own table (`--table`): the page and the script's printout cannot differ.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale  # noqa: PLC0415
+
+    return scale.table(_json("benchmarks/results/scale.json")) + "\n"
+
+
 def _compiled_region() -> str:
     path = "benchmarks/results/core.json"
     d = _json(path)
@@ -637,6 +646,7 @@ def region(name: str) -> str:
         "likelihood-cost": _likelihood_region,
         "core": _core_region,
         "core-compiled": _compiled_region,
+        "scale": _scale_region,
         "tracking-load": _tracking_region,
         "errors": _errors_region,
         "suite": _suite_region,
