@@ -1,4 +1,5 @@
-"""The paper-in-miniature studies (studies/table1, table3, cdm_vs_ddm), each run as a user runs it with --smoke.
+"""The paper-in-miniature studies (studies/table1, table3, cdm_vs_ddm, consistency), each run as a user runs it
+with --smoke.
 
 --smoke keeps every configuration and every stage (the real `cdm run` in a subprocess, joined to the suite's
 Ray) and cuts the steps and samples; its results stay in the work folder, never over the committed ones.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -25,8 +27,10 @@ STUDIES = {
     "table1": ["ce_only", "mse_only", "both"],
     "table3": ["linear", "uniform", "ot"],
     "cdm_vs_ddm": ["cdm", "ddm"],
+    # its --smoke keeps the rows with settings of their own: the paper's recipe and dequantized training
+    "consistency": ["paper-seed0", "dequantized-seed0"],
 }
-FIGURE = {"table1": "table1.png", "table3": "table3.png", "cdm_vs_ddm": "fig4.png"}
+FIGURE = {"table1": "table1.png", "table3": "table3.png", "cdm_vs_ddm": "fig4.png", "consistency": "decomposition.png"}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +88,35 @@ def test_the_stages_studies_share_ran_once(smoke):
     def folders(kind: str) -> list[str]:
         return sorted(p.name for p in (smoke / "outputs" / "stages").glob(f"{kind}-*") if p.is_dir())
 
-    # table1's 3 losses, table3's uniform and ot (its linear is table1's both), and the DDM (the CDM is both)
-    assert len(folders("train")) == 6, folders("train")
+    # table1's 3 losses, table3's uniform and ot (its linear is table1's both), the DDM (the CDM is both) and
+    # consistency's dequantized model (its paper row is both)
+    assert len(folders("train")) == 7, folders("train")
     assert len(folders("prepare")) == 1 and len(folders("features")) == 1
+
+
+def test_the_consistency_decomposition_matches_an_exact_cdm_and_puts_a_shifted_link_at_0_to_1():
+    """studies/consistency's ε̂-implied increments log p_t − log p_{t+1} (the continuity equation of the
+    probability-flow velocity at a fixed x) against a Gaussian mixture's exact logits: equal up to the
+    interpolation between classes, the quadrature and Hutchinson's noise. A constant added to ℓ₀ (what 8-bit
+    training leaves untrained) moves ε̂ nowhere, so the split puts all of it at the 0 → 1 link."""
+    sys.path.insert(0, str(ROOT / "studies" / "consistency"))
+    from decomposition import implied_increments, one_pass_increments  # noqa: PLC0415 -- a study's module
+
+    from cdm_core.mixture import toy_mixture  # noqa: PLC0415 -- only this test needs the core
+    from cdm_core.schedules import get_schedule  # noqa: PLC0415
+
+    mix = toy_mixture(2)
+    schedule = get_schedule("linear", 100, beta_start=1e-3, beta_end=0.2)
+    x, _ = mix.sample(8, torch.Generator().manual_seed(0))
+    exact = one_pass_increments(mix.optimal_logits(x, schedule))
+    implied = implied_increments(lambda z: mix.optimal_logits(z, schedule), x, schedule, nodes=2, probes=2)
+    assert exact.shape == implied.shape == (8, 101)
+    assert (implied - exact).mean(0).abs().max() < 0.01, (implied - exact).mean(0)
+    assert exact.abs().mean(0).max() > 0.05  # the increments it matches are not all ≈ 0
+
+    def shifted(z):
+        return mix.optimal_logits(z, schedule) + 5.0 * torch.nn.functional.one_hot(torch.tensor(0), 102)
+
+    moved = one_pass_increments(shifted(x)) - implied_increments(shifted, x, schedule, nodes=2, probes=2)
+    assert torch.allclose(moved[:, 0] - (exact - implied)[:, 0], torch.full((8,), 5.0, dtype=torch.float64))
+    assert torch.allclose(moved[:, 1:], (exact - implied)[:, 1:])

@@ -11,7 +11,7 @@ function `cdm nll --method ode` runs, in this process: `cdm nll` has no subset),
 (`decomposition.py`), the one-pass increments ℓ_t − ℓ_{t+1} beside those the model's ε̂ implies at the
 same test digits.
 
-    python studies/consistency/run.py [--seeds 0,1] [--smoke]     (~16 min per seed on 2 CPU cores)
+    python studies/consistency/run.py [--seeds 0,1] [--smoke]     (~20 min per seed on 2 shared CPU cores)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from common import Study, fd_metric, markdown_table, score_test_split  # noqa: E
 from decomposition import implied_increments, log_normal, one_pass_increments  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-STEPS = 1000  # every row's training budget (64 images a step); the longer row trains LONGER × as many
+STEPS = 600  # every row's training budget (64 images a step); the longer row trains LONGER × as many
 LONGER = 3
 DEQUANTIZED = ["train.data.dequantize=true", "train.validation.dequantize=true", "nll.dequantize=true"]
 ROWS = {
