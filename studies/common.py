@@ -39,6 +39,8 @@ def cdm(*args: str, log: Path) -> float:
     A failure stops the study with the command's last lines.
     """
     command = [sys.executable, "-m", "pipelines", *args]
+    if lock := os.environ.get("CDM_STUDIES_LOCK"):  # a machine whose users take turns with Ray: wait for the lock
+        command = ["flock", lock, *command]
     start = time.perf_counter()
     with log.open("a") as f:
         f.write(f"$ cdm {' '.join(args)}\n")

@@ -74,22 +74,22 @@ BASE = [
 # paper row already passes), and every evaluation's code path at a few digits, a short ELBO chain and a loose ODE.
 SMOKE_ROWS = ("paper", "dequantized")
 SMOKE_SIZES = {
-    "digits": 8,
-    "decomposition_digits": 8,
-    "ode_digits": 2,
-    "ode_tol": 1e-2,
+    "digits": 4,
+    "decomposition_digits": 4,
+    "ode_digits": 1,
+    "ode_tol": 1e-1,
     "elbo_stride": 25,
     "nodes": 1,
     "probes": 1,
 }
 FULL_SIZES = {
     "digits": None,
-    "decomposition_digits": 64,
-    "ode_digits": 48,
+    "decomposition_digits": 32,
+    "ode_digits": 16,
     "ode_tol": 1e-5,
     "elbo_stride": 1,
     "nodes": 2,
-    "probes": 2,
+    "probes": 1,
 }
 
 
