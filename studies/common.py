@@ -39,7 +39,9 @@ def cdm(*args: str, log: Path) -> float:
     A failure stops the study with the command's last lines.
     """
     command = [sys.executable, "-m", "pipelines", *args]
-    if lock := os.environ.get("CDM_STUDIES_LOCK"):  # a machine whose users take turns with Ray: wait for the lock
+    # A machine whose users take turns with Ray: `cdm run` starts a local Ray for its stages, so it waits for
+    # the lock (the batch commands a study gives --workers 0 run without Ray).
+    if (lock := os.environ.get("CDM_STUDIES_LOCK")) and args[0] == "run":
         command = ["flock", lock, *command]
     start = time.perf_counter()
     with log.open("a") as f:
