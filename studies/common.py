@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +128,15 @@ def write_results(folder: Path, results: dict[str, Any], table: str) -> None:
     (folder / "table.md").write_text(table + "\n")
     print(table)
     print(f"\nwrote {folder / 'results.json'} and {folder / 'table.md'}")
+
+
+def spread(values: list[float]) -> dict:
+    """A figure over seeds: its values, mean and sample standard deviation (None for one seed)."""
+    return {
+        "values": values,
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+    }
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pipelines.evaluate.nll import PROBE_TAG, dequantization_noise, sample_gener
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Study, fd_metric, markdown_table, score_test_split  # noqa: E402
+from common import Study, fd_metric, markdown_table, score_test_split, spread  # noqa: E402
 from decomposition import implied_increments, log_normal, one_pass_increments  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -159,14 +158,6 @@ def evaluate(study: Study, summary: dict, dequantize: bool, sizes: dict) -> dict
             "one_pass_log_p0_bpd": float(nats_to_bits_per_dim(one_pass.sum(1) + base, dims).mean()),
         },
         "seconds": {"nll": seconds, "decomposition": decomposition_s, "ode": ode_s},
-    }
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "values": values,
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else None,
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import Study, fd_metric, markdown_table  # noqa: E402
+from common import Study, fd_metric, markdown_table, spread  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGURATIONS = {
@@ -36,14 +36,6 @@ GAPS = {  # (figure, a, b): a − b for the same seed
     "FD OT − uniform": ("fd", "ot", "uniform"),
     "FD CDM − DDM (linear, DDIM-50)": ("fd", "linear", "ddm"),
 }
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "values": values,
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else None,
-    }
 
 
 def shown(s: dict, digits: int) -> str:
