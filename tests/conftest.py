@@ -203,7 +203,7 @@ _EMPTY_STORE: list[Path] = []  # this process's MLflow store as MLflow creates i
 
 def new_store(path: Path) -> str:
     """A new MLflow SQLite store at `path` (a file name); returns its URI. A copy of one MLflow created in this
-    process: creating a store runs MLflow's schema migrations, 3–7 s on 2 cores, and the Ray tests make ~20."""
+    process: creating a store runs all of MLflow's schema migrations (seconds each), and the Ray tests make ~20."""
     import atexit
     import shutil
     import tempfile
