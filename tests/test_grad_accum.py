@@ -83,13 +83,13 @@ def test_a_compiled_step_accumulates_as_the_eager_one():
     assert _relative_difference(_gradients(eager), _gradients(compiled)) < 1e-4  # float32 sums in another order
 
 
-def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, k: int, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        step = _step(*ONE_LEVEL, k=2)
+        step = _step(*ONE_LEVEL, k=k)
         step.model = torch.nn.parallel.DistributedDataParallel(step.model)
         step.generator.manual_seed(rank)
         step.backward(x[rank * 4 : (rank + 1) * 4])
@@ -98,16 +98,18 @@ def _ddp_worker(rank: int, world: int, port: int, x: torch.Tensor, out: str) -> 
         dist.destroy_process_group()
 
 
-def test_two_ddp_workers_accumulating_give_one_process_gradient(tmp_path):
-    """Each of two DDP processes takes 4 of the 8 images in 2 micro-batches of 2: both end with the gradient one
-    process computes on all 8 with each process's draws, so `no_sync` kept the first micro-batch's gradient."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_two_ddp_workers_accumulating_give_one_process_gradient(tmp_path, k):
+    """Each of two DDP processes takes 4 of the 8 images in k micro-batches: both end with the gradient one
+    process computes on all 8 with each process's draws. k=1: DDP's reducer with the loss's own
+    autograd.grad(create_graph=True) inside the backward; k=2: `no_sync` kept the first micro-batch's gradient."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     x, _ = _batch(False)
-    mp.start_processes(_ddp_worker, args=(2, port, x, str(tmp_path / "grads")), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, port, x, k, str(tmp_path / "grads")), nprocs=2, start_method="spawn")
     reference = _step(*ONE_LEVEL, k=1)
     reference.optimizer.zero_grad(set_to_none=True)
     for rank in (0, 1):  # the mean over 8 = the mean of the two ranks' means over 4

@@ -325,68 +325,8 @@ def test_checkpoints_follow_the_contract_and_keep_the_best(two_workers):
     assert model.schedule.T == 20 and model.eps_fn() is not None
 
 
-# --------------------------------------------------------------------------- DDP and the double backward
-
-
-def _make_grad_worker():
-    # A closure, so cloudpickle ships it by value (Ray workers cannot import test modules).
-    def grad_worker(loop_config):
-        import ray.train
-        import ray.train.torch
-        import torch
-
-        from cdm_core.networks import unwrap_model
-        from cdm_core.objective import cdm_loss
-        from pipelines.common.config import from_dict
-        from pipelines.train.config import TrainConfig
-        from pipelines.train.step import build_network, build_schedule
-
-        torch.set_num_threads(1)
-        config = from_dict(TrainConfig, loop_config["config"])
-        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-        torch.manual_seed(0)
-        model = ray.train.torch.prepare_model(build_network(config, 1, 8))
-        x, t, noise = loop_config["x"], loop_config["t"], loop_config["noise"]
-        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        schedule = build_schedule(config).to(dtype=torch.float32)
-        parts = cdm_loss(model, x[share], schedule, t=t[share], noise=noise[share])
-        parts.total.backward()
-        return {
-            name: p.grad.numpy().copy() for name, p in unwrap_model(model).named_parameters()
-        }  # no tensors through Ray
-
-    return grad_worker
-
-
-def test_ddp_gradients_of_the_double_backward_match_one_process(ray_session, digits_dataset, store, tmp_path):
-    """DDP's reducer with autograd.grad(create_graph=True) inside the loss: 2 workers = 1 process on the global batch."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cdm_core.objective import cdm_loss
-    from pipelines.train.step import build_network, build_schedule
-
-    config = tiny_config(digits_dataset, store, "grads")
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(8, 1, 8, 8, generator=g) * 2 - 1
-    t = torch.randint(0, config.schedule.T + 2, (8,), generator=g)
-    noise = torch.randn(8, 1, 8, 8, generator=g)
-    trainer = TorchTrainer(
-        _make_grad_worker(),
-        train_loop_config={"config": cfg.to_dict(config), "x": x, "t": t, "noise": noise},
-        scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(name="grads", storage_path=str(tmp_path)),
-    )
-    ddp_grads = trainer.fit().return_value
-
-    torch.manual_seed(0)
-    model = build_network(config, 1, 8)
-    cdm_loss(model, x, build_schedule(config).to(dtype=torch.float32), t=t, noise=noise).total.backward()
-    assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(torch.tensor(ddp_grads[name]), p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert any(float(p.grad.abs().max()) > 0 for p in model.parameters())
-    assert math.isfinite(sum(float(abs(g).sum()) for g in ddp_grads.values()))
+# --------------------------------------------------------------------------- the compiled step on two workers
+# (That DDP's gradients with the loss's double backward are one process's is test_grad_accum.py's two-process test.)
 
 
 def test_cdm_train_with_train_compile_runs_on_two_workers(ray_session, digits_dataset, store):
