@@ -30,33 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from fixtures import fake_cifar  # benchmarks/fixtures.py
 from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 TARGET_RATIO = 5.0
-
-
-def _fake_cifar(root: Path, n_train: int, n_test: int = 100) -> Path:
-    """A CIFAR-10 in the official python layout with random pixels (no download possible here)."""
-    import pickle
-
-    rng = np.random.default_rng(0)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    per = max(1, n_train // 5)
-    for name, n in [(f"data_batch_{i}", per) for i in range(1, 6)] + [("test_batch", n_test)]:
-        batch = {
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
-        }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    names = [
-        c.encode() for c in ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    ]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
-    return folder
 
 
 def _shard_paths(uri: Path, split: str = "train") -> list[Path]:
@@ -177,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         run(nest(PrepareConfig, source="mnist5k", out=str(tmp / "mnist"), track=False))
         results["prepare_mnist5k_s"] = round(time.perf_counter() - t, 2)
-        src = _fake_cifar(tmp / "src", args.cifar_images)
+        src = fake_cifar(tmp / "src", args.cifar_images, n_test=100)
         t = time.perf_counter()
         run(nest(PrepareConfig, source="cifar10", path=str(src), out=str(tmp / "cifar"), track=False))
         results["prepare_cifar32_s"] = round(time.perf_counter() - t, 2)

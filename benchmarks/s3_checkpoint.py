@@ -19,16 +19,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
+from fixtures import moto_server  # benchmarks/fixtures.py
 from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 from cdm_core.checkpoint import save_checkpoint
@@ -39,12 +37,6 @@ from pipelines.train.step import build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "s3_checkpoint.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _state(preset: str):
@@ -62,23 +54,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=(log := open(os.path.join(tempfile.gettempdir(), f"cdm-bench-moto-{port}.log"), "w")),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with moto_server(Path(tempfile.gettempdir()) / "cdm-bench-moto.log") as endpoint:
         os.environ.update(
             {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
         )
@@ -117,10 +93,6 @@ def main() -> None:
                 rows["save_local_s"].append(t1 - t0)
                 rows["upload_s"].append(t2 - t1)
                 rows["download_s"].append(t3 - t2)
-    finally:
-        server.terminate()
-        server.wait()
-        log.close()
     mib = size / 2**20
     result = {
         "preset": args.preset,

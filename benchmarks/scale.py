@@ -37,14 +37,13 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from fixtures import fake_cifar, moto_server  # benchmarks/fixtures.py
 from provenance import stamp  # benchmarks/provenance.py: run as `python benchmarks/NAME.py`
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
@@ -58,28 +57,12 @@ BUCKET = "cdm-scale"
 # --------------------------------------------------------------------------- data
 
 
-def fake_cifar(root: Path, n_train: int, n_test: int = TEST_IMAGES) -> Path:
-    """A CIFAR-10 in the official python layout with random pixels, built once per N (the marker says it is whole)."""
-    import pickle
-
-    import numpy as np
-
-    folder = root / "cifar-10-batches-py"
+def fake_cifar_once(root: Path, n_train: int, n_test: int = TEST_IMAGES) -> Path:
+    """`fixtures.fake_cifar`, built once per N and kept (the marker says it is whole)."""
     if (root / "complete").exists():
-        return folder
+        return root / "cifar-10-batches-py"
     shutil.rmtree(root, ignore_errors=True)
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(n_train)
-    per = n_train // 5
-    for name, n in [(f"data_batch_{i}", per) for i in range(1, 6)] + [("test_batch", n_test)]:
-        batch = {
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{j}.png".encode() for j in range(n)],
-        }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in labels]}, protocol=2))
+    folder = fake_cifar(root, n_train, n_test, seed=n_train)
     (root / "complete").touch()
     return folder
 
@@ -373,27 +356,7 @@ def s3_server(work: Path):
     """A moto S3 server with one bucket, started as tests/test_s3.py starts it; the AWS_* env for the commands."""
     import pyarrow.fs as pafs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    work.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=(work / "moto.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (log {work / 'moto.log'})") from None
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server(work / "moto.log") as endpoint:
         env = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "cdm-scale-key",
@@ -410,9 +373,6 @@ def s3_server(work: Path):
         )
         fs.create_dir(BUCKET)
         yield {"fs": fs, "env": env}
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
 
 
 # --------------------------------------------------------------------------- thresholds and tables
@@ -567,7 +527,7 @@ def main() -> None:
                 tree.shared[n] = makers[0].data(n)
     with s3_server(args.cache / "moto") if "train-s3" in only else contextlib.nullcontext() as s3:
         for n in sizes:
-            src = fake_cifar(args.cache / "src" / f"cifar-{n}", n)
+            src = fake_cifar_once(args.cache / "src" / f"cifar-{n}", n)
             makers = [t for t in trees if f"{t.label}:{n}:prepare" not in skip] or trees
             logs = [t.work / "logs" / f"verify-{n}.log" for t in makers]
             while args.wait_for_data and not all(log.exists() and "ok: " in log.read_text() for log in logs):
