@@ -22,9 +22,9 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # (started, finished, shut down): a no-op one-worker fit takes 18.95 s, and 12.82 s when polled every 0.25 s
 # (benchmarks/results/fit_overhead.json).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Two processes the suite starts by the dozen and never uses: the preemption watcher actor of each fit (no test
-# drains a node), and the idle workers a raylet starts for its first driver (4 per Ray start, killed unused).
-# Each is a Python process that imports Ray: seconds of CPU on a 2-core machine where the Ray tests are CPU-bound.
+# Processes the suite starts by the dozen and never uses: the preemption watcher actor of each fit (no test drains
+# a node), and the idle workers a raylet starts for its first driver (69 `ray::IDLE` in a run,
+# benchmarks/results/suite_cpu.json). Each imports Ray: seconds of CPU where the Ray tests are CPU-bound.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
