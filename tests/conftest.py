@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # (benchmarks/results/fit_overhead.json).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Processes the suite starts by the dozen and never uses: the preemption watcher actor of each fit (no test drains
-# a node), and the idle workers a raylet starts for its first driver (69 `ray::IDLE` in a run,
+# a node), and the idle workers a raylet starts for its first driver (69 never-used `ray::IDLE` in a run without this,
 # benchmarks/results/suite_cpu.json). Each imports Ray: seconds of CPU where the Ray tests are CPU-bound.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
