@@ -22,11 +22,11 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # (started, finished, shut down): a no-op one-worker fit takes 18.95 s, and 12.82 s when polled every 0.25 s
 # (benchmarks/results/fit_overhead.json).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Processes the suite starts by the dozen and never uses: the preemption watcher actor of each fit (no test drains
-# a node), and the idle workers a raylet starts for its first driver (69 never-used `ray::IDLE` in a run without this,
-# benchmarks/results/suite_cpu.json). Each imports Ray: seconds of CPU where the Ray tests are CPU-bound.
+# A process the suite starts at every fit and never uses: Ray Train's preemption watcher actor (no test drains a
+# node; 38 of them, 54 CPU-s, in a run without this, benchmarks/results/suite_cpu.json). The raylet's idle workers
+# (`RAY_prestart_worker_first_driver`, 69 never used in that run) stay: without them a PBT sweep's two trials started
+# far enough apart that neither was exploited (tests/test_tune.py failed once in two runs).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 # `make test` runs pytest in two processes (`-n 2 --dist loadgroup`): every module that may start Ray (a local
