@@ -101,9 +101,10 @@ def summarise(capture: Path) -> dict:
     for p in processes:
         if p["pid"] < 1000 or not p["cmdline"] or "suite_cpu.py" in p["cmdline"]:
             continue  # the kernel's threads, the machine's own daemons, this sampler
-        by_kind[kind(p["cmdline"])] += p["cpu_s"]
-        count[kind(p["cmdline"])] += 1
-        if kind(p["cmdline"]) != "pytest process (xdist)":
+        name = kind(p["cmdline"])
+        by_kind[name] += p["cpu_s"]
+        count[name] += 1
+        if name != "pytest process (xdist)":
             i = bisect.bisect_right(started, p["first_seen"]) - 1
             by_module[ray_spans[i][2] if i >= 0 else "(before the Ray modules)"] += p["cpu_s"]
     machine = capture / "machine.json"  # a capture made by hand may lack the machine's totals: then they are null
