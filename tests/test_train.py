@@ -184,14 +184,20 @@ def test_resume_continues_at_the_right_step_with_the_optimizer_state(one_worker,
 
 
 def test_one_and_two_workers_give_close_loss_curves(one_worker, two_workers, store):
-    """Same global batch and seed: the curves differ only by sampling noise, and both learn."""
+    """Same global batch and seed: both learn, and their losses differ by no more than two runs differ by chance.
+
+    That the two workers' averaged gradient is one process's is checked exactly in test_grad_accum.py; this is
+    the end-to-end view. A run's whole trajectory moves with its data order (Ray Data's split, timing-dependent),
+    so the noise is the spread across runs, not the scatter within one: benchmarks/results/loss_spread.json
+    measured the mean loss of steps 11-40 varying by sd 0.014 (1 worker) and 0.026 (2 workers) across seeds,
+    so their difference by sd 0.03; 0.12 is 4 of those. (Each 10-step window compared at 0.06 failed about one
+    run in ten.) The drop from steps 1-10 to 31-40 was at least 0.145 in all 36 runs measured there."""
     one = loss_curve(store, one_worker[2].mlflow_run_id)
     two = loss_curve(store, two_workers[0].mlflow_run_id)
     assert len(one) == len(two) == STEPS
     for curve in (one, two):
-        assert curve[-10:].mean() < curve[:10].mean() - 0.07, curve  # window means vary by ~0.015
-    assert abs(one[-10:].mean() - two[-10:].mean()) < 0.06, (one[-10:].mean(), two[-10:].mean())
-    assert abs(one[10:30].mean() - two[10:30].mean()) < 0.06
+        assert curve[-10:].mean() < curve[:10].mean() - 0.07, curve
+    assert abs(one[10:].mean() - two[10:].mean()) < 0.12, (one[10:].mean(), two[10:].mean())
 
 
 def test_local_mode_writes_what_a_one_worker_run_writes(local_mode, one_worker, store):
