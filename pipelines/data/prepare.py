@@ -117,7 +117,7 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
     bad = BadInputs(skip=config.skip_bad)
     spec: sh.SampleSpec | None = None
     splits_meta: dict[str, Any] = {}
-    manifest_rows: list[dict[str, Any]] = []
+    manifest: list[Any] = []  # the writers' per-shard Arrow tables
     written: set[str] = set()
     for split, generate in source.splits.items():
         writer: sh.SplitWriter | None = None
@@ -141,14 +141,14 @@ def _write(source: Source, config: PrepareConfig, loc: storage.Location, fingerp
                 + (f" ({bad.count} skipped as bad)" if bad.count else "")
             )
         splits_meta[split] = writer.close()
-        manifest_rows += writer.manifest_rows
+        manifest += writer.manifest
         written |= {s.name for s in writer.shards}
     assert spec is not None
     # Shards left from an earlier, larger version of this dataset would confuse directory readers.
     for name in loc.list_names():
         if name.endswith(".tar") and _OUR_FILES.match(name) and name not in written:
             loc.delete(name)
-    manifest = sh.write_manifest(loc, manifest_rows)
+    manifest = sh.write_manifest(loc, manifest)
     meta = sh.dataset_meta(
         source=source.name,
         options=source.options,

@@ -231,7 +231,9 @@ class SplitWriter:
     spec: SampleSpec
     samples_per_shard: int
     shards: list[ShardInfo] = field(default_factory=list)
-    manifest_rows: list[dict[str, Any]] = field(default_factory=list)
+    # The manifest in Arrow tables, one per shard: a dict per sample held 200k images' rows in ~150 MB.
+    manifest: list[pa.Table] = field(default_factory=list)
+    _rows: dict[str, list[Any]] = field(default_factory=lambda: {name: [] for name in _PER_SAMPLE})
     count: int = 0
     _stats: _Stats = field(default_factory=_Stats)
     _buf: io.BytesIO | None = None
@@ -265,25 +267,8 @@ class SplitWriter:
                 raise ValueError(f"{source_id}: labeled dataset but no label")
             sample["cls"] = str(int(label)).encode("ascii")
         self._writer.write(sample)
-        if self.spec.kind == "image":
-            h, w, c = self.spec.shape
-        elif len(self.spec.shape) == 3:
-            c, h, w = self.spec.shape
-        else:
-            h, w, c = None, None, None
-        self.manifest_rows.append(
-            {
-                "key": key,
-                "split": self.split,
-                "shard": shard_name(self.split, len(self.shards)),
-                "index": self.count,
-                "label": int(label) if self.spec.labeled else -1,
-                "height": h,
-                "width": w,
-                "channels": c,
-                "source_id": source_id,
-            }
-        )
+        for name, value in zip(_PER_SAMPLE, (key, self.count, int(label) if self.spec.labeled else -1, source_id)):
+            self._rows[name].append(value)
         self.count += 1
         self._in_shard += 1
         if self._in_shard >= self.samples_per_shard:
@@ -296,11 +281,31 @@ class SplitWriter:
         data = self._buf.getvalue()
         name = shard_name(self.split, len(self.shards))
         self.loc.write_bytes(name, data)
+        self._add_manifest(name)
         self.shards.append(
             ShardInfo(name, self._in_shard, len(data), hashlib.sha256(data).hexdigest(), self.count - self._in_shard)
         )
         self._writer = None
         self._buf = None
+
+    def _add_manifest(self, shard: str) -> None:
+        n = len(self._rows["key"])
+        if self.spec.kind == "image":
+            h, w, c = self.spec.shape
+        elif len(self.spec.shape) == 3:
+            c, h, w = self.spec.shape
+        else:
+            h, w, c = None, None, None
+        columns = {
+            **self._rows,
+            "split": [self.split] * n,
+            "shard": [shard] * n,
+            "height": [h] * n,
+            "width": [w] * n,
+            "channels": [c] * n,
+        }
+        self.manifest.append(pa.table({name: columns[name] for name in MANIFEST_SCHEMA.names}, schema=MANIFEST_SCHEMA))
+        self._rows = {name: [] for name in _PER_SAMPLE}
 
     def abort(self) -> None:
         """Drop the shard being built (after an error), closing its tar stream cleanly."""
@@ -318,26 +323,31 @@ class SplitWriter:
         return {**out, "shards": [s.to_json() for s in self.shards]}
 
 
-def write_manifest(loc: Location, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("split", pa.string()),
-            ("shard", pa.string()),
-            ("index", pa.int64()),
-            ("label", pa.int64()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("channels", pa.int32()),
-            ("source_id", pa.string()),
-        ]
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int64()),
+        ("label", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int32()),
+        ("source_id", pa.string()),
+    ]
+)
+_PER_SAMPLE = ("key", "index", "label", "source_id")  # the other columns are one value per shard
+
+
+def write_manifest(loc: Location, tables: list[pa.Table]) -> dict[str, Any]:
+    """manifest.parquet from the writers' per-shard tables (`SplitWriter.manifest`), in their order."""
+    # One chunk, so that the file's bytes do not depend on how many samples a shard holds.
+    table = (pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()).combine_chunks()
     buf = io.BytesIO()
     pq.write_table(table, buf)
     data = buf.getvalue()
     loc.write_bytes(MANIFEST, data)
-    return {"name": MANIFEST, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"name": MANIFEST, "rows": table.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def dataset_meta(

@@ -10,7 +10,6 @@ shuffled once with the seed so that every shard holds a mix of classes.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import pickle
@@ -291,9 +290,10 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of the CIFAR-10 format)")
 
 
-def _unpickle(data: bytes, where: str) -> dict[str, Any]:
+def _unpickle(stream: Any, where: str) -> dict[str, Any]:
+    """A CIFAR batch from a binary file object, read as it streams (a 40k-image batch is 123 MB: never twice)."""
     try:
-        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+        obj = _CifarUnpickler(stream, encoding="bytes").load()
     except Exception as err:
         raise UserError(f"{where}: not a CIFAR-10 python pickle ({err}); {_CIFAR_LAYOUT}") from None
     if not isinstance(obj, dict):
@@ -301,33 +301,46 @@ def _unpickle(data: bytes, where: str) -> dict[str, Any]:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _cifar_members(path: Path) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The raw bytes of the 7 CIFAR-10 files, from the tarball or an extracted folder."""
+def _cifar_members(path: Path) -> tuple[Callable[[str, str], dict[str, Any]], dict[str, Any]]:
+    """A loader of each of the 7 CIFAR-10 files by name (the tarball or an extracted folder), read when asked:
+    the splits are written one batch at a time, so that a batch is in memory only while it is written."""
     wanted = _CIFAR_TRAIN + _CIFAR_TEST + [_CIFAR_META]
     if not path.exists():
         raise UserError(f"{path}: does not exist; {_CIFAR_LAYOUT}")
-    found: dict[str, bytes] = {}
     if path.is_file():
+        members: dict[str, tarfile.TarInfo] = {}
         try:
             with tarfile.open(path, "r:*") as tar:
                 for info in tar:
                     base = info.name.rsplit("/", 1)[-1]
-                    if info.isreg() and base in wanted and base not in found:
-                        found[base] = tar.extractfile(info).read()
+                    if info.isreg() and base in wanted and base not in members:
+                        members[base] = info
         except (tarfile.TarError, EOFError, OSError, ValueError) as err:
             raise UserError(f"{path}: not a readable tar.gz ({err}); {_CIFAR_LAYOUT}") from None
-        inputs = {"sha256": sha256_file(path)}
+        inputs: dict[str, Any] = {"sha256": sha256_file(path)}
+
+        def load(base: str, where: str) -> dict[str, Any]:
+            try:
+                with tarfile.open(path, "r:*") as tar:
+                    return _unpickle(tar.extractfile(members[base]), where)
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise UserError(f"{where}: not readable ({err}); {_CIFAR_LAYOUT}") from None
+
+        found = set(members)
     else:
         folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
-        for base in wanted:
-            if (folder / base).is_file():
-                found[base] = (folder / base).read_bytes()
+        found = {base for base in wanted if (folder / base).is_file()}
         path = folder
-        inputs = {"sha256": {b: _sha256_bytes(d) for b, d in sorted(found.items())}}
+        inputs = {"sha256": {base: sha256_file(folder / base) for base in sorted(found)}}
+
+        def load(base: str, where: str) -> dict[str, Any]:
+            with open(folder / base, "rb") as f:
+                return _unpickle(f, where)
+
     missing = [b for b in wanted if b not in found]
     if missing:
         raise UserError(f"{path}: missing {', '.join(missing)}; {_CIFAR_LAYOUT}")
-    return found, inputs
+    return load, inputs
 
 
 def _cifar10(opts: SourceOptions) -> Source:
@@ -339,8 +352,8 @@ def _cifar10(opts: SourceOptions) -> Source:
             "source cifar10 needs --path (cifar-10-python.tar.gz or the extracted cifar-10-batches-py folder)"
         )
     path = Path(absolute(opts.path))
-    files, inputs = _cifar_members(path)
-    meta = _unpickle(files[_CIFAR_META], f"{path}:{_CIFAR_META}")
+    load, inputs = _cifar_members(path)
+    meta = load(_CIFAR_META, f"{path}:{_CIFAR_META}")
     names = meta.get("label_names")
     if not isinstance(names, list) or not names:
         raise UserError(f"{path}:{_CIFAR_META}: no label_names list; {_CIFAR_LAYOUT}")
@@ -348,7 +361,7 @@ def _cifar10(opts: SourceOptions) -> Source:
 
     def batch(base: str) -> tuple[np.ndarray, list[Any], list[Any]]:
         where = f"{path}:{base}"
-        d = _unpickle(files[base], where)
+        d = load(base, where)
         data, labels = d.get("data"), d.get("labels")
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -370,6 +383,7 @@ def _cifar10(opts: SourceOptions) -> Source:
                         bad.report(f"{path}:{base} row {row}", f"label {label!r} is not in 0..{len(class_names) - 1}")
                         continue
                     yield Record(np.ascontiguousarray(image), int(label), f"{base}:{row}:{fname}")
+                images = image = None  # (a row is a view of its batch) let it go before the next is read
 
         return gen
 

@@ -230,7 +230,7 @@ def write_dataset(
     for name in loc.list_names():  # shards of an earlier, larger run in the same folder
         if name.endswith(".tar") and name.startswith(f"{split}-") and name not in written:
             loc.delete(name)
-    manifest = sh.write_manifest(loc, writer.manifest_rows)
+    manifest = sh.write_manifest(loc, writer.manifest)
     meta = sh.dataset_meta(
         source=source,
         options=options,
