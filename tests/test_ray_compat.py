@@ -119,7 +119,11 @@ def test_worker_group_callback_and_its_placement_group(ray_session):
     RunConfig(callbacks=[RecordPlacementGroup("sweep", "trial")])  # a non-UserCallback passes through
     assert callable(WorkerGroup.get_worker_group_state)
     assert "placement_group_handle" in {f.name for f in dataclasses.fields(WorkerGroupState)}
+    free = ray.available_resources().get("CPU", 0.0)
     group = placement_group([{"CPU": 0.01}])
+    # Removed only once created: in one CI run a group removed while still being placed kept its 0.01 CPU, and
+    # the next module's three-worker fit (3 of the 4 CPUs) then waited forever for its read task's whole CPU.
+    ray.get(group.ready(), timeout=60)
     try:
         state = WorkerGroupState(
             start_time=0.0, placement_group_handle=DefaultPlacementGroupHandle(group), workers=[], sync_actor=None
@@ -132,6 +136,10 @@ def test_worker_group_callback_and_its_placement_group(ray_session):
         assert ray_compat.placement_group_of(Started()) == group
     finally:
         remove_placement_group(group)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) >= free, "the removed placement group kept its CPU"
 
 
 def test_interruptible_trainer_notes_ctrl_c_and_keeps_rays_abort(ray_session):
