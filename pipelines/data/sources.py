@@ -291,7 +291,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _unpickle(stream: Any, where: str) -> dict[str, Any]:
-    """A CIFAR batch from a binary file object, read as it streams (a 40k-image batch is 123 MB: never twice)."""
+    """A CIFAR batch unpickled from a binary file object as it streams, not from a copy of the whole file."""
     try:
         obj = _CifarUnpickler(stream, encoding="bytes").load()
     except Exception as err:
