@@ -121,8 +121,8 @@ def test_worker_group_callback_and_its_placement_group(ray_session):
     assert "placement_group_handle" in {f.name for f in dataclasses.fields(WorkerGroupState)}
     free = ray.available_resources().get("CPU", 0.0)
     group = placement_group([{"CPU": 0.01}])
-    # Removed only once created: in one CI run a group removed while still being placed kept its 0.01 CPU, and
-    # the next module's three-worker fit (3 of the 4 CPUs) then waited forever for its read task's whole CPU.
+    # In one CI run 0.01 CPU stayed in use after this test (the group removed while still being placed, we think),
+    # and the next module's three-worker fit (3 of the 4 CPUs) waited forever for its read task's whole CPU.
     ray.get(group.ready(), timeout=60)
     try:
         state = WorkerGroupState(
