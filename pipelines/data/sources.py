@@ -359,7 +359,8 @@ def _cifar10(opts: SourceOptions) -> Source:
         raise UserError(f"{path}:{_CIFAR_META}: no label_names list; {_CIFAR_LAYOUT}")
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
-    def batch(base: str) -> tuple[np.ndarray, list[Any], list[Any]]:
+    def records(base: str, bad: BadInputs) -> Iterator[Record]:
+        """One batch's samples; the batch lives in this generator's frame, so it is gone before the next is read."""
         where = f"{path}:{base}"
         d = load(base, where)
         data, labels = d.get("data"), d.get("labels")
@@ -371,19 +372,18 @@ def _cifar10(opts: SourceOptions) -> Source:
             raise UserError(f"{where}: 'labels' has {n} entries for {len(data)} images; {_CIFAR_LAYOUT}")
         filenames = d.get("filenames") or [b""] * len(data)
         # Rows are channel-major (1024 R, 1024 G, 1024 B) in row-major pixel order.
-        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, filenames
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        for row, (image, label, fname) in enumerate(zip(images, labels, filenames)):
+            fname = fname.decode() if isinstance(fname, bytes) else str(fname)
+            if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < len(class_names):
+                bad.report(f"{where} row {row}", f"label {label!r} is not in 0..{len(class_names) - 1}")
+                continue
+            yield Record(np.ascontiguousarray(image), int(label), f"{base}:{row}:{fname}")
 
     def split_fn(bases: list[str]) -> Callable[[BadInputs], Iterator[Record]]:
         def gen(bad: BadInputs) -> Iterator[Record]:
             for base in bases:
-                images, labels, filenames = batch(base)
-                for row, (image, label, fname) in enumerate(zip(images, labels, filenames)):
-                    fname = fname.decode() if isinstance(fname, bytes) else str(fname)
-                    if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < len(class_names):
-                        bad.report(f"{path}:{base} row {row}", f"label {label!r} is not in 0..{len(class_names) - 1}")
-                        continue
-                    yield Record(np.ascontiguousarray(image), int(label), f"{base}:{row}:{fname}")
-                images = image = None  # (a row is a view of its batch) let it go before the next is read
+                yield from records(base, bad)
 
         return gen
 
