@@ -42,6 +42,14 @@ def _curve(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in history]
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 4), "sd_across_runs": round(statistics.stdev(values), 4)}
+
+
+def _least(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 4), "min": round(min(values), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=6, help="seeds for one and for two Ray Train workers")
@@ -93,19 +101,13 @@ def main() -> None:
     for way, curves in runs.items():
         row = {"runs": len(curves)}
         for name, window in WINDOWS.items():
-            means = [statistics.fmean(c[window]) for c in curves]
-            row[name] = {"mean": round(statistics.fmean(means), 4), "sd_across_runs": round(statistics.stdev(means), 4)}
+            row[name] = _spread([statistics.fmean(c[window]) for c in curves])
         row["sd_within_steps_31_40"] = round(statistics.fmean(statistics.stdev(c[30:40]) for c in curves), 4)
-        at40, drop = [v[-1] for v in val[way]], [v[0] - v[-1] for v in val[way]]
-        row["val_nll_bpd_at_40"] = {
-            "mean": round(statistics.fmean(at40), 4),
-            "sd_across_runs": round(statistics.stdev(at40), 4),
-        }
-        row["val_nll_bpd_drop_10_to_40"] = {"mean": round(statistics.fmean(drop), 4), "min": round(min(drop), 4)}
-        row["train_loss_drop_1_10_to_31_40"] = {
-            "mean": round(statistics.fmean(statistics.fmean(c[:10]) - statistics.fmean(c[30:]) for c in curves), 4),
-            "min": round(min(statistics.fmean(c[:10]) - statistics.fmean(c[30:]) for c in curves), 4),
-        }
+        row["val_nll_bpd_at_40"] = _spread([v[-1] for v in val[way]])
+        row["val_nll_bpd_drop_10_to_40"] = _least([v[0] - v[-1] for v in val[way]])
+        row["train_loss_drop_1_10_to_31_40"] = _least(
+            [statistics.fmean(c[:10]) - statistics.fmean(c[30:]) for c in curves]
+        )
         table[way] = row
     print(
         f"{'workers':<9}{'runs':>6}{'loss 11-40':>12}{'sd':>8}{'loss 31-40':>12}{'sd':>8}{'sd within':>11}"
