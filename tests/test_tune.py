@@ -2,7 +2,8 @@
 
 Two sweeps of the tiny CDM on sklearn's 8×8 digits, 2 trials at a time:
 
-* `schedules`: two noise schedules × two CE weights, FIFO, every trial to the end;
+* `schedules`: two noise schedules × two CE weights, FIFO, every trial to the end, each trial training in its
+  own Tune actor (`scaling.num_workers=0`: no Train workers; the other sweeps train on workers);
 * `mixed`: the weighted objective (NLL + 2·MSE) over a learning-rate grid
   built for ASHA and the failure path, in this order: 5e-3 (learns); 1e4, whose loss turns NaN at step 2, so the training
   stage stops it with an error and the sweep goes on; then 1e-7, which starts
@@ -88,6 +89,7 @@ def schedules(ray_session, groups_before, digits_dataset, store):
         "schedules",
         {"schedule.name": {"grid": ["linear", "ot"]}, "loss.w_ce": {"grid": [1e-3, 1e-2]}},
         {"scheduler": "fifo"},
+        "scaling.num_workers=0",
     )
 
 
@@ -147,6 +149,7 @@ def test_four_trials_one_parent_four_children_with_distinct_params_and_the_metri
         assert kid.info.status == "FINISHED"
         assert kid.data.tags["cdm.trial_status"] == "completed" and kid.data.tags["cdm.sweep"] == "schedules"
         assert kid.data.params["train.steps"] == str(STEPS)  # the trial's whole config is its params
+        assert kid.data.tags["cdm.local_mode"] == "true" and kid.data.tags["cdm.world_size"] == "1"  # no workers
         assert math.isfinite(kid.data.metrics["val/nll_bpd"])
         assert steps_of(store, kid.info.run_id, "val/nll_bpd") == [10, 20]  # the metric over steps
         assert steps_of(store, kid.info.run_id, "train/loss") == list(range(1, STEPS + 1))

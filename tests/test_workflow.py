@@ -71,7 +71,7 @@ max_samples = 64
 every = 10
 
 # Local mode (the loop in the workflow's process): the first run tests the stages, not Ray Train's workers;
-# the killed variant and the sweep train on workers.
+# the killed variant trains on workers; the sweep's trials each train in their own Tune actor.
 [train.scaling]
 num_workers = 0
 
@@ -341,7 +341,6 @@ def test_a_tune_stage_sweeps_then_trains_the_best_trial(first_run, workdir):
     (workdir / "sweep.toml").write_text(SWEEP)
     overrides = [
         f"tune.space={workdir / 'sweep.toml'}",
-        "train.scaling.num_workers=1",
         "train.train.steps=10",
         "train.validation.every=10",
         "nll.enabled=false",

@@ -62,7 +62,7 @@ def train(
       cdm train --resume outputs/runs/mnist-20250101-120000 --set train.steps=20000
       cdm train --from-best outputs/runs/mnist-sweep-20250101-120000 --set train.steps=100000
 
-    Local mode: `--set scaling.num_workers=0` runs the training loop in this process (Ray Train's local mode: no worker actors; the same checkpoints, run folder and MLflow run). Use it to debug the loop with pdb or breakpoint(), or for a short run where starting workers costs more than it saves. It does not restart after a failure (run.max_failures=0) and cannot be swept (`cdm tune` needs workers).
+    Local mode: `--set scaling.num_workers=0` runs the training loop in this process (Ray Train's local mode: no worker actors; the same checkpoints, run folder and MLflow run). Use it to debug the loop with pdb or breakpoint(), or for a short run where starting workers costs more than it saves. It does not restart after a failure (run.max_failures=0). In `cdm tune`, it trains each trial in its Tune actor.
     """
     if list_settings:
         for key, kind, default, doc in cfg.describe(TrainConfig):

@@ -1,4 +1,4 @@
-"""The per-worker training loop that Ray Train runs on every worker.
+"""The per-worker training loop that Ray Train runs on every worker (or a `cdm tune` trial in its own process).
 
 Every worker builds the same network (same seed), restores the latest checkpoint
 if Ray hands it one (a restart after a failure, or `cdm train --resume`), wraps
@@ -47,6 +47,7 @@ from pipelines.train.run_dir import (
     load_run_checkpoint,
 )
 from pipelines.train.run_logger import RunLogger
+from pipelines.train.session import InTrial, RayTrain
 from pipelines.train.step import TrainStep, build_network, build_optimizer, build_prior, build_schedule, lr_factor
 from pipelines.train.validation import Validator, plot_curve, sample_grid, t_grid
 
@@ -224,6 +225,7 @@ def _report_checkpoint(
     mlflow_run_id: str,
     suffix: str = "",
     fit_id: str | None = None,
+    session: RayTrain | InTrial,
     local: LocalCheckpoints | None = None,
 ) -> None:
     """All workers: gather RNG states, then report together; rank 0 attaches checkpoint.pt.
@@ -243,7 +245,7 @@ def _report_checkpoint(
     report = {"step": step, "epoch": epoch, **metrics}
     name = f"checkpoint_{step:08d}{suffix}"
     if rank != 0:
-        ray.train.report(report, checkpoint=None, checkpoint_dir_name=name)
+        session.report(report, None, name)
         return
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(
@@ -260,7 +262,7 @@ def _report_checkpoint(
             checkpoint = ray.train.Checkpoint(local.save(folder, name, report))
         else:
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=name)
+        session.report(report, checkpoint, name)
 
 
 def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scratch: str) -> None:
@@ -274,12 +276,15 @@ def _log_validation_curve(logger, validator, config: TrainConfig, step: int, scr
     logger.artifact(js)
 
 
-def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended."""
+def train_worker(loop_config: dict[str, Any], session: RayTrain | InTrial | None = None) -> dict[str, Any]:
+    """Ray Train's train_loop_per_worker. Returns (on rank 0, to the driver) how training ended.
+
+    `session`: what the loop asks of its run (pipelines.train.session); Ray Train's functions by default.
+    """
+    session = session or RayTrain()
     config = from_dict(TrainConfig, loop_config["config"])
     data_shape = tuple(loop_config["data_shape"])  # (C, H, W), or (D,) for vectors
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank_and_world()
     local = config.scaling.num_workers == 0  # Ray Train's local mode: this loop runs in the cdm process
     torch.set_num_threads(config.scaling.cpus_per_worker)
     device = torch.device("cuda" if config.scaling.use_gpu else "cpu") if local else ray.train.torch.get_device()
@@ -292,7 +297,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     schedule, prior = build_schedule(config), build_prior(config)
 
     step, epoch, resumed_from, rng, used, skipped = 0, 0, None, "seeded", None, []
-    checkpoint = ray.train.get_checkpoint()  # set after a failure, or when a run is resumed
+    checkpoint = session.checkpoint()  # set after a failure, or when a run is resumed
     if checkpoint is None and loop_config.get("resume_from"):  # Ray has no record of the run (local mode)
         checkpoint = ray.train.Checkpoint(storage.join(loop_config["run_dir"], loop_config["resume_from"]))
     if checkpoint is not None:
@@ -306,7 +311,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         _seed(generator, config.train.seed, rank, step)
     # DDP when world > 1; a compiled step takes the bare network and averages gradients itself (TrainStep).
     strategy = None if config.train.compile else "ddp"
-    model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy)
+    model = session.prepare_model(model, strategy)
 
     train_step = TrainStep(config, model, ema, optimizer, scheduler, schedule, prior, device, generator)
     validator = Validator(config, schedule, prior, device, data_shape)
@@ -335,10 +340,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 print(f"cdm train: continuing from {used}; skipped {'; '.join(skipped)}", flush=True)
 
     # The validation share is small: read it once and keep it (all workers read together).
-    validator.load(
-        ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=config.validation.batch_size, device="cpu")
-    )
-    train_data = ray.train.get_dataset_shard("train")
+    validator.load(session.dataset("val").iter_torch_batches(batch_size=config.validation.batch_size, device="cpu"))
+    train_data = session.dataset("train")
     per_worker = config.train.batch_size // world
     shape = data_shape
 
@@ -438,6 +441,7 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                         mlflow_run_id=loop_config["mlflow_run_id"],
                         suffix=loop_config.get("checkpoint_suffix", ""),
                         fit_id=loop_config.get("fit_id"),
+                        session=session,
                         local=keeper,
                     )
                 if step >= steps:

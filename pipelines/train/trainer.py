@@ -56,6 +56,7 @@ from pipelines.train.run_dir import (
     read_run_file,
     write_run_file,
 )
+from pipelines.train.session import InTrial
 from pipelines.train.step import build_network, build_prior, build_schedule
 from pipelines.train.validation import BPD_CONVENTION
 
@@ -248,8 +249,13 @@ def _fit(
     run_id: str,
     callbacks=(),
     start: dict[str, str] | None = None,
+    in_trial: bool = False,
 ):
-    """Run the TorchTrainer; `start` ({resume_from, checkpoint_suffix}) says where a continuation starts, on which line."""
+    """Run the TorchTrainer; `start` ({resume_from, checkpoint_suffix}) says where a continuation starts, on which line.
+
+    `in_trial` (a `cdm tune` trial) with no workers: the loop runs in the trial's process, outside any fit
+    (pipelines.train.session.InTrial).
+    """
     s = config.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
@@ -271,18 +277,34 @@ def _fit(
             "needs at least one more to read the dataset, so training waits until the cluster grows. Lower "
             "scaling.cpus_per_worker or scaling.num_workers on a fixed-size cluster."
         )
+    loop_config = {
+        "config": cfg.to_dict(config),
+        "data_shape": list(data_shape),
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "faults": _fault_injection(run_name),
+        "run_dir": storage.join(storage_path, run_name),
+        "fit_id": uuid.uuid4().hex,  # in each checkpoint: tells Ray's restart within this fit from its start
+        **(start or {}),
+    }
+    datasets = {
+        "train": ray_dataset(
+            config.data.uri,
+            config.data.train_split,
+            flip=config.data.flip,
+            pad_to_multiple_of=shards,
+            shuffle=shuffle,
+        ),
+        "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=shards, verify=False),
+    }
+    if in_trial and not s.num_workers:
+        session = InTrial(datasets, [c for c in callbacks if isinstance(c, ray.train.UserCallback)])
+        outcome = train_worker(loop_config, session)
+        metrics, checkpoint = session.last
+        return ray.train.Result(metrics=metrics, checkpoint=checkpoint, error=None, path=None, return_value=outcome)
     trainer = InterruptibleTorchTrainer(
         train_worker,
-        train_loop_config={
-            "config": cfg.to_dict(config),
-            "data_shape": list(data_shape),
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": run_id,
-            "faults": _fault_injection(run_name),
-            "run_dir": storage.join(storage_path, run_name),
-            "fit_id": uuid.uuid4().hex,  # in each checkpoint: tells Ray's restart within this fit from its start
-            **(start or {}),
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -300,16 +322,7 @@ def _fit(
             ),
             callbacks=list(callbacks),
         ),
-        datasets={
-            "train": ray_dataset(
-                config.data.uri,
-                config.data.train_split,
-                flip=config.data.flip,
-                pad_to_multiple_of=shards,
-                shuffle=shuffle,
-            ),
-            "val": ray_dataset(config.data.uri, config.data.val_split, pad_to_multiple_of=shards, verify=False),
-        },
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
@@ -445,11 +458,11 @@ def _tags(config: TrainConfig, run_name: str, run_dir: str) -> dict[str, str]:
     }
 
 
-def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> TrainResult:
+def run(config: TrainConfig, *, config_name: str = "train", callbacks=(), in_trial: bool = False) -> TrainResult:
     """Train a new run; returns where its checkpoints are and its final validation metrics.
 
     `callbacks` are Ray Train callbacks for the TorchTrainer's RunConfig (`cdm tune` passes
-    one that reports each checkpoint's validation metrics to the Ray Tune trial).
+    one that reports each checkpoint's validation metrics to the Ray Tune trial). `in_trial`: see `_fit`.
     """
     check_ray_train_v2()
     started = time.perf_counter()
@@ -489,7 +502,7 @@ def run(config: TrainConfig, *, config_name: str = "train", callbacks=()) -> Tra
             },
         )
         place_log(run_dir)
-        result = _fit(config, data_shape, run_name, storage_path, tracking_uri, run_id, callbacks)
+        result = _fit(config, data_shape, run_name, storage_path, tracking_uri, run_id, callbacks, in_trial=in_trial)
         return _finish(result, config, run_name, run_dir, run_id, tracking_uri, started)
 
 
@@ -500,6 +513,7 @@ def resume(
     tracking_uri: str | None = None,
     callbacks=(),
     from_checkpoint: str | None = None,
+    in_trial: bool = False,
 ) -> TrainResult:
     """Continue a run from its latest checkpoint (same MLflow run), with optional overrides such as train.steps.
 
@@ -539,5 +553,5 @@ def resume(
             info.update(branch)
         if changed or branch:
             write_run_file(run_dir, info)
-        result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks, start)
+        result = _fit(config, data_shape, run_name, storage_path, uri, run_id, callbacks, start, in_trial)
         return _finish(result, config, run_name, run_dir, run_id, uri, started)

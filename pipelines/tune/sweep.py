@@ -62,6 +62,14 @@ from pipelines.tune.trial import TrialSetup, cdm_trial
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 
+def trial_resources(config: TrainConfig) -> dict[str, float]:
+    """What a trial's actor reserves: in local mode (no workers) it trains itself, so one worker's share."""
+    s = config.scaling
+    if s.num_workers:
+        return TRIAL_DRIVER_RESOURCES
+    return {**TRIAL_DRIVER_RESOURCES, "CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+
+
 @dataclass
 class TuneResult:
     name: str
@@ -113,10 +121,11 @@ def _max_concurrent(config: TrainConfig, wanted: int, *, can_grow: bool = False)
     """
     s = config.scaling
     total = ray.cluster_resources()
-    per_trial_cpus = s.num_workers * s.cpus_per_worker + 1
+    workers = max(s.num_workers, 1)  # in local mode the trial's actor trains, with one worker's share
+    per_trial_cpus = workers * s.cpus_per_worker + 1
     fits = [int(total.get("CPU", 0) // per_trial_cpus)]
     if s.use_gpu:
-        fits.append(int(total.get("GPU", 0) // (s.num_workers * s.gpus_per_worker)))
+        fits.append(int(total.get("GPU", 0) // (workers * s.gpus_per_worker)))
     fit = min(fits)
     have = f"the cluster has {total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if s.use_gpu else "")
     if can_grow and wanted > fit:
@@ -284,11 +293,6 @@ def run(
     settings = sweep.settings
     tracking_uri = store_uri(config.tracking)
     config, tracking_uri = _local_paths_absolute(config, tracking_uri)
-    if config.scaling.num_workers == 0:  # a local-mode fit reports nothing through Ray Train's callbacks
-        raise UserError(
-            "scaling.num_workers: 0 (local mode) is for `cdm train`; a sweep's trials report through Ray Train's "
-            "workers, so give them 1 or more"
-        )
     resolve(config)  # the dataset and the model exist (each trial resolves its own sample again)
     scheduler = _scheduler(sweep, config)  # its settings are checked here too, before Ray starts
 
@@ -300,7 +304,7 @@ def run(
     searched = [d.key for d in sweep.searched]
     trials_dir = storage.join(sweep_dir, TRIALS_DIR)
     # Locally, at least one logical CPU more than a trial's workers reserve: Ray Data's read tasks need it.
-    ensure_ray(config.run.ray_address, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + 1)
+    ensure_ray(config.run.ray_address, min_cpus=max(config.scaling.num_workers, 1) * config.scaling.cpus_per_worker + 1)
     ledger = open_ledger(name)  # noqa: F841 -- the handle keeps the (non-detached) ledger actor alive
 
     if saved is None:
@@ -345,7 +349,7 @@ def run(
             weights=dict(settings.weights),
             pbt=settings.scheduler == "pbt",
         )
-        trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), TRIAL_DRIVER_RESOURCES)
+        trainable = tune.with_resources(tune.with_parameters(cdm_trial, setup=setup), trial_resources(config))
         tracker = SweepTracker(
             sweep=name,
             tracking_uri=tracking_uri,

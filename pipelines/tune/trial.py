@@ -249,9 +249,9 @@ def cdm_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     def start_training(report_callback) -> None:
         if read_run_file(run_dir) is None:
-            trainer.run(config, config_name=config.run.name, callbacks=[report_callback, placement])
+            trainer.run(config, config_name=config.run.name, callbacks=[report_callback, placement], in_trial=True)
         else:  # the sweep was interrupted after this run had started (`cdm tune --resume`)
-            trainer.resume(run_dir, callbacks=[report_callback, placement])
+            trainer.resume(run_dir, callbacks=[report_callback, placement], in_trial=True)
 
     done = finished_result(run_dir, config, setup.metric, setup.weights)
     if done is not None:  # `cdm tune --resume` after this run had finished
