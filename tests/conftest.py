@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # A process the suite starts at every fit and never uses: Ray Train's preemption watcher actor (no test drains a
 # node; 38 of them, 54 CPU-s, in a run without this, benchmarks/results/suite_cpu.json). The raylet's idle workers
-# (`RAY_prestart_worker_first_driver`, 69 never used in that run) stay: in one of two runs without them, the PBT
-# sweep of tests/test_tune.py exploited neither trial; why is not established, so they stay until it is.
+# (`RAY_prestart_worker_first_driver`, 69 never used in that run) stay: no run has shown that the suite is faster
+# without them (the PBT failure once seen without them was a race of the test's own, seen with them too).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 

@@ -30,7 +30,7 @@ from pipelines.tune import sweep as tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
-PBT_STEPS = 30
+PBT_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +120,13 @@ def pbt(ray_session, groups_before, digits_dataset, store):
         "pbt",
         {"optim.lr": {"grid": [5e-3, 1e-7]}},
         {"scheduler": "pbt", "perturbation_interval": 10, "quantile_fraction": 0.5, "seed": 0},
-        # Two chances to exploit (steps 10 and 20; the final step is left alone): by step 20 both trials have
-        # reported, so the lagging one is exploited then at the latest. Each exploit restarts a trial (a new fit).
+        # Three chances to exploit (steps 10, 20 and 30; the final step is left alone). Two were not always
+        # enough: Ray's async PBT keeps a trial's checkpoint as a donor only from a report it made in the upper
+        # quantile, which needs the other trial's score, so if the better trial reports step 10 first and the
+        # lagging one reports step 20 first, both exploits find no donor (read in ray/tune/schedulers/pbt.py; a run
+        # of this module with two chances ended with no exploit, in 40 s, as it predicts). By step 30
+        # the better trial's step-20 checkpoint is kept, unless the two are ten steps apart. Each exploit restarts
+        # a trial (a new fit).
         f"train.steps={PBT_STEPS}",
         "loss.w_ce=0.1",
     )
@@ -248,7 +253,7 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(pbt, stor
         donor, start = old.data.tags["cdm.pbt.donor_run"], int(new.data.tags["cdm.init_step"])
         assert new.data.tags["cdm.run_name"] == f"{old.data.tags['cdm.run_name'].split('-at')[0]}-at{start}"
         assert new.data.tags["cdm.init_from"] == str(trials_dir / donor / f"checkpoint_{start:08d}")
-        assert start in (10, 20) and donor in runs and donor != old.data.tags["cdm.run_name"]
+        assert start in (10, 20, 30) and donor in runs and donor != old.data.tags["cdm.run_name"]
         # The new run starts at the donor's step (it continues that training), with a value PBT could pick.
         assert min(steps_of(store, new.info.run_id, "train/loss")) > start
         assert new.data.params["optim.lr"] in ("0.005", "1e-07")
