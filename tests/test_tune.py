@@ -1,14 +1,19 @@
 """`cdm tune` on a real local Ray (the suite's) and a real MLflow SQLite store.
 
-Two sweeps of the tiny CDM on sklearn's 8×8 digits, 2 trials at a time:
+Three sweeps of the tiny CDM on sklearn's 8×8 digits, 2 trials at a time:
 
-* `schedules`: two noise schedules × two CE weights, FIFO, every trial to the end, each trial training in its
-  own Tune actor (`scaling.num_workers=0`: no Train workers; the other sweeps train on workers);
+* `schedules`: two noise schedules × two CE weights, FIFO, every trial to the end;
 * `mixed`: the weighted objective (NLL + 2·MSE) over a learning-rate grid
   built for ASHA and the failure path, in this order: 5e-3 (learns); 1e4, whose loss turns NaN at step 2, so the training
   stage stops it with an error and the sweep goes on; then 1e-7, which starts
   only after the NaN trial ended and so reaches ASHA's first rung (step 10)
-  after the good trial has, lags there (it learns nothing) and is stopped.
+  after the good trial has, lags there (it learns nothing) and is stopped;
+* `pbt`: population based training of a learning rate that learns and one that does not.
+
+`mixed` trains on Ray Train workers: a trial stopped or failed mid-fit must leave no worker group behind (the
+last test). `schedules` and `pbt` train each trial in its own Tune actor (`scaling.num_workers=0`), where what
+they test (the sweep's MLflow layout, the best trial, PBT's exploits and segments) is the same, without a fit's
+start for every trial (and every PBT restart).
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ def pbt(ray_session, groups_before, digits_dataset, store):
         # a trial (a new fit).
         f"train.steps={PBT_STEPS}",
         "loss.w_ce=0.1",
+        "scaling.num_workers=0",
     )
 
 
@@ -213,6 +219,7 @@ def test_asha_stops_the_lagging_trial_early(mixed, store):
     assert Path(run.data.tags["cdm.last_checkpoint"]).name == "checkpoint_00000010"
     good = row_of(mixed, "0.005")
     assert good.status == "completed" and good.step == 30 and good.value < weak.value
+    assert run.data.tags["cdm.local_mode"] == "false"  # on a worker: the last test sees its worker group go
     assert mixed.best is good
 
 
@@ -244,7 +251,7 @@ def test_a_failing_trial_is_recorded_and_the_others_complete(mixed, store):
 
 def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(pbt, store):
     runs = {r.data.tags["cdm.run_name"]: r for r in children(store, pbt.mlflow_run_id)}
-    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert all(r.info.status == "FINISHED" and r.data.tags["cdm.local_mode"] == "true" for r in runs.values())
     exploited = [r for r in runs.values() if r.data.tags.get("cdm.trial_status") == "exploited"]
     assert exploited, {n: r.data.tags.get("cdm.trial_status") for n, r in runs.items()}
     trials_dir = Path(pbt.sweep_dir) / "trials"
