@@ -1,11 +1,11 @@
 """A `cdm tune` sweep whose driver is killed resumes with `--resume` and does not redo finished trials.
 
-The sweep runs as the real CLI in a subprocess (its own local Ray): two trials,
-one at a time. As soon as Ray has recorded the second trial's first checkpoint,
-that whole local Ray gets SIGKILL (driver, GCS, raylet, every actor). `cdm tune --resume`
-then continues in a second `cdm` process (forked: `cdm_forks`): the first trial is not trained again,
-the second continues from its checkpoint, and MLflow keeps one parent with two
-children.
+The sweep runs as the real CLI in a subprocess (its own local Ray): two trials, one at a time, each training in
+its Tune actor (`scaling.num_workers=0`; a killed run on workers resumes in tests/test_workflow.py and, from a
+bucket, in tests/test_s3.py). As soon as the second trial has recorded its first checkpoint, that whole local Ray
+gets SIGKILL (driver, GCS, raylet, every actor). `cdm tune --resume` then continues in a second `cdm` process
+(forked: `cdm_forks`): the first trial is not trained again, the second continues from its checkpoint, and MLflow
+keeps one parent with two children.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from conftest import new_store
 pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
+from pipelines.train.run_dir import LOCAL_RECORD, RUN_FILE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CDM = Path(sys.executable).with_name("cdm")
 STEPS = 30
@@ -33,12 +35,13 @@ NAME = "resumable"
 
 
 def recorded_checkpoints(run_dir: Path) -> list[str]:
-    """Checkpoints Ray Train has registered for the run (what a restart resumes from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    """Checkpoints recorded for the run, what a continuation resumes from: a trial without workers records each
+    in its run file once the checkpoint's folder is whole (pipelines.train.run_dir.LocalCheckpoints)."""
     try:
-        return sorted(name for name in ("checkpoint_00000010", "checkpoint_00000020") if name in snapshot.read_text())
-    except OSError:
+        record = json.loads((run_dir / RUN_FILE).read_text()).get(LOCAL_RECORD, {})
+    except (OSError, ValueError):  # not written yet, or read while it is rewritten
         return []
+    return sorted(name for name in ("checkpoint_00000010", "checkpoint_00000020") if name in record)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,8 @@ def killed_and_resumed(digits_dataset, tmp_path_factory, cdm_forks):
         "validation.every=10",
         "--set",
         "checkpoint.every=10",
+        "--set",
+        "scaling.num_workers=0",
     ]
     env = {**os.environ, "CDM_TUNE_VERBOSE": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -84,8 +89,8 @@ def killed_and_resumed(digits_dataset, tmp_path_factory, cdm_forks):
                 break
             time.sleep(0.3)
         # The whole local Ray dies at once, as with a lost machine: the process group (driver, GCS, raylet) and
-        # every actor below it (each leads its own process group, so killpg alone would leave the Train
-        # controller and worker to record another checkpoint before they noticed their raylet was gone).
+        # every actor below it (each leads its own process group, so killpg alone would leave the trial's actor
+        # to record another checkpoint before it noticed its raylet was gone).
         session = psutil.Process(first.pid).children(recursive=True)
         os.killpg(first.pid, signal.SIGKILL)
         for process in session:
@@ -119,7 +124,7 @@ def test_resume_finishes_the_sweep_without_redoing_the_finished_trial(killed_and
     # The first trial had finished before the kill; nothing of it was trained again.
     assert "checkpoint_00000030" in before["first_checkpoints"]
     assert {p.name: p.stat().st_mtime_ns for p in first_run.glob("checkpoint_0*")} == before["first_checkpoints"]
-    # The second was interrupted after a checkpoint Ray had recorded, before its end.
+    # The second was interrupted after a checkpoint it had recorded, before its end.
     assert before["second_recorded"] and "checkpoint_00000030" not in before["second_checkpoints"]
 
     c = client(uri)
