@@ -345,7 +345,8 @@ def test_a_sweeps_trials_checkpoint_into_the_bucket(s3, two_nodes, tmp_path, cap
     """`cdm tune` with run.storage_path in the bucket: Ray Tune's state, each trial's run folder and checkpoints,
     and cdm_sweep.json are objects there (two trials at once on the 2-node cluster, whose nodes share only the
     bucket); the best checkpoint the sweep records and prints is the bucket's. (Reading a checkpoint back from the
-    bucket to train on is the resume of the test above.)"""
+    bucket to train on is the resume of the test above, whose workers' checkpoints Ray Train uploads; these
+    trials train in their Tune actors, which write their checkpoints to the bucket themselves.)"""
     fs = s3["fs"]
     data, sweeps = f"s3://{BUCKET}/data", f"s3://{BUCKET}/sweeps"
     if "dataset.json" not in _keys(fs, "data"):  # run alone (`-k sweep`), the test prepares its own data
@@ -366,7 +367,7 @@ def test_a_sweeps_trials_checkpoint_into_the_bucket(s3, two_nodes, tmp_path, cap
             f"tracking.tracking_uri={tracking}",
         ]
         + ["--set", "train.steps=4", "--set", "checkpoint.every=4", "--set", "validation.every=4"]
-        + ["--set", "validation.max_samples=64"],
+        + ["--set", "validation.max_samples=64", "--set", "scaling.num_workers=0"],
         capsys,
         monkeypatch,
     )
