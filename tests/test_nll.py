@@ -240,7 +240,7 @@ def test_ood_auroc_is_that_of_the_exact_density(ray_session, gmm, exact_checkpoi
             checkpoint=str(exact_checkpoint),
             in_dataset=str(gmm),
             out_dataset=str(other),
-            workers=2,
+            workers=0,  # in this process: OOD scores through the NLL stage's `score`, whose pool is tested above
             batch_size=64,
             out=str(tmp_path / "ood"),
             tracking_uri=_store(tmp_path),
