@@ -131,7 +131,7 @@ def pbt(ray_session, groups_before, digits_dataset, store):
         # lagging one reports step 20 first, both exploits find no donor (read in ray/tune/schedulers/pbt.py; a run
         # of this module with two chances ended with no exploit, in 40 s, as it predicts). By step 30
         # the better trial's step-20 checkpoint is kept, unless the two are ten steps apart. Each exploit restarts
-        # a trial (a new fit).
+        # a trial (a new run, in a new actor).
         f"train.steps={PBT_STEPS}",
         "loss.w_ce=0.1",
         "scaling.num_workers=0",
