@@ -139,9 +139,10 @@ def _make_train_loop():
 # a half. 1, 2 and 3 ways are the streaming_split test's above; a trainer start costs ~25 s on 2 cores.
 @pytest.mark.timeout(300)
 def test_torch_trainer_workers_get_equal_disjoint_shares(ray_session, uneven, one_shard, tmp_path):
-    world = 3
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    world = 3
 
     out = tmp_path / "seen"
     out.mkdir()

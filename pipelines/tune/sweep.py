@@ -70,6 +70,16 @@ def trial_resources(config: TrainConfig) -> dict[str, float]:
     return {**TRIAL_DRIVER_RESOURCES, "CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
 
 
+def _trial_workers(config: TrainConfig) -> int:
+    """How many workers' CPUs/GPUs a trial holds: in local mode its actor trains, with one worker's share."""
+    return max(config.scaling.num_workers, 1)
+
+
+def _cpus_per_trial(config: TrainConfig) -> float:
+    """A trial's workers' CPUs plus one for Ray Data's read tasks."""
+    return _trial_workers(config) * config.scaling.cpus_per_worker + 1
+
+
 @dataclass
 class TuneResult:
     name: str
@@ -121,11 +131,10 @@ def _max_concurrent(config: TrainConfig, wanted: int, *, can_grow: bool = False)
     """
     s = config.scaling
     total = ray.cluster_resources()
-    workers = max(s.num_workers, 1)  # in local mode the trial's actor trains, with one worker's share
-    per_trial_cpus = workers * s.cpus_per_worker + 1
+    per_trial_cpus = _cpus_per_trial(config)
     fits = [int(total.get("CPU", 0) // per_trial_cpus)]
     if s.use_gpu:
-        fits.append(int(total.get("GPU", 0) // (workers * s.gpus_per_worker)))
+        fits.append(int(total.get("GPU", 0) // (_trial_workers(config) * s.gpus_per_worker)))
     fit = min(fits)
     have = f"the cluster has {total.get('CPU', 0):g} CPUs" + (f" and {total.get('GPU', 0):g} GPUs" if s.use_gpu else "")
     if can_grow and wanted > fit:
@@ -304,7 +313,7 @@ def run(
     searched = [d.key for d in sweep.searched]
     trials_dir = storage.join(sweep_dir, TRIALS_DIR)
     # Locally, at least one logical CPU more than a trial's workers reserve: Ray Data's read tasks need it.
-    ensure_ray(config.run.ray_address, min_cpus=max(config.scaling.num_workers, 1) * config.scaling.cpus_per_worker + 1)
+    ensure_ray(config.run.ray_address, min_cpus=_cpus_per_trial(config))
     ledger = open_ledger(name)  # noqa: F841 -- the handle keeps the (non-detached) ledger actor alive
 
     if saved is None:
